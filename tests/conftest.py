@@ -1,0 +1,23 @@
+"""Shared pytest set-up: CPU only, few threads, a private weights cache per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def wavflow_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A private $WAVFLOW_CACHE_DIR for the session (tiny encoder weights are written here)."""
+    path = tmp_path_factory.mktemp("wavflow_cache")
+    old = os.environ.get("WAVFLOW_CACHE_DIR")
+    os.environ["WAVFLOW_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("WAVFLOW_CACHE_DIR", None)
+    else:
+        os.environ["WAVFLOW_CACHE_DIR"] = old

@@ -1,0 +1,221 @@
+"""Config loading/validation, atomic IO, manifests and derived shapes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from wavflow import config as config_mod
+from wavflow.config import load_config, parse_cli, save_config
+from wavflow.errors import CheckpointError, ConfigError, ManifestError
+from wavflow.io_utils import (
+    atomic_torch_save,
+    atomic_write_csv,
+    check_safe_id,
+    path_inside,
+    safe_torch_load,
+    sanitize_filename,
+)
+from wavflow.manifest import (
+    EXTRACT_VT2A_COLUMNS,
+    TRAIN_COLUMNS,
+    ManifestReport,
+    check_files,
+    check_flags,
+    check_ids,
+    read_manifest,
+    resolve_path,
+)
+from wavflow.shapes import latent_seq_len, sync_segment_count, target_num_samples, video_seq_lens
+
+
+# ---------------------------------------------------------------- shapes
+def test_derived_lengths_match_spec():
+    assert target_num_samples(16000, 8.0) == 128000 and latent_seq_len(16000, 8.0) == 640
+    assert target_num_samples(44100, 8.0) == 352800 and latent_seq_len(44100, 8.0) == 1764
+    assert latent_seq_len(16000, 0.3) == 24  # 4800 samples
+    assert latent_seq_len(16000, 0.3001) == 25  # ceil, not floor
+    assert sync_segment_count(8.0) == 24 and video_seq_lens(8.0) == (64, 192)
+    assert video_seq_lens(2.0) == (16, 40)
+    assert sync_segment_count(0.5) == 0
+
+
+# ---------------------------------------------------------------- config
+def test_base_config_loads_with_defaults():
+    cfg = load_config("base.yaml")
+    assert cfg.model.name == "medium_16k"
+    assert cfg.data.audio_dim == 200 and cfg.data.audio_scale == 3.0
+    assert (cfg.data.clip_seq_len, cfg.data.sync_seq_len, cfg.data.text_seq_len) == (64, 192, 77)
+    assert cfg.sampling.prediction_type == "x"
+
+
+def test_overrides_convert_and_check_types():
+    cfg = load_config("base.yaml", ["data.audio_duration=4", "sampling.num_steps=25", "model.name=tiny_16k"])
+    assert cfg.data.audio_duration == 4.0 and isinstance(cfg.data.audio_duration, float)
+    assert cfg.sampling.num_steps == 25
+    with pytest.raises(ConfigError, match="sampling.num_steps"):
+        load_config("base.yaml", ["sampling.num_steps=many"])
+    with pytest.raises(ConfigError, match="data.audio_dur"):
+        load_config("base.yaml", ["data.audio_dur=4"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config("base.yaml", ["data.audio_duration"])
+
+
+def test_plus_override_adds_key_and_struct_blocks_typos():
+    cfg = load_config("base.yaml", ["+data.note=hello"])
+    assert cfg.data.note == "hello"
+    with pytest.raises(Exception):
+        _ = cfg.data.not_a_key
+
+
+def test_user_file_may_not_invent_keys(tmp_path: Path):
+    good = tmp_path / "good.yaml"
+    good.write_text("_base_: base.yaml\ndata:\n  audio_duration: 2.0\n")
+    assert load_config(good).data.audio_duration == 2.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: base.yaml\ndata:\n  sample_rate: 22050\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "data.sample_rate" in str(err.value) and str(bad) in str(err.value)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("_base_: base.yaml\ndata:\n  target_sample_rate: fast\n")
+    with pytest.raises(ConfigError, match="data.target_sample_rate"):
+        load_config(typed)
+
+
+def test_shape_consistency_names_the_key():
+    with pytest.raises(ConfigError, match="data.clip_seq_len"):
+        load_config("base.yaml", ["data.clip_seq_len=16"])  # medium_16k pins 64
+    with pytest.raises(ConfigError, match="data.audio_dim"):
+        load_config("base.yaml", ["data.audio_dim=100"])
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config("base.yaml", ["model.name=huge_99k"])
+    with pytest.raises(ConfigError, match="prediction_type"):
+        load_config("base.yaml", ["sampling.prediction_type=eps"])
+    # small presets take their lengths from the data block
+    cfg = load_config("base.yaml", ["model.name=tiny_16k", "data.clip_seq_len=16", "data.sync_seq_len=40"])
+    assert cfg.data.clip_seq_len == 16
+
+
+def test_missing_and_cyclic_config(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    a = tmp_path / "a.yaml"
+    a.write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(a)
+
+
+def test_parse_cli(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("CONFIG_PATH", raising=False)
+    assert parse_cli(["a.b=1", "--config", "x.yaml", "c=2"], "d.yaml") == ("x.yaml", ["a.b=1", "c=2"])
+    assert parse_cli(["--config=y.yaml"], "d.yaml") == ("y.yaml", [])
+    monkeypatch.setenv("CONFIG_PATH", "env.yaml")
+    assert parse_cli([], "d.yaml") == ("env.yaml", [])
+    with pytest.raises(ConfigError, match="--bogus"):
+        parse_cli(["--bogus"], "d.yaml")
+
+
+def test_save_config_round_trip(tmp_path: Path):
+    cfg = load_config("base.yaml", ["data.audio_duration=3.5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_every_job_config_in_configs_loads():
+    for path in sorted(config_mod.CONFIG_DIR.glob("*.yaml")):
+        load_config(path)
+
+
+# ---------------------------------------------------------------- io
+def test_atomic_save_and_safe_load(tmp_path: Path):
+    path = tmp_path / "sub" / "ckpt.pth"
+    atomic_torch_save({"w": torch.arange(3.0)}, path)
+    assert torch.equal(safe_torch_load(path)["w"], torch.arange(3.0))
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth"]  # no temp files left
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="ckpt.pth"):
+        safe_torch_load(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        safe_torch_load(tmp_path / "missing.pth")
+
+
+def test_safe_load_refuses_pickled_code(tmp_path: Path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        safe_torch_load(path)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
+    path = tmp_path / "x.csv"
+    atomic_write_csv(pd.DataFrame({"a": [1]}), path)
+
+    class Boom:
+        def to_csv(self, *a, **k):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_csv(Boom(), path)
+    assert path.read_text() == "a\n1\n"
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_ids_and_file_names(tmp_path: Path):
+    assert check_safe_id("clip_001") == "clip_001"
+    for bad in ["../x", "a/b", "a\\b", "..", "", " a"]:
+        with pytest.raises(ManifestError):
+            check_safe_id(bad)
+    assert sanitize_filename("../../etc/passwd") == "etc_passwd"
+    assert sanitize_filename("a b?c") == "a_b_c"
+    assert sanitize_filename("///") == "sample"
+    assert path_inside(tmp_path, tmp_path / "a" / "b")
+    assert not path_inside(tmp_path, tmp_path / ".." / "x")
+
+
+# ---------------------------------------------------------------- manifests
+def test_manifest_reports_every_bad_row(tmp_path: Path):
+    (tmp_path / "a.wav").write_bytes(b"x")
+    csv = tmp_path / "m.csv"
+    csv.write_text(
+        "id,audio_path,features_path,video_exist,text_exist\n"
+        "a,a.wav,f.pth,1,1\n"
+        "a,a.wav,f.pth,2,1\n"
+        "../b,missing.wav,f.pth,0,yes\n"
+    )
+    df = read_manifest(csv, TRAIN_COLUMNS)
+    report = ManifestReport(csv)
+    check_ids(df, report)
+    check_flags(df, report, ["video_exist", "text_exist"])
+    check_files(df, report, "audio_path", tmp_path)
+    text = report.format()
+    assert "line 3" in text and "duplicate id" in text
+    assert "line 4" in text and "unsafe" in text
+    assert "video_exist='2'" in text and "text_exist='yes'" in text
+    assert "missing.wav" in text
+    assert report.bad_rows == {1, 2}
+    with pytest.raises(ManifestError):
+        report.raise_if_any()
+
+
+def test_manifest_columns_and_quoting(tmp_path: Path):
+    csv = tmp_path / "m.csv"
+    csv.write_text('id,audio_path,video_path,caption\n1,a.wav,a.mp4,"dogs, barking ""loudly"""\n2,b.wav,b.mp4,\n')
+    df = read_manifest(csv, EXTRACT_VT2A_COLUMNS)
+    assert df.loc[0, "caption"] == 'dogs, barking "loudly"' and df.loc[1, "caption"] == ""
+    assert df.loc[0, "id"] == "1"  # ids stay strings
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,caption\n1,x\n")
+    with pytest.raises(ManifestError, match="audio_path"):
+        read_manifest(bad, EXTRACT_VT2A_COLUMNS)
+    assert resolve_path("x.wav", tmp_path) == (tmp_path / "x.wav").absolute()
+    assert resolve_path("/abs/x.wav", tmp_path) == Path("/abs/x.wav")

@@ -1,0 +1,389 @@
+"""Build the built-in procedural audio-visual data set of the demo.
+
+    python -m wavflow.demo.make_dataset --out DIR --n 48 --seed 0 [--duration 2.0] ...
+
+Each clip holds one sound-event class (sound_events.py) occurring 1-3 times at onsets on the
+video frame grid (onset_sec = k / fps), so the shape on screen appears exactly on the frame
+where the sound starts. Layout of DIR (every path in the CSVs is relative to DIR; consumers
+set `data.data_root=DIR`):
+
+    audio/<id>.wav          mono PCM-16 at --sample-rate, --duration seconds
+    video/<id>.mp4          --size x --size, --fps, H.264 yuv420p (written for every clip)
+    train_vt2a.csv          id,audio_path,video_path,caption      train clips with video
+                            (V2A clips have an empty caption -> text_exist=0 at extraction)
+    train_t2a.csv           id,audio_path,caption                  train clips without video
+    holdout_infer.csv       id,video_path,caption,video_exist,text_exist   inference input
+    holdout_reference.csv   id,audio_path,video_path,caption,mode,label,onsets (space-separated s)
+    metadata.csv            one row per clip: id,split,mode,label,num_events,onsets,
+                            durations,caption,description,audio_path,video_path
+    events.json             the same, plus the generation parameters (read by demo.metrics)
+
+Modes: VT2A (video + caption), T2A (caption only), V2A (video only), assigned inside each
+split so both splits hold every mode. The output is a pure function of the arguments:
+the same seed gives byte-identical wavs and identical CSVs / JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import av
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from tqdm import tqdm
+
+from wavflow.demo.sound_events import (
+    CLASS_BY_NAME,
+    CLASS_NAMES,
+    ShapePlacement,
+    blank_frame,
+    draw_event,
+    make_caption,
+    place_shape,
+    synthesize_event,
+)
+from wavflow.errors import ConfigError
+from wavflow.io_utils import atomic_write_bytes, atomic_write_csv, atomic_write_text
+
+MODES = ("VT2A", "T2A", "V2A")
+BACKGROUND_NOISE_RMS = 0.01  # -40 dBFS
+PEAK_LIMIT = 0.95
+LEAD_IN_FRAMES = 2  # silence before the first event, so its onset is a clear energy rise
+MIN_GAP_SEC = 0.16  # between the end of one event and the start of the next
+EVENTS_VERSION = 1
+
+
+@dataclass
+class ClipInfo:
+    id: str
+    split: str  # "train" | "holdout"
+    mode: str  # "VT2A" | "T2A" | "V2A"
+    label: str
+    onsets: list[float]  # seconds, multiples of 1/fps
+    durations: list[float]  # seconds, multiples of 1/fps
+    onset_frames: list[int]
+    duration_frames: list[int]
+    caption: str  # the caption the CSVs expose ("" for V2A)
+    description: str  # the class caption, also kept for V2A clips
+    audio_path: str  # relative to the data set root
+    video_path: str
+
+    @property
+    def has_video(self) -> bool:
+        return self.mode in ("VT2A", "V2A")
+
+    @property
+    def has_text(self) -> bool:
+        return self.mode in ("VT2A", "T2A")
+
+
+@dataclass
+class DatasetInfo:
+    root: Path
+    seed: int
+    sample_rate: int
+    duration: float
+    fps: int
+    size: int
+    classes: list[str]
+    clips: list[ClipInfo] = field(default_factory=list)
+
+    @property
+    def events_path(self) -> Path:
+        return self.root / "events.json"
+
+    def by_id(self) -> dict[str, ClipInfo]:
+        return {c.id: c for c in self.clips}
+
+    def split(self, name: str) -> list[ClipInfo]:
+        return [c for c in self.clips if c.split == name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: split, class, mode and event times (no I/O, all from the seed)
+
+
+def _split_counts(n: int, holdout_frac: float) -> int:
+    holdout = int(round(n * holdout_frac))
+    if n >= 6:  # keep three holdout clips so every mode can be evaluated
+        holdout = max(holdout, 3)
+    return min(max(holdout, 0), n)
+
+
+def _assign_modes(m: int, no_caption_frac: float, no_video_frac: float,
+                  rng: np.random.Generator) -> list[str]:
+    """Modes for a split of m clips; every mode appears once m >= 3."""
+    n_v2a = int(round(m * no_caption_frac))
+    n_t2a = int(round(m * no_video_frac))
+    if m >= 3:
+        n_v2a, n_t2a = max(n_v2a, 1), max(n_t2a, 1)
+    n_t2a = min(n_t2a, m)
+    n_v2a = min(n_v2a, m - n_t2a)
+    modes = ["T2A"] * n_t2a + ["V2A"] * n_v2a + ["VT2A"] * (m - n_t2a - n_v2a)
+    return [modes[i] for i in rng.permutation(m)]
+
+
+def _round_robin_classes(m: int, rng: np.random.Generator) -> list[str]:
+    """Each block of len(CLASS_NAMES) clips holds every class once, in a shuffled order."""
+    labels: list[str] = []
+    while len(labels) < m:
+        labels.extend(CLASS_NAMES[i] for i in rng.permutation(len(CLASS_NAMES)))
+    return labels[:m]
+
+
+def _plan_events(label: str, total_frames: int, fps: int,
+                 rng: np.random.Generator) -> tuple[list[int], int]:
+    """Onset frames of 1-3 non-overlapping events that fit in the clip, and the event length."""
+    dur_frames = max(1, int(round(CLASS_BY_NAME[label].duration_sec * fps)))
+    gap_frames = max(1, int(math.ceil(MIN_GAP_SEC * fps)))
+    usable = total_frames - LEAD_IN_FRAMES - 1  # one trailing frame so events end inside
+    count = int(rng.integers(1, 4))
+    while count > 1 and count * dur_frames + (count - 1) * gap_frames > usable:
+        count -= 1
+    if dur_frames > usable:
+        raise ConfigError(
+            f"clip duration {total_frames / fps:.2f}s is too short for a {label} event "
+            f"({dur_frames / fps:.2f}s); use --duration of at least 1.0")
+    slack = usable - (count * dur_frames + (count - 1) * gap_frames)
+    # split the slack into count+1 random parts: before, between and after the events
+    cuts = np.sort(rng.integers(0, slack + 1, size=count))
+    parts = np.diff(np.concatenate([[0], cuts]))
+    onsets, pos = [], LEAD_IN_FRAMES
+    for i in range(count):
+        pos += int(parts[i])
+        onsets.append(pos)
+        pos += dur_frames + gap_frames
+    return onsets, dur_frames
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render_audio(label: str, onset_frames: Sequence[int], dur_frames: int, *, fps: int,
+                 sample_rate: int, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """The clip's waveform (float64): background noise plus each event at its onset sample."""
+    wave = BACKGROUND_NOISE_RMS * rng.standard_normal(num_samples)
+    for onset in onset_frames:
+        start = int(round(onset * sample_rate / fps))
+        length = min(int(round(dur_frames * sample_rate / fps)), num_samples - start)
+        gain = float(rng.uniform(0.35, 0.6))
+        wave[start:start + length] += gain * synthesize_event(label, length, sample_rate, rng)
+    peak = float(np.max(np.abs(wave)))
+    if peak > PEAK_LIMIT:
+        wave *= PEAK_LIMIT / peak
+    return wave
+
+
+def render_frames(label: str, onset_frames: Sequence[int], dur_frames: int, *, total_frames: int,
+                  size: int, rng: np.random.Generator) -> np.ndarray:
+    """(T, size, size, 3) uint8 frames: the shape is on screen exactly while its event sounds."""
+    frames = np.stack([blank_frame(size) for _ in range(total_frames)])
+    for onset in onset_frames:
+        placement: ShapePlacement = place_shape(size, rng)
+        for k in range(onset, min(onset + dur_frames, total_frames)):
+            draw_event(frames[k], label, placement)
+    return frames
+
+
+def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave.astype(np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
+    """Encode RGB frames as H.264 yuv420p mp4 (mpeg4 where libx264 is missing), single-threaded
+    so the bytes do not depend on thread scheduling."""
+    buf = io.BytesIO()
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        if codec == "libx264":
+            stream.options = {"crf": "16", "preset": "veryfast"}
+        else:
+            stream.bit_rate = 2_000_000
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _clip_rows(info: DatasetInfo) -> pd.DataFrame:
+    return pd.DataFrame([
+        {
+            "id": c.id, "split": c.split, "mode": c.mode, "label": c.label,
+            "num_events": len(c.onsets), "onsets": _fmt_times(c.onsets),
+            "durations": _fmt_times(c.durations), "caption": c.caption,
+            "description": c.description, "audio_path": c.audio_path, "video_path": c.video_path,
+        }
+        for c in info.clips
+    ])
+
+
+def _fmt_times(times: Sequence[float]) -> str:
+    return " ".join(f"{t:.4f}" for t in times)
+
+
+def _write_manifests(info: DatasetInfo) -> None:
+    root = info.root
+    train = info.split("train")
+    holdout = info.split("holdout")
+    atomic_write_csv(pd.DataFrame(
+        [{"id": c.id, "audio_path": c.audio_path, "video_path": c.video_path, "caption": c.caption}
+         for c in train if c.has_video],
+        columns=["id", "audio_path", "video_path", "caption"]), root / "train_vt2a.csv")
+    atomic_write_csv(pd.DataFrame(
+        [{"id": c.id, "audio_path": c.audio_path, "caption": c.caption}
+         for c in train if not c.has_video],
+        columns=["id", "audio_path", "caption"]), root / "train_t2a.csv")
+    atomic_write_csv(pd.DataFrame(
+        [{"id": c.id, "video_path": c.video_path if c.has_video else "", "caption": c.caption,
+          "video_exist": int(c.has_video), "text_exist": int(c.has_text)} for c in holdout],
+        columns=["id", "video_path", "caption", "video_exist", "text_exist"]),
+        root / "holdout_infer.csv")
+    atomic_write_csv(pd.DataFrame(
+        [{"id": c.id, "audio_path": c.audio_path, "video_path": c.video_path,
+          "caption": c.caption, "mode": c.mode, "label": c.label, "onsets": _fmt_times(c.onsets)}
+         for c in holdout],
+        columns=["id", "audio_path", "video_path", "caption", "mode", "label", "onsets"]),
+        root / "holdout_reference.csv")
+    atomic_write_csv(_clip_rows(info), root / "metadata.csv")
+    payload = {
+        "version": EVENTS_VERSION, "seed": info.seed, "sample_rate": info.sample_rate,
+        "duration": info.duration, "fps": info.fps, "size": info.size, "classes": info.classes,
+        "clips": [asdict(c) for c in info.clips],
+    }
+    atomic_write_text(root / "events.json", json.dumps(payload, indent=1) + "\n")
+
+
+def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
+                 sample_rate: int = 16000, fps: int = 25, size: int = 96,
+                 holdout_frac: float = 0.2, no_caption_frac: float = 0.15,
+                 no_video_frac: float = 0.15, progress: bool = True) -> DatasetInfo:
+    """Write the data set (wavs, mp4s, CSVs, events.json) under `out_dir` and describe it."""
+    _check_args(n, duration, sample_rate, fps, size, holdout_frac, no_caption_frac, no_video_frac)
+    root = Path(out_dir)
+    plan_rng = np.random.default_rng([seed, 0])
+    n_holdout = _split_counts(n, holdout_frac)
+    holdout_idx = set(int(i) for i in plan_rng.choice(n, size=n_holdout, replace=False))
+    split_of = ["holdout" if i in holdout_idx else "train" for i in range(n)]
+    # classes and modes are assigned within each split so both splits cover them
+    labels: list[str] = [""] * n
+    modes: list[str] = [""] * n
+    for split in ("train", "holdout"):
+        members = [i for i in range(n) if split_of[i] == split]
+        for i, label, mode in zip(members, _round_robin_classes(len(members), plan_rng),
+                                  _assign_modes(len(members), no_caption_frac, no_video_frac,
+                                                plan_rng)):
+            labels[i], modes[i] = label, mode
+
+    total_frames = int(round(duration * fps))
+    num_samples = int(round(duration * sample_rate))
+    info = DatasetInfo(root=root, seed=seed, sample_rate=sample_rate, duration=duration, fps=fps,
+                       size=size, classes=list(CLASS_NAMES))
+    width = max(5, len(str(n - 1)))
+    for i in tqdm(range(n), desc="demo data set", disable=not progress):
+        rng = np.random.default_rng([seed, 1, i])  # per-clip stream: clip i is independent of n
+        clip_id = f"clip_{i:0{width}d}"
+        label = labels[i]
+        onset_frames, dur_frames = _plan_events(label, total_frames, fps, rng)
+        description = make_caption(label, len(onset_frames), rng)
+        wave = render_audio(label, onset_frames, dur_frames, fps=fps, sample_rate=sample_rate,
+                            num_samples=num_samples, rng=rng)
+        frames = render_frames(label, onset_frames, dur_frames, total_frames=total_frames,
+                               size=size, rng=rng)
+        audio_rel, video_rel = f"audio/{clip_id}.wav", f"video/{clip_id}.mp4"
+        atomic_write_bytes(root / audio_rel, wav_bytes(wave, sample_rate))
+        atomic_write_bytes(root / video_rel, mp4_bytes(frames, fps))
+        info.clips.append(ClipInfo(
+            id=clip_id, split=split_of[i], mode=modes[i], label=label,
+            onsets=[k / fps for k in onset_frames], durations=[dur_frames / fps] * len(onset_frames),
+            onset_frames=list(onset_frames), duration_frames=[dur_frames] * len(onset_frames),
+            caption="" if modes[i] == "V2A" else description, description=description,
+            audio_path=audio_rel, video_path=video_rel,
+        ))
+    _write_manifests(info)
+    return info
+
+
+def _check_args(n: int, duration: float, sample_rate: int, fps: int, size: int,
+                *fracs: float) -> None:
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    if duration < 1.0:
+        raise ConfigError(f"--duration must be >= 1.0 s (room for one event), got {duration}")
+    if sample_rate < 8000:
+        raise ConfigError(f"--sample-rate must be >= 8000 Hz, got {sample_rate}")
+    if fps < 1 or size < 32 or size % 2:
+        raise ConfigError(f"--fps must be >= 1 and --size an even number >= 32 (got {fps}, {size})")
+    for name, frac in zip(("--holdout-frac", "--no-caption-frac", "--no-video-frac"), fracs):
+        if not 0.0 <= frac < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {frac}")
+
+
+def load_dataset_info(reference: str | Path) -> DatasetInfo:
+    """Read events.json (or the data set folder holding it) back into a DatasetInfo."""
+    from wavflow.errors import ManifestError
+
+    path = Path(reference)
+    if path.is_dir():
+        path = path / "events.json"
+    if not path.is_file():
+        raise ManifestError(f"demo metadata not found: {path} (expected events.json of a data set "
+                            "made by wavflow.demo.make_dataset)")
+    try:
+        payload = json.loads(path.read_text())
+        clips = [ClipInfo(**c) for c in payload["clips"]]
+        return DatasetInfo(root=path.parent, seed=payload["seed"],
+                           sample_rate=payload["sample_rate"], duration=payload["duration"],
+                           fps=payload["fps"], size=payload["size"], classes=payload["classes"],
+                           clips=clips)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{path} is not a valid demo events.json ({type(exc).__name__}: {exc})"
+                            ) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder (the data root)")
+    parser.add_argument("--n", type=int, default=48, help="number of clips")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per clip")
+    parser.add_argument("--sample-rate", type=int, default=16000)
+    parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--size", type=int, default=96, help="video frame width = height")
+    parser.add_argument("--holdout-frac", type=float, default=0.2)
+    parser.add_argument("--no-caption-frac", type=float, default=0.15, help="share of V2A clips")
+    parser.add_argument("--no-video-frac", type=float, default=0.15, help="share of T2A clips")
+    args = parser.parse_args(argv)
+    info = make_dataset(args.out, args.n, args.seed, duration=args.duration,
+                        sample_rate=args.sample_rate, fps=args.fps, size=args.size,
+                        holdout_frac=args.holdout_frac, no_caption_frac=args.no_caption_frac,
+                        no_video_frac=args.no_video_frac)
+    counts = {m: sum(c.mode == m for c in info.clips) for m in MODES}
+    print(f"wrote {len(info.clips)} clips to {info.root} "
+          f"(train {len(info.split('train'))}, holdout {len(info.split('holdout'))}; "
+          f"modes {counts}); set data.data_root={info.root.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""The feature-extraction job: `python -m wavflow.features.extract [--config PATH] [key=value ...]`.
+
+Usually launched by `scripts/launch/extract_t2a.sh` / `extract_vt2a.sh` under torchrun. Steps:
+
+1. Config and input CSV are checked before anything heavy happens (`extract_plan`): a bad key,
+   missing columns, duplicate or unsafe ids stop the run with one error; rows whose audio or
+   video file is missing become error rows.
+2. Rows are sharded over ranks (r, r+W, ...). A row whose `<id>.pth` already loads with every
+   expected tensor is *skipped* but keeps its row in the output CSV (the reference dropped it).
+3. The rest is decoded (VT2A: `wavflow.video.decode_video` in DataLoader workers, so decoding
+   overlaps encoding), encoded in batches (`FeatureEncoders`; T2A never loads Synchformer or
+   decodes video) and written as `<pth_dir>/<id>.pth` atomically:
+   T2A `{text_features}`, VT2A `{clip_features, sync_features, text_features}`, float32 CPU.
+   An empty caption gives `text_exist=0`; its `text_features` are those of "" (equal to
+   `empty_string.pt`) so every file has the same keys.
+4. Rank 0 writes `<pth_dir>/empty_string.pt` ((77, D_text) float32) for the trainer.
+5. Per-rank CSV parts and error logs are merged by rank 0 (`extract_outputs`) into
+   `output.csv_path` (absolute paths, input order), `<stem>_errors.log` and
+   `<stem>_summary.json`.
+
+Exit codes: 0 = the run finished and the output CSV has at least one row (failed rows are in
+the error log); 1 = fatal problem (bad config, bad CSV, missing weights...), nothing merged;
+2 = the run finished but every row failed (the CSV has only a header).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from wavflow.config import load_config, parse_cli
+from wavflow.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, shard_indices
+from wavflow.errors import FeatureError, VideoError, WavFlowError
+from wavflow.features.extract_outputs import OutputPaths, RankOutputs, merge_outputs, write_summary
+from wavflow.features.extract_plan import (
+    ExtractRow,
+    ExtractSettings,
+    empty_string_complete,
+    expected_feature_shapes,
+    feature_file_complete,
+    plan_rows,
+)
+from wavflow.io_utils import atomic_torch_save
+
+DEFAULT_CONFIG = "extract_vt2a.yaml"
+EXIT_OK, EXIT_FATAL, EXIT_ALL_FAILED = 0, 1, 2
+
+
+# ------------------------------------------------------------------ seams (tests patch these)
+def build_encoders(encoders_cfg: Any, *, need_video: bool, device: torch.device) -> Any:
+    """The CLIP (+ Synchformer when `need_video`) encoders; imported late (open_clip is heavy)."""
+    from wavflow.features.encoders import FeatureEncoders
+
+    return FeatureEncoders.from_config(encoders_cfg, need_video=need_video, device=device)
+
+
+def decode_clip(path: Path, duration_sec: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip frames (T_c, 3, 384, 384) in [0, 1], sync frames (T_s, 3, 224, 224) in [-1, 1])."""
+    from wavflow.video import decode_video
+
+    frames = decode_video(path, duration_sec)
+    return frames.clip, frames.sync
+
+
+def make_sync_segments(sync_frames: torch.Tensor) -> torch.Tensor:
+    from wavflow.video import sync_segments
+
+    return sync_segments(sync_frames)
+
+
+# ------------------------------------------------------------------------------ logging
+def _rank_logger(settings: ExtractSettings, rank: int) -> logging.Logger:
+    """Console (rank 0: INFO, others: WARNING) + `<pth_dir>/extract_<mode>_rank<r>.log`."""
+    logger = logging.getLogger(f"wavflow.extract.rank{rank}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _close_logger(logger)
+    fmt = logging.Formatter(f"[%(levelname)s][Rank {rank}] %(asctime)s - %(message)s")
+    settings.pth_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(settings.pth_dir / f"extract_{settings.mode}_rank{rank}.log", encoding="utf-8")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for h in (file_handler, console):
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    return logger
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+
+
+# ------------------------------------------------------------------------ decoding dataset
+class _DecodeDataset(Dataset):
+    """Item i of the rows to encode: decoded frames (VT2A) or nothing to decode (T2A).
+
+    A decode failure is returned as an `error` item, never raised, so one bad file cannot
+    stop a worker or the batch it is in.
+    """
+
+    def __init__(self, rows: Sequence[ExtractRow], settings: ExtractSettings) -> None:
+        self.rows = rows
+        self.settings = settings
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        if not self.settings.needs_video:
+            return {"pos": pos}
+        row = self.rows[pos]
+        try:
+            clip, sync = decode_clip(row.video_path, self.settings.duration_sec)
+        except VideoError as exc:
+            return {"pos": pos, "error": f"video skipped: {exc}"}
+        except Exception as exc:  # a decoder bug must not kill the whole run
+            return {"pos": pos, "error": f"video decode failed ({type(exc).__name__}: {exc})"}
+        return {"pos": pos, "clip": clip, "sync": sync}
+
+
+@dataclass
+class _Batch:
+    positions: list[int] = field(default_factory=list)
+    clip: torch.Tensor | None = None
+    sync: torch.Tensor | None = None
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _collate(items: list[dict[str, Any]]) -> _Batch:
+    batch = _Batch()
+    good = []
+    for item in items:
+        if "error" in item:
+            batch.failures.append((item["pos"], item["error"]))
+        else:
+            good.append(item)
+    batch.positions = [item["pos"] for item in good]
+    if good and "clip" in good[0]:
+        batch.clip = torch.stack([item["clip"] for item in good])
+        batch.sync = torch.stack([item["sync"] for item in good])
+    return batch
+
+
+# ------------------------------------------------------------------------------ encoding
+def _check_shape(name: str, value: torch.Tensor, want: tuple[int, ...], key_hint: str) -> None:
+    if tuple(value.shape) != want:
+        raise FeatureError(
+            f"encoder output {name} has shape {tuple(value.shape)}, expected {want}: check {key_hint} "
+            "against the encoders in use"
+        )
+
+
+def _encode(encoders: Any, rows: Sequence[ExtractRow], batch: _Batch, settings: ExtractSettings,
+            device: torch.device, select: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Features of the batch (or of its items `select`), one float32 CPU dict per row."""
+    idx = list(range(len(batch.positions))) if select is None else list(select)
+    captions = [rows[batch.positions[i]].caption if rows[batch.positions[i]].text_exist else "" for i in idx]
+    n = len(idx)
+    out: dict[str, torch.Tensor] = {"text_features": encoders.encode_text(captions)}
+    _check_shape("text_features", out["text_features"], (n, settings.text_seq_len, settings.text_dim),
+                 "data.text_seq_len / data.text_dim")
+    if settings.needs_video:
+        assert batch.clip is not None and batch.sync is not None
+        pick = torch.tensor(idx)
+        clip = batch.clip.index_select(0, pick)
+        sync = batch.sync.index_select(0, pick).to(device, non_blocking=True)
+        segments = torch.stack([make_sync_segments(s) for s in sync])
+        out["clip_features"] = encoders.encode_clip_frames(clip)
+        out["sync_features"] = encoders.encode_sync(segments)
+        _check_shape("clip_features", out["clip_features"], (n, settings.clip_seq_len, settings.clip_dim),
+                     "data.clip_seq_len / data.clip_dim / extraction.duration_sec")
+        _check_shape("sync_features", out["sync_features"], (n, settings.sync_seq_len, settings.sync_dim),
+                     "data.sync_seq_len / data.sync_dim / extraction.duration_sec")
+    return [{k: v[j].detach().float().cpu().clone() for k, v in out.items()} for j in range(n)]
+
+
+def _encode_with_fallback(encoders: Any, rows: Sequence[ExtractRow], batch: _Batch, settings: ExtractSettings,
+                          device: torch.device, logger: logging.Logger) -> Iterator[tuple[int, dict | str]]:
+    """Yield (position, features) or (position, error reason). A failing batch is retried item by
+    item so one bad sample does not fail its batch-mates; a shape mismatch (FeatureError) is a
+    config problem and stops the run."""
+    try:
+        feats = _encode(encoders, rows, batch, settings, device)
+        yield from zip(batch.positions, feats)
+        return
+    except FeatureError:
+        raise
+    except Exception as exc:
+        if len(batch.positions) == 1:
+            yield batch.positions[0], f"encode failed ({type(exc).__name__}: {exc})"
+            return
+        logger.warning("batch of %d failed (%s: %s); retrying one by one", len(batch.positions), type(exc).__name__, exc)
+    for i, pos in enumerate(batch.positions):
+        try:
+            yield pos, _encode(encoders, rows, batch, settings, device, select=[i])[0]
+        except FeatureError:
+            raise
+        except Exception as exc:
+            yield pos, f"encode failed ({type(exc).__name__}: {exc})"
+
+
+# ------------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class ExtractResult:
+    done: int  # .pth files written by this run (all ranks)
+    skipped: int  # rows whose complete .pth already existed (all ranks)
+    failed: int  # error rows (all ranks)
+    rows: int  # rows in the merged CSV (= done + skipped)
+    csv_path: Path
+    errors_log: Path
+    summary_path: Path
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.rows > 0 else EXIT_ALL_FAILED
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.done = self.skipped = self.failed = 0
+
+
+def _loader(rows: Sequence[ExtractRow], settings: ExtractSettings, device: torch.device) -> DataLoader:
+    workers = settings.num_workers if settings.needs_video else 0
+    return DataLoader(
+        _DecodeDataset(rows, settings),
+        batch_size=settings.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda" and settings.needs_video,
+        persistent_workers=False,
+    )
+
+
+def _process_rank(rows: list[ExtractRow], settings: ExtractSettings, encoders_cfg: Any, info: DistInfo,
+                  out: RankOutputs, logger: logging.Logger) -> _Counts:
+    """Everything one rank does with its shard: skip, fail, or encode + save each row."""
+    counts = _Counts()
+    shapes = expected_feature_shapes(settings)
+    video_exist = 1 if settings.needs_video else 0
+
+    def emit_row(row: ExtractRow) -> None:
+        out.add_row(row.id, row.audio_path, settings.feature_path(row.id), video_exist, row.text_exist)
+
+    def fail(row: ExtractRow, reason: str) -> None:
+        logger.warning("[SKIP] %s: %s", row.id, reason)
+        out.add_error(row.id, reason)
+        counts.failed += 1
+
+    todo: list[ExtractRow] = []
+    for row in tqdm(rows, desc="checking existing features", disable=not info.is_main or not rows, leave=False):
+        if row.problem:
+            fail(row, row.problem)
+        elif feature_file_complete(settings.feature_path(row.id), shapes):
+            emit_row(row)
+            counts.skipped += 1
+        else:
+            todo.append(row)
+
+    need_empty = info.is_main and not empty_string_complete(settings.empty_string_path, settings)
+    if not todo and not need_empty:
+        logger.info("nothing to encode on this rank (%d skipped, %d failed)", counts.skipped, counts.failed)
+        return counts
+    need_video = settings.needs_video and bool(todo)
+    profile = OmegaConf.select(encoders_cfg, "profile", default="default")
+    logger.info("building encoders (profile %s, Synchformer %s) on %s", profile, need_video, info.device)
+    encoders = build_encoders(encoders_cfg, need_video=need_video, device=info.device)
+    if need_empty:
+        atomic_torch_save(encoders.empty_string_feature().detach().float().cpu().clone(), settings.empty_string_path)
+        logger.info("wrote %s", settings.empty_string_path)
+    if not todo:
+        return counts
+
+    logger.info("encoding %d rows in batches of %d", len(todo), settings.batch_size)
+    bar = tqdm(total=len(todo), desc=f"extract {settings.mode}", unit="clip", disable=not info.is_main)
+    for batch in _loader(todo, settings, info.device):
+        for pos, reason in batch.failures:
+            fail(todo[pos], reason)
+        if batch.positions:
+            for pos, result in _encode_with_fallback(encoders, todo, batch, settings, info.device, logger):
+                row = todo[pos]
+                if isinstance(result, str):
+                    fail(row, result)
+                    continue
+                try:
+                    atomic_torch_save(result, settings.feature_path(row.id))
+                except Exception as exc:
+                    fail(row, f"pth_save_failed: {type(exc).__name__}: {exc}")
+                    continue
+                emit_row(row)
+                counts.done += 1
+        bar.update(len(batch.positions) + len(batch.failures))
+    bar.close()
+    return counts
+
+
+def run_extraction(cfg: DictConfig) -> ExtractResult:
+    """Run the job in this process (one rank of torchrun, or alone). Raises WavFlowError on fatal
+    problems; returns the summed counts (identical on every rank)."""
+    started = time.time()
+    settings = ExtractSettings.from_config(cfg)
+    plan = plan_rows(settings)  # fatal CSV problems stop here, before any model or process group
+    info = init_distributed(settings.device)
+    logger = _rank_logger(settings, info.rank)
+    paths = OutputPaths(settings.output_csv)
+    try:
+        if info.is_main:
+            bad = [r for r in plan if r.problem]
+            logger.info(
+                "extract %s: %d rows from %s -> %s (%d rank(s), device %s)",
+                settings.mode, len(plan), settings.input_csv, settings.pth_dir, info.world_size, info.device,
+            )
+            if bad:
+                logger.warning("%d row(s) have missing files and become error rows, e.g. %s: %s",
+                               len(bad), bad[0].id, bad[0].problem)
+        mine = [plan[i] for i in shard_indices(len(plan), info)]
+        with RankOutputs(paths, info.rank, settings.save_interval) as out:
+            counts = _process_rank(mine, settings, cfg.encoders, info, out, logger)
+        # The all-reduce doubles as the barrier: every part is closed before rank 0 merges.
+        done, skipped, failed = (int(x) for x in all_reduce_sum(info, [counts.done, counts.skipped, counts.failed]))
+        if info.is_main:
+            merged = merge_outputs(paths, info.world_size, [r.id for r in plan])
+            summary = {
+                "mode": settings.mode,
+                "input_csv": str(settings.input_csv),
+                "input_rows": len(plan),
+                "done": done,
+                "skipped": skipped,
+                "failed": failed,
+                "csv_rows": merged.rows,
+                "csv_path": str(paths.csv_path),
+                "errors_log": str(paths.errors_log),
+                "pth_dir": str(settings.pth_dir),
+                "world_size": info.world_size,
+                "seconds": round(time.time() - started, 3),
+            }
+            write_summary(paths, summary)
+            logger.info(
+                "Summary: done=%d skipped=%d failed=%d -> %d CSV rows in %s; errors in %s",
+                done, skipped, failed, merged.rows, paths.csv_path, paths.errors_log,
+            )
+        rows = done + skipped
+        if rows == 0:
+            logger.error("every row failed: see %s", paths.errors_log)
+        return ExtractResult(done, skipped, failed, rows, paths.csv_path, paths.errors_log, paths.summary_json)
+    finally:
+        _close_logger(logger)
+        cleanup(info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config_path, overrides = parse_cli(argv, DEFAULT_CONFIG)
+        cfg = load_config(config_path, overrides, validate=False)  # no model is built: skip model checks
+        result = run_extraction(cfg)
+    except WavFlowError as exc:
+        print(f"[wavflow.extract] error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

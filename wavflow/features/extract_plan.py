@@ -1,0 +1,244 @@
+"""What an extraction run will do, decided before any model loads.
+
+- `ExtractSettings.from_config(cfg)`: the typed view of the `extract_*.yaml` keys, with the
+  checks that make a bad config fail at start-up (ConfigError naming the keys).
+- `plan_rows(settings)`: read and validate the input CSV. Missing columns, an empty CSV,
+  duplicate ids and ids unsafe as file names are fatal (one ManifestError listing every bad
+  row). Missing audio/video files become *error rows* (they end up in the error log and the
+  run goes on), unless `extraction.strict_paths` makes them fatal too.
+- `expected_feature_shapes` / `feature_file_complete`: when a `<id>.pth` counts as done, so a
+  re-run can skip it (a truncated or incomplete file is redone).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from wavflow.errors import CheckpointError, ConfigError, ManifestError
+from wavflow.io_utils import safe_torch_load
+from wavflow.manifest import (
+    EXTRACT_T2A_COLUMNS,
+    EXTRACT_VT2A_COLUMNS,
+    ManifestReport,
+    check_files,
+    check_ids,
+    read_manifest,
+    resolve_path,
+)
+from wavflow.shapes import sync_segment_count, video_seq_lens
+
+MODES = ("t2a", "vt2a")
+DEVICES = ("auto", "cpu", "cuda")
+EMPTY_STRING_FILE = "empty_string.pt"  # beside the <id>.pth files; `.pt` cannot collide with them
+
+_MISSING = object()
+
+
+def _key(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=_MISSING)
+    if value is _MISSING:
+        raise ConfigError(f"required config key '{key}' is missing (start from configs/extract_t2a.yaml or extract_vt2a.yaml)")
+    return value
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
+    value = _key(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _path(cfg: DictConfig, key: str) -> Path:
+    value = _key(cfg, key)
+    if value is None or not str(value).strip():
+        raise ConfigError(f"{key} is not set: pass {key}=PATH")
+    return Path(str(value)).expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    mode: str
+    input_csv: Path
+    data_root: str | None
+    pth_dir: Path
+    output_csv: Path
+    duration_sec: float
+    batch_size: int
+    num_workers: int
+    device: str
+    save_interval: int
+    strict_paths: bool
+    clip_seq_len: int
+    sync_seq_len: int
+    text_seq_len: int
+    clip_dim: int
+    sync_dim: int
+    text_dim: int
+
+    @property
+    def needs_video(self) -> bool:
+        return self.mode == "vt2a"
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        return EXTRACT_VT2A_COLUMNS if self.needs_video else EXTRACT_T2A_COLUMNS
+
+    @property
+    def empty_string_path(self) -> Path:
+        return self.pth_dir / EMPTY_STRING_FILE
+
+    def feature_path(self, sample_id: str) -> Path:
+        return self.pth_dir / f"{sample_id}.pth"
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "ExtractSettings":
+        mode = _key(cfg, "extraction.mode")
+        if mode not in MODES:
+            raise ConfigError(f"extraction.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        device = str(_key(cfg, "extraction.device"))
+        if device not in DEVICES and not device.startswith("cuda:"):
+            raise ConfigError(f"extraction.device must be one of {', '.join(DEVICES)}, got {device!r}")
+        duration = _key(cfg, "extraction.duration_sec")
+        if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration <= 0:
+            raise ConfigError(f"extraction.duration_sec must be a positive number of seconds, got {duration!r}")
+        data_root = _key(cfg, "data.data_root")
+        settings = cls(
+            mode=mode,
+            input_csv=_path(cfg, "data.csv_path"),
+            data_root=str(data_root) if data_root not in (None, "") else None,
+            pth_dir=_path(cfg, "output.pth_dir"),
+            output_csv=_path(cfg, "output.csv_path"),
+            duration_sec=float(duration),
+            batch_size=_positive_int(cfg, "extraction.batch_size"),
+            num_workers=_positive_int(cfg, "extraction.num_workers", minimum=0),
+            device=device,
+            save_interval=_positive_int(cfg, "extraction.save_interval"),
+            strict_paths=bool(_key(cfg, "extraction.strict_paths")),
+            clip_seq_len=_positive_int(cfg, "data.clip_seq_len"),
+            sync_seq_len=_positive_int(cfg, "data.sync_seq_len"),
+            text_seq_len=_positive_int(cfg, "data.text_seq_len"),
+            clip_dim=_positive_int(cfg, "data.clip_dim"),
+            sync_dim=_positive_int(cfg, "data.sync_dim"),
+            text_dim=_positive_int(cfg, "data.text_dim"),
+        )
+        if settings.output_csv.suffix.lower() != ".csv":
+            raise ConfigError(f"output.csv_path must end in .csv, got {settings.output_csv}")
+        if settings.needs_video:
+            settings._check_video_lengths()
+        return settings
+
+    def _check_video_lengths(self) -> None:
+        """The feature lengths a duration gives must be the ones the data config declares."""
+        if sync_segment_count(self.duration_sec) < 1:
+            raise ConfigError(
+                f"extraction.duration_sec={self.duration_sec} is too short for one 16-frame Synchformer "
+                "segment (needs at least 0.64 s)"
+            )
+        clip_len, sync_len = video_seq_lens(self.duration_sec)
+        if (clip_len, sync_len) != (self.clip_seq_len, self.sync_seq_len):
+            raise ConfigError(
+                f"extraction.duration_sec={self.duration_sec} gives {clip_len} CLIP frames and {sync_len} "
+                f"Synchformer tokens, but data.clip_seq_len={self.clip_seq_len} and "
+                f"data.sync_seq_len={self.sync_seq_len}: set data.clip_seq_len={clip_len} "
+                f"data.sync_seq_len={sync_len} (or change extraction.duration_sec)"
+            )
+
+
+@dataclass(frozen=True)
+class ExtractRow:
+    """One input row. `problem` is set for rows that fail validation (error rows)."""
+
+    index: int  # position in the input CSV (0-based, header excluded)
+    id: str
+    audio_path: Path  # absolute
+    video_path: Path | None  # absolute; None in t2a mode
+    caption: str
+    problem: str | None = None
+
+    @property
+    def text_exist(self) -> int:
+        return int(bool(self.caption.strip()))
+
+
+def plan_rows(settings: ExtractSettings, logger: logging.Logger | None = None) -> list[ExtractRow]:
+    """Read + validate the input CSV; return every row (error rows carry `problem`)."""
+    df = read_manifest(settings.input_csv, required=settings.input_columns)
+    if len(df) == 0:
+        raise ManifestError(f"CSV {settings.input_csv} has a header but no rows: nothing to extract")
+    report = ManifestReport(settings.input_csv)
+    check_ids(df, report)
+    fatal_rows = set(report.bad_rows)
+    check_files(df, report, "audio_path", settings.data_root)
+    if settings.needs_video:
+        check_files(df, report, "video_path", settings.data_root)
+    if fatal_rows or (settings.strict_paths and report.problems):
+        why = "ids must be unique and usable as file names" if fatal_rows else "extraction.strict_paths=true"
+        raise ManifestError(f"{report.format()}\nNothing was extracted ({why}).")
+    if report.problems and logger is not None:
+        logger.warning("%s\nThese rows become error rows; the other rows are extracted.", report.format())
+
+    problems: dict[int, list[str]] = {}
+    for p in report.problems:
+        problems.setdefault(p.line - 2, []).append(p.reason)
+    rows = []
+    for pos, (idx, rec) in enumerate(df.iterrows()):
+        video = resolve_path(rec["video_path"], settings.data_root) if settings.needs_video else None
+        reasons = problems.get(int(idx))
+        rows.append(
+            ExtractRow(
+                index=pos,
+                id=rec["id"],
+                audio_path=resolve_path(rec["audio_path"], settings.data_root),
+                video_path=video,
+                caption=rec["caption"],
+                problem="; ".join(reasons) if reasons else None,
+            )
+        )
+    return rows
+
+
+def expected_feature_shapes(settings: ExtractSettings) -> dict[str, tuple[int, int]]:
+    """Keys and shapes of a complete `<id>.pth` for this mode and config."""
+    shapes = {"text_features": (settings.text_seq_len, settings.text_dim)}
+    if settings.needs_video:
+        shapes["clip_features"] = (settings.clip_seq_len, settings.clip_dim)
+        shapes["sync_features"] = (settings.sync_seq_len, settings.sync_dim)
+    return shapes
+
+
+def feature_file_complete(path: Path, shapes: dict[str, tuple[int, int]]) -> bool:
+    """True when `path` loads (weights-only) and holds every expected float tensor shape."""
+    if not path.is_file():
+        return False
+    try:
+        data = safe_torch_load(path, what="feature file")
+    except CheckpointError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    for key, shape in shapes.items():
+        value = data.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
+            return False
+    return True
+
+
+def empty_string_complete(path: Path, settings: ExtractSettings) -> bool:
+    """True when `empty_string.pt` loads and is a (text_seq_len, text_dim) float tensor."""
+    if not path.is_file():
+        return False
+    try:
+        value = safe_torch_load(path, what="empty-string feature")
+    except CheckpointError:
+        return False
+    return (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and tuple(value.shape) == (settings.text_seq_len, settings.text_dim)
+    )

@@ -1,0 +1,206 @@
+"""The built-in demo data set: determinism, coverage, CSV schemas, and audio/video alignment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from wavflow.demo.make_dataset import load_dataset_info, main, make_dataset
+from wavflow.demo.sound_events import CLASS_BY_NAME, CLASS_NAMES
+from wavflow.errors import ConfigError, ManifestError
+
+N, SEED, DUR, SR, FPS, SIZE = 12, 3, 2.0, 16000, 25, 96
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_ds")
+    return make_dataset(root, N, SEED, duration=DUR, sample_rate=SR, fps=FPS, size=SIZE,
+                        progress=False)
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files_and_other_seed_differs(dataset, tmp_path):
+    again = make_dataset(tmp_path / "again", N, SEED, duration=DUR, progress=False)
+    first, second = _all_files(dataset.root), _all_files(again.root)
+    assert sorted(first) == sorted(second)
+    assert len([k for k in first if k.endswith(".wav")]) == N
+    for name in first:  # wavs, mp4s (single-threaded x264), CSVs and events.json
+        assert first[name] == second[name], f"{name} differs between two runs with the same seed"
+    for name in ("video/clip_00000.mp4", "video/clip_00007.mp4"):
+        assert np.array_equal(_decode_rgb(dataset.root / name), _decode_rgb(again.root / name))
+
+    other = make_dataset(tmp_path / "other", N, SEED + 1, duration=DUR, progress=False)
+    other_files = _all_files(other.root)
+    assert other_files["events.json"] != first["events.json"]
+    assert sum(other_files[k] != first[k] for k in first if k.endswith(".wav")) == N
+
+
+def test_classes_modes_and_splits_cover_everything(dataset):
+    assert {c.label for c in dataset.clips} == set(CLASS_NAMES)
+    assert {c.label for c in dataset.split("train")} == set(CLASS_NAMES)
+    for split in ("train", "holdout"):
+        assert {c.mode for c in dataset.split(split)} == {"VT2A", "T2A", "V2A"}, split
+    assert len(dataset.split("holdout")) >= 3
+    assert [c.id for c in dataset.clips] == [f"clip_{i:05d}" for i in range(N)]
+    for clip in dataset.clips:
+        assert 1 <= len(clip.onsets) <= 3
+        assert clip.onset_frames == [round(t * FPS) for t in clip.onsets]
+        assert all(abs(t * FPS - round(t * FPS)) < 1e-9 for t in clip.onsets), "onsets off the frame grid"
+        ends = [o + d for o, d in zip(clip.onset_frames, clip.duration_frames)]
+        assert ends[-1] <= DUR * FPS
+        gaps = [b - a for a, b in zip(ends[:-1], clip.onset_frames[1:])]
+        assert all(g >= 4 for g in gaps), f"{clip.id}: events closer than the minimum gap {gaps}"
+
+
+def test_csv_schemas_and_relative_paths(dataset):
+    root = dataset.root
+    vt2a = pd.read_csv(root / "train_vt2a.csv", keep_default_na=False)
+    t2a = pd.read_csv(root / "train_t2a.csv", keep_default_na=False)
+    infer = pd.read_csv(root / "holdout_infer.csv", keep_default_na=False)
+    ref = pd.read_csv(root / "holdout_reference.csv", keep_default_na=False)
+    assert list(vt2a.columns) == ["id", "audio_path", "video_path", "caption"]
+    assert list(t2a.columns) == ["id", "audio_path", "caption"]
+    assert list(infer.columns) == ["id", "video_path", "caption", "video_exist", "text_exist"]
+    assert {"id", "audio_path", "video_path", "caption", "mode", "label", "onsets"} <= set(ref.columns)
+
+    clips = dataset.by_id()
+    train_ids = {c.id for c in dataset.split("train")}
+    assert set(vt2a.id) | set(t2a.id) == train_ids and not set(vt2a.id) & set(t2a.id)
+    assert set(infer.id) == set(ref.id) == {c.id for c in dataset.split("holdout")}
+    for row in vt2a.itertuples():
+        assert clips[row.id].mode in ("VT2A", "V2A")
+        assert (row.caption == "") == (clips[row.id].mode == "V2A")
+        assert not Path(row.audio_path).is_absolute() and (root / row.audio_path).is_file()
+        assert (root / row.video_path).is_file()
+    assert all(clips[i].mode == "T2A" for i in t2a.id)
+    assert all(c != "" for c in t2a.caption)
+    for row in infer.itertuples():
+        mode = clips[row.id].mode
+        assert (row.video_exist, row.text_exist) == {"VT2A": (1, 1), "T2A": (0, 1), "V2A": (1, 0)}[mode]
+        assert (row.video_path != "") == bool(row.video_exist)
+        assert (row.caption != "") == bool(row.text_exist)
+    for row in ref.itertuples():
+        assert [float(t) for t in row.onsets.split()] == pytest.approx(clips[row.id].onsets)
+
+    events = json.loads((root / "events.json").read_text())
+    assert events["sample_rate"] == SR and events["fps"] == FPS and events["classes"] == list(CLASS_NAMES)
+    meta = pd.read_csv(root / "metadata.csv", keep_default_na=False)
+    assert list(meta.id) == [c["id"] for c in events["clips"]]
+    loaded = load_dataset_info(root)
+    assert loaded.clips == dataset.clips
+
+
+_KEYWORDS = {
+    "low_tone": ("low", "deep"), "high_tone": ("high", "shrill"), "chirp": ("chirp", "sweep", "glid"),
+    "noise_burst": ("static", "hiss", "noise"), "clicks": ("click",), "two_tone": ("two-tone", "two-note", "ding-dong"),
+}
+_COUNT = {1: "a single", 2: "two", 3: "three"}
+
+
+def test_captions_name_the_class_and_count_clicks(dataset):
+    for clip in dataset.clips:
+        assert any(k in clip.description for k in _KEYWORDS[clip.label]), (clip.label, clip.description)
+        if clip.label == "clicks":
+            assert _COUNT[len(clip.onsets)] in clip.description
+        assert clip.caption == ("" if clip.mode == "V2A" else clip.description)
+
+
+def test_wavs_have_the_format_level_and_silence_between_events(dataset):
+    for clip in dataset.clips:
+        wave, sr = sf.read(dataset.root / clip.audio_path, dtype="float64")
+        assert sr == SR and wave.ndim == 1 and wave.size == int(DUR * SR)
+        assert np.abs(wave).max() <= 0.95 + 1e-4
+        lead = wave[: int(clip.onsets[0] * SR)]
+        assert lead.size >= int(0.08 * SR)  # at least two frames of lead-in
+        assert 0.005 < np.sqrt(np.mean(lead**2)) < 0.02  # the -40 dBFS background
+
+
+def _decode_rgb(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == FPS
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+
+
+def _appearance_runs(frames: np.ndarray) -> tuple[list[int], list[int], list[np.ndarray]]:
+    """First frame, length and mean bright colour of each run of frames showing a shape."""
+    bright = frames.max(axis=3) > 90
+    visible = bright.reshape(len(frames), -1).sum(axis=1) > 20
+    starts, lengths, colours = [], [], []
+    k = 0
+    while k < len(frames):
+        if visible[k]:
+            j = k
+            while j < len(frames) and visible[j]:
+                j += 1
+            starts.append(k)
+            lengths.append(j - k)
+            colours.append(frames[k][bright[k]].mean(axis=0))
+            k = j
+        else:
+            k += 1
+    return starts, lengths, colours
+
+
+def _audio_onsets(wave: np.ndarray, sr: int) -> list[float]:
+    """Starts of loud stretches: 5 ms frames above -25 dBFS RMS after >= 60 ms below."""
+    hop = sr // 200
+    frames = wave[: wave.size // hop * hop].reshape(-1, hop)
+    loud = np.sqrt((frames**2).mean(axis=1)) > 10 ** (-25 / 20)
+    onsets, quiet_run = [], 12
+    for k, is_loud in enumerate(loud):
+        if is_loud and quiet_run >= 12:
+            onsets.append(k * hop / sr)
+        quiet_run = 0 if is_loud else quiet_run + 1
+    return onsets
+
+
+def test_video_shapes_appear_exactly_at_the_audio_onsets(dataset):
+    for clip in dataset.clips:
+        frames = _decode_rgb(dataset.root / clip.video_path)
+        assert frames.shape == (int(DUR * FPS), SIZE, SIZE, 3)
+        starts, lengths, colours = _appearance_runs(frames)
+        assert starts == clip.onset_frames, clip.id
+        assert lengths == clip.duration_frames, clip.id
+        expected = np.asarray(CLASS_BY_NAME[clip.label].colour, dtype=np.float64)
+        for colour in colours:
+            if clip.label == "noise_burst":  # grey static: bright and colourless
+                assert colour.min() > 150 and colour.max() - colour.min() < 20
+            else:
+                assert np.abs(colour - expected).max() < 45, (clip.id, colour, expected)
+
+        wave, sr = sf.read(dataset.root / clip.audio_path, dtype="float64")
+        audio = _audio_onsets(wave, sr)
+        video = [k / FPS for k in starts]
+        assert len(audio) == len(video) == len(clip.onsets), (clip.id, audio, clip.onsets)
+        assert np.abs(np.asarray(audio) - np.asarray(clip.onsets)).max() <= 1 / FPS
+        assert np.abs(np.asarray(video) - np.asarray(clip.onsets)).max() <= 1 / FPS
+
+
+def test_cli_and_argument_errors(tmp_path, capsys):
+    main(["--out", str(tmp_path / "cli"), "--n", "3", "--seed", "0", "--duration", "1.2",
+          "--sample-rate", "8000", "--size", "64"])
+    assert "data.data_root=" in capsys.readouterr().out
+    info = load_dataset_info(tmp_path / "cli" / "events.json")
+    assert len(info.clips) == 3 and info.sample_rate == 8000
+    wave, sr = sf.read(tmp_path / "cli" / info.clips[0].audio_path)
+    assert sr == 8000 and wave.size == int(1.2 * 8000)
+    with pytest.raises(ConfigError, match="--duration"):
+        make_dataset(tmp_path / "bad", 2, 0, duration=0.5)
+    with pytest.raises(ConfigError, match="--holdout-frac"):
+        make_dataset(tmp_path / "bad", 2, 0, holdout_frac=1.5)
+    with pytest.raises(ManifestError, match="events.json"):
+        load_dataset_info(tmp_path / "nowhere")
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ManifestError, match="broken.json"):
+        load_dataset_info(tmp_path / "broken.json")

@@ -1,0 +1,247 @@
+"""Training data: read + validate the training CSV(s), and the Dataset / collate (spec §4).
+
+Rows: `id,audio_path,features_path,video_exist,text_exist` (flags default to 1 when the column
+is absent). Every problem found up front (missing files, bad flags, duplicate ids across all
+CSVs, feature tensors of the wrong shape) goes into one report per CSV; `data.on_bad_row`
+decides between skipping those rows (each logged with its reason) and stopping. Rows that
+fail later, at read time, become None and are dropped (and counted) by `collate_train`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from wavflow.errors import FeatureError, ManifestError
+from wavflow.manifest import ManifestReport, check_files, check_flags, parse_flag, read_manifest, resolve_path
+from wavflow.io_utils import check_safe_id
+from wavflow.shapes import latent_seq_len
+
+log = logging.getLogger("wavflow.train")
+
+REQUIRED_COLUMNS = ("id", "audio_path", "features_path")
+FLAG_COLUMNS = ("video_exist", "text_exist")
+BAD_ROW_POLICIES = ("skip", "error")
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    sample_id: str
+    audio_path: Path
+    features_path: Path
+    video_exist: bool
+    text_exist: bool
+    csv_index: int  # which CSV of data.train_csv
+    row_index: int  # DataFrame index within that CSV (line = index + 2)
+
+
+@dataclass(frozen=True)
+class FeatureShapes:
+    """Expected (length, width) of each condition stream, from the data config."""
+
+    clip: tuple[int, int]
+    sync: tuple[int, int]
+    text: tuple[int, int]
+
+    @classmethod
+    def from_data_config(cls, data: Any) -> "FeatureShapes":
+        return cls(
+            clip=(int(data.clip_seq_len), int(data.clip_dim)),
+            sync=(int(data.sync_seq_len), int(data.sync_dim)),
+            text=(int(data.text_seq_len), int(data.text_dim)),
+        )
+
+
+def csv_list(train_csv: Any) -> list[str]:
+    """`data.train_csv` as a list of paths (a single path or a list)."""
+    if train_csv is None or train_csv == "" or (not isinstance(train_csv, str) and len(train_csv) == 0):
+        raise ManifestError("data.train_csv is not set: give a training CSV path (or a list of paths)")
+    if isinstance(train_csv, (str, Path)):
+        return [str(train_csv)]
+    return [str(p) for p in train_csv]
+
+
+def read_train_csvs(
+    csv_paths: Sequence[str], data_root: str | None
+) -> tuple[list[TrainRow], list[ManifestReport]]:
+    """Read every CSV, check columns/ids/flags/files; return the candidate rows and the reports.
+
+    Rows listed in a report are not returned. Missing required columns raise at once
+    (ManifestError naming the file and the columns).
+    """
+    rows: list[TrainRow] = []
+    reports: list[ManifestReport] = []
+    first_seen: dict[str, tuple[str, int]] = {}
+    for csv_index, path in enumerate(csv_paths):
+        df = read_manifest(path, REQUIRED_COLUMNS)
+        for col in FLAG_COLUMNS:  # spec §4: an absent flag column means "present"
+            if col not in df.columns:
+                df[col] = "1"
+        report = ManifestReport(Path(path))
+        for idx, value in df["id"].items():
+            try:
+                check_safe_id(value)
+            except ManifestError as exc:
+                report.add(idx, value, str(exc))
+                continue
+            if value in first_seen:
+                where, line = first_seen[value]
+                report.add(idx, value, f"duplicate id (first in {where} line {line})")
+            else:
+                first_seen[value] = (str(path), int(idx) + 2)
+        check_flags(df, report, FLAG_COLUMNS)
+        check_files(df, report, "audio_path", data_root)
+        check_files(df, report, "features_path", data_root)
+        for idx, row in df.iterrows():
+            if int(idx) in report.bad_rows:
+                continue
+            rows.append(
+                TrainRow(
+                    sample_id=row["id"],
+                    audio_path=resolve_path(row["audio_path"], data_root),
+                    features_path=resolve_path(row["features_path"], data_root),
+                    video_exist=bool(parse_flag(row["video_exist"])),
+                    text_exist=bool(parse_flag(row["text_exist"])),
+                    csv_index=csv_index,
+                    row_index=int(idx),
+                )
+            )
+        reports.append(report)
+    return rows, reports
+
+
+def _check_tensor(feats: Mapping[str, Any], key: str, want: tuple[int, int]) -> str | None:
+    if key not in feats:
+        return f"{key} missing"
+    value = feats[key]
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return f"{key} is not a float tensor"
+    if tuple(value.shape) != want:
+        return f"{key} has shape {tuple(value.shape)}, expected {want}"
+    if not bool(torch.isfinite(value).all()):
+        return f"{key} holds non-finite values"
+    return None
+
+
+def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tensor]:
+    """The three condition tensors of a row; zeros for absent modalities (even if stored).
+
+    FeatureError naming the file when it cannot be read or a needed tensor is wrong.
+    """
+    try:
+        feats = torch.load(row.features_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) could not be loaded: {exc}") from exc
+    if not isinstance(feats, Mapping):
+        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) does not hold a dict")
+    out: dict[str, torch.Tensor] = {}
+    for key, stream, exists in (
+        ("clip_features", shapes.clip, row.video_exist),
+        ("sync_features", shapes.sync, row.video_exist),
+        ("text_features", shapes.text, row.text_exist),
+    ):
+        if not exists:
+            out[key] = torch.zeros(stream)
+            continue
+        problem = _check_tensor(feats, key, stream)
+        if problem:
+            raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}): {problem}")
+        out[key] = feats[key].float()
+    return out
+
+
+def find_feature_problems(rows: Sequence[TrainRow], shapes: FeatureShapes, show_progress: bool) -> dict[int, str]:
+    """{position in rows: reason} for rows whose feature file is unreadable or mis-shaped."""
+    problems: dict[int, str] = {}
+    for pos in tqdm(range(len(rows)), desc="check features", disable=not show_progress, leave=False):
+        try:
+            load_features(rows[pos], shapes)
+        except FeatureError as exc:
+            problems[pos] = str(exc)
+    return problems
+
+
+def select_rows(
+    rows: list[TrainRow],
+    reports: list[ManifestReport],
+    feature_problems: Mapping[int, str],
+    on_bad_row: str,
+) -> list[TrainRow]:
+    """Fold feature problems into the reports, then skip (logging each) or stop."""
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ManifestError(f"data.on_bad_row={on_bad_row!r} is not one of {', '.join(BAD_ROW_POLICIES)}")
+    for pos, reason in sorted(feature_problems.items()):
+        row = rows[pos]
+        reports[row.csv_index].add(row.row_index, row.sample_id, reason)
+    good = [r for pos, r in enumerate(rows) if pos not in feature_problems]
+    bad_reports = [r for r in reports if r.problems]
+    if bad_reports:
+        text = "\n".join(r.format(limit=10_000) for r in bad_reports)
+        if on_bad_row == "error":
+            raise ManifestError(f"training CSV check failed (data.on_bad_row=error):\n{text}")
+        for report in bad_reports:
+            for problem in report.problems:
+                log.warning("skipping %s line %d (id %r): %s", report.path, problem.line, problem.row_id, problem.reason)
+    if not good:
+        raise ManifestError("no usable training rows left after the CSV check" + (f":\n{text}" if bad_reports else ""))
+    return good
+
+
+class TrainDataset(Dataset):
+    """Items `{id, audio_tokens (N, audio_dim), clip_features, sync_features, text_features,
+    video_exist, text_exist}`; None when the row cannot be read (logged)."""
+
+    def __init__(self, rows: Sequence[TrainRow], data_cfg: Any, repeat_factor: int = 1) -> None:
+        if repeat_factor < 1:
+            raise ManifestError(f"training.repeat_factor must be >= 1, got {repeat_factor}")
+        self.rows = list(rows)
+        self.repeat_factor = int(repeat_factor)
+        self.shapes = FeatureShapes.from_data_config(data_cfg)
+        self.sample_rate = int(data_cfg.target_sample_rate)
+        self.duration = float(data_cfg.audio_duration)
+        self.audio_dim = int(data_cfg.audio_dim)
+        self.audio_scale = float(data_cfg.audio_scale)
+        self.num_tokens = latent_seq_len(self.sample_rate, self.duration, self.audio_dim)
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.repeat_factor
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        from wavflow.audio import load_audio_tokens  # the audio module is imported lazily
+
+        row = self.rows[index % len(self.rows)]
+        try:
+            tokens = load_audio_tokens(
+                row.audio_path, self.sample_rate, self.duration, audio_dim=self.audio_dim, audio_scale=self.audio_scale
+            )
+            if tuple(tokens.shape) != (self.num_tokens, self.audio_dim):
+                raise FeatureError(f"audio tokens have shape {tuple(tokens.shape)}, expected {(self.num_tokens, self.audio_dim)}")
+            feats = load_features(row, self.shapes)
+        except Exception as exc:  # one bad file must never stop a rank
+            log.warning("skipping id %r at read time (%s): %s", row.sample_id, row.audio_path, exc)
+            return None
+        return {
+            "id": row.sample_id,
+            "audio_tokens": tokens.float(),
+            **feats,
+            "video_exist": torch.tensor(row.video_exist),
+            "text_exist": torch.tensor(row.text_exist),
+        }
+
+
+def collate_train(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Drop None items, stack tensors, list the rest; `num_failed` counts the dropped ones."""
+    kept = [it for it in items if it is not None]
+    batch: dict[str, Any] = {"num_failed": len(items) - len(kept)}
+    if not kept:
+        return batch
+    for key in kept[0]:
+        values = [it[key] for it in kept]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

@@ -1,0 +1,60 @@
+"""Exponential moving averages of the parameters (spec §8.3 step 9).
+
+`e <- e + w (p - e)` with `w = 1 - decay`, once per optimiser step, over every named
+parameter (the frozen `empty_string_feat` included), kept on the training device.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from wavflow.errors import CheckpointError
+
+
+def ema_decay(decay: float, step: int, warmup: bool) -> float:
+    """The decay used at optimiser step `step` (0-based): `min(d, (1+step)/(10+step))` with warm-up."""
+    if warmup:
+        return min(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+class ParamEMA:
+    """One EMA over `model.named_parameters()` in their order."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().clone() for _, p in model.named_parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        weight = 1.0 - ema_decay(self.decay, step, self.warmup)
+        for e, (_, p) in zip(self.shadow, model.named_parameters()):
+            e.lerp_(p.detach(), weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{name: cpu tensor}: the reference `model_ema{1,2}` layout."""
+        return {n: e.detach().to("cpu", copy=True) for n, e in zip(self.names, self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise CheckpointError(f"EMA in {source} lacks parameter(s) {', '.join(missing[:5])}")
+        for n, e in zip(self.names, self.shadow):
+            value = state[n]
+            if tuple(value.shape) != tuple(e.shape):
+                raise CheckpointError(
+                    f"EMA in {source}: {n} has shape {tuple(value.shape)}, model has {tuple(e.shape)}"
+                )
+            e.copy_(value.to(e.device, e.dtype))
+
+    @torch.no_grad()
+    def reset_to(self, model: nn.Module) -> None:
+        """EMA = current parameters (fresh start, or a flat checkpoint)."""
+        for e, (_, p) in zip(self.shadow, model.named_parameters()):
+            e.copy_(p.detach())

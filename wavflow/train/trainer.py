@@ -1,0 +1,656 @@
+"""The training loop (spec §8): DDP, AdamW, EMA, exact resume, samples, logging.
+
+`run_training(cfg)` works as a plain process (world size 1) and under torchrun. Everything
+random in the optimisation comes from one generator per process, seeded with
+`training.seed + global rank`; its state (and the global RNGs) is saved per rank in every
+checkpoint, together with the position inside the epoch, so a stopped run resumes to the
+same weights as an uninterrupted one (bit-identical on CPU fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from wavflow.config import save_config
+from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from wavflow.errors import CheckpointError, ConfigError, FeatureError
+from wavflow.io_utils import atomic_torch_save, safe_torch_load
+from wavflow.model import build_model_from_config
+from wavflow.train.checkpointing import (
+    CHECKPOINT_FORMAT,
+    LATEST_NAME,
+    capture_rng,
+    ema_checkpoint_name,
+    epoch_checkpoint_name,
+    load_initial_checkpoint,
+    load_latest_checkpoint,
+    load_model_state,
+    model_state_cpu,
+    restore_rng,
+)
+from wavflow.train.dataset import (
+    FeatureShapes,
+    TrainDataset,
+    TrainRow,
+    collate_train,
+    csv_list,
+    find_feature_problems,
+    read_train_csvs,
+    select_rows,
+)
+from wavflow.train.ema import ParamEMA
+from wavflow.train.logging_utils import TensorBoard, close_logging, setup_logging
+from wavflow.train.lr_schedule import SCHEDULES, apply_lr, base_lr, lr_at
+from wavflow.train.samples import generate_training_sample
+from wavflow.train.step import (
+    StepNoise,
+    apply_label_drop,
+    draw_step_noise,
+    fill_missing_modalities,
+    flow_matching_loss,
+)
+
+T_BUCKETS = 4  # loss is also logged per t_s quarter
+MAX_SAMPLE_RANKS = 8
+
+
+@dataclass
+class TrainResult:
+    exp_dir: Path
+    epoch: int  # completed epochs
+    global_step: int
+    stopped_early: bool  # a signal or training.max_steps ended the run
+    skipped_rows: int  # rows that failed at read time (all ranks, all epochs of this run)
+
+
+class _SkipSampler(Sampler):
+    """The base sampler's order without its first `skip` indices (mid-epoch resume)."""
+
+    def __init__(self, base: Sampler, skip: int) -> None:
+        self.base, self.skip = base, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+
+
+def _seed_worker(base_seed: int, worker_id: int) -> None:
+    seed = (base_seed + worker_id) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_training_config(cfg: DictConfig) -> None:
+    tr = cfg.training
+    if tr.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"training.precision={tr.precision!r} is not one of auto, fp32, bf16")
+    if tr.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"training.device={tr.device!r} is not one of auto, cpu, cuda")
+    if tr.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"training.lr_schedule={tr.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if tr.loss_type not in ("x", "v"):
+        raise ConfigError(f"training.loss_type={tr.loss_type!r} is not one of x, v")
+    for key in ("batch_size", "grad_accum_steps", "epochs", "repeat_factor"):
+        if int(tr[key]) < 1:
+            raise ConfigError(f"training.{key} must be >= 1, got {tr[key]}")
+    if not 0.0 <= float(tr.label_drop_prob) <= 1.0:
+        raise ConfigError(f"training.label_drop_prob must lie in [0, 1], got {tr.label_drop_prob}")
+    if tr.lr is None and tr.blr is None:
+        raise ConfigError("set training.lr or training.blr")
+
+
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def load_empty_string_feat(path: Path, shape: tuple[int, int], what: str) -> torch.Tensor:
+    feat = safe_torch_load(path, what=what)
+    if not isinstance(feat, torch.Tensor):
+        raise FeatureError(f"{what} {path} does not hold a tensor")
+    if feat.dim() == 3 and feat.shape[0] == 1:
+        feat = feat[0]
+    if tuple(feat.shape) != shape or not feat.is_floating_point():
+        raise FeatureError(f"{what} {path} has shape {tuple(feat.shape)} ({feat.dtype}), expected a float {shape}")
+    return feat.float()
+
+
+def resolve_empty_string_feat(cfg: DictConfig, first_row: TrainRow) -> tuple[torch.Tensor, str]:
+    """The learned empty-caption feature and where it came from (see configs/train.yaml)."""
+    shape = FeatureShapes.from_data_config(cfg.data).text
+    if cfg.model.empty_string_feat_path:
+        path = Path(str(cfg.model.empty_string_feat_path)).expanduser()
+        return load_empty_string_feat(path, shape, "model.empty_string_feat_path"), str(path)
+    beside = first_row.features_path.parent / "empty_string.pt"
+    if beside.is_file():
+        return load_empty_string_feat(beside, shape, "empty string feature"), str(beside)
+    from wavflow.features.encoders import FeatureEncoders
+
+    encoders = FeatureEncoders.from_config(cfg.encoders, need_video=False)
+    feat = encoders.empty_string_feature().detach().float().cpu()
+    if feat.dim() == 3 and feat.shape[0] == 1:
+        feat = feat[0]
+    if tuple(feat.shape) != shape:
+        raise FeatureError(
+            f"the text encoder (encoders.profile={cfg.encoders.profile}) gives an empty-string feature of shape "
+            f"{tuple(feat.shape)}, but data.text_seq_len/text_dim ask for {shape}"
+        )
+    return feat, f"computed by the text encoder (encoders.profile={cfg.encoders.profile}; no {beside})"
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """no_decay (1-D, '.bias', 'diffloss') first, then decay; frozen parameters left out."""
+    no_decay, decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim == 1 or name.endswith(".bias") or "diffloss" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": float(weight_decay)}]
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, info: DistInfo | None = None) -> None:
+        _check_training_config(cfg)
+        self.cfg = cfg
+        tr = cfg.training
+        self.tr = tr
+        self.info = info or init_distributed(str(tr.device))
+        self.rank, self.world_size = self.info.rank, self.info.world_size
+        self.is_main = self.info.is_main
+        self.device = self.info.device
+        self.exp_dir = Path(str(tr.output_dir)).expanduser().absolute() / str(tr.experiment_id)
+        self.logger = setup_logging(self.exp_dir, self.is_main, self.rank)
+        self.autocast_factory = functools.partial(_autocast, self.device, str(tr.precision))
+        self.seed = int(tr.seed)
+        self.accum = int(tr.grad_accum_steps)
+
+        rows = self._prepare_rows()
+        self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, drop_last=False, seed=0
+        )
+        self.latest_path = self.exp_dir / LATEST_NAME
+        resuming = bool(tr.resume) and self.latest_path.exists()
+
+        # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
+        torch.manual_seed(self.seed)
+        empty_string = None
+        if not resuming:  # a resumed checkpoint carries its own copy
+            empty_string, source = resolve_empty_string_feat(cfg, rows[0])
+            self.logger.info("Empty string feature: %s", source)
+        self.model = build_model_from_config(
+            cfg, empty_string_feat=empty_string, gradient_checkpointing=bool(tr.gradient_checkpointing)
+        ).to(self.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            optimizer_groups(self.model, float(tr.weight_decay)), lr=1e-3, betas=(0.9, 0.95)
+        )
+        self.eff_batch = int(tr.batch_size) * self.world_size * self.accum
+        self.lr_base = base_lr(tr.lr, float(tr.blr), self.eff_batch)
+        self.last_lr = self.lr_base
+        self.ema1 = ParamEMA(self.model, float(tr.ema_decay1), bool(tr.ema_warmup))
+        self.ema2 = ParamEMA(self.model, float(tr.ema_decay2), bool(tr.ema_warmup))
+
+        # Per-process randomness: the training generator and the globals, per GLOBAL rank.
+        self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)
+        random.seed(self.seed + self.rank)
+        np.random.seed((self.seed + self.rank) % 2**32)
+        torch.manual_seed(self.seed + self.rank)
+
+        self.epoch = 0  # completed epochs = the epoch in progress
+        self.global_step = 0
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained
+        self._load_start_state(resuming)
+
+        if self.info.is_distributed:
+            self.ddp_model: nn.Module = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        else:
+            self.ddp_model = self.model
+        self.forward_model: nn.Module = torch.compile(self.ddp_model) if bool(tr.compile) else self.ddp_model
+
+        self.tb = TensorBoard(self.exp_dir / "tensorboard", enabled=self.is_main and bool(tr.tensorboard))
+        if self.is_main:
+            save_config(cfg, self.exp_dir / "config.yaml")
+            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
+            self.logger.info("Number of trainable parameters: %.6fM", n_train)
+            self.logger.info("Base lr: %s", "from training.lr" if tr.lr is not None else f"{float(tr.blr):.2e}")
+            self.logger.info("Actual lr: %.2e", self.lr_base)
+            self.logger.info("Effective batch size: %d", self.eff_batch)
+            self.logger.info(
+                "World size %d, device %s, precision %s, %d training rows (x%d repeat)",
+                self.world_size, self.device, tr.precision, len(rows), int(tr.repeat_factor),
+            )
+        self._stop_signal: int | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self.last_batch: dict[str, Any] | None = None
+        self.skipped_rows = 0
+
+    # ------------------------------------------------------------------------------ data
+    def _prepare_rows(self) -> list[TrainRow]:
+        data = self.cfg.data
+        rows, reports = read_train_csvs(csv_list(data.train_csv), data.data_root)
+        problems: dict[int, str] = {}
+        if bool(data.validate_features):
+            shapes = FeatureShapes.from_data_config(data)
+            mine = list(range(self.rank, len(rows), self.world_size))
+            local = find_feature_problems([rows[i] for i in mine], shapes, show_progress=self.is_main)
+            found = {mine[pos]: reason for pos, reason in local.items()}
+            if self.info.is_distributed:
+                gathered: list[Any] = [None] * self.world_size
+                dist.all_gather_object(gathered, found)
+                for part in gathered:
+                    problems.update(part)
+            else:
+                problems = found
+        return select_rows(rows, reports, problems, str(data.on_bad_row))
+
+    def _epoch_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        sampler: Sampler = self.sampler
+        if skip_batches:
+            sampler = _SkipSampler(self.sampler, skip_batches * int(self.tr.batch_size))
+        base_seed = (self.seed * 1_000 + self.rank * 100_003 + epoch * 7) % 2**62
+        workers = int(self.tr.num_workers)
+        return DataLoader(
+            self.dataset,
+            batch_size=int(self.tr.batch_size),
+            sampler=sampler,
+            collate_fn=collate_train,
+            num_workers=workers,
+            worker_init_fn=functools.partial(_seed_worker, base_seed) if workers else None,
+            generator=torch.Generator().manual_seed(base_seed),
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+
+    def num_batches(self) -> int:
+        return math.ceil(len(self.sampler) / int(self.tr.batch_size))
+
+    # -------------------------------------------------------------------- checkpoints
+    def _load_start_state(self, resuming: bool) -> None:
+        ck = self.cfg.checkpoint
+        if resuming:
+            ckpt = load_latest_checkpoint(self.latest_path)
+            self._load_full(ckpt, model_only=False, source=str(self.latest_path))
+            self.logger.info(
+                "Resumed from %s: epoch %d, global step %d, batch %d of the epoch",
+                self.latest_path, self.epoch, self.global_step, self.batch_in_epoch,
+            )
+            return
+        if self.latest_path.exists():
+            self.logger.warning("training.resume=false: ignoring (and later overwriting) %s", self.latest_path)
+        if ck.initial_load_path:
+            path = Path(str(ck.initial_load_path)).expanduser()
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint.initial_load_path {path} does not exist")
+            ckpt = load_initial_checkpoint(path)
+            if "model" in ckpt:
+                self._load_full(ckpt, model_only=bool(ck.initial_load_model_only), source=str(path))
+            else:
+                load_model_state(self.model, ckpt, source=str(path))
+                self.ema1.reset_to(self.model)
+                self.ema2.reset_to(self.model)
+            self.logger.info("Loaded initial weights from %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+
+    def _load_full(self, ckpt: dict[str, Any], *, model_only: bool, source: str) -> None:
+        load_model_state(self.model, ckpt["model"], source=source)
+        for ema, key in ((self.ema1, "model_ema1"), (self.ema2, "model_ema2")):
+            if key in ckpt:
+                ema.load_state_dict(ckpt[key], source=f"{source} [{key}]")
+            else:
+                ema.reset_to(self.model)
+        if model_only or "optimizer" not in ckpt or "epoch" not in ckpt:
+            return
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except Exception as exc:
+            raise CheckpointError(f"optimizer state in {source} does not fit this model: {exc}") from exc
+        self.epoch = int(ckpt["epoch"])
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        rng = ckpt.get("rng")
+        if isinstance(rng, list) and len(rng) == self.world_size:
+            restore_rng(rng[self.rank], self.generator)
+        else:
+            if rng is not None:
+                self.logger.warning(
+                    "%s holds RNG states of %d ranks, this run has %d: reseeding (training continues, "
+                    "but not bit-identically)", source, len(rng), self.world_size,
+                )
+            self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
+            if self.batch_in_epoch:
+                self.logger.warning("%s stopped mid-epoch; the rest of epoch %d is replayed", source, self.epoch + 1)
+
+    def checkpoint_dict(self, rng_states: list[Any]) -> dict[str, Any]:
+        return {
+            "model": model_state_cpu(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model_ema1": self.ema1.state_dict(),
+            "model_ema2": self.ema2.state_dict(),
+            "batch_in_epoch": self.batch_in_epoch,
+            "sampler_epoch": self.epoch,
+            "rng": rng_states,
+            "lr": {"base": float(self.lr_base), "last": float(self.last_lr)},
+            "world_size": self.world_size,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "format": CHECKPOINT_FORMAT,
+        }
+
+    def _gather_rng(self) -> list[Any]:
+        """Every rank's RNG states (collective: all ranks call this together)."""
+        mine = capture_rng(self.generator)
+        if not self.info.is_distributed:
+            return [mine]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def save_checkpoints(self, names: Sequence[str]) -> None:
+        """Write the full checkpoint under each name (rank 0; all ranks must call)."""
+        rng = self._gather_rng()
+        if self.is_main:
+            ckpt = self.checkpoint_dict(rng)
+            for name in names:
+                path = atomic_torch_save(ckpt, self.exp_dir / name)
+                self.logger.info("Checkpoint saved to %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+        barrier(self.info)
+
+    def save_ema(self, epoch: int) -> None:
+        if self.is_main:
+            path = atomic_torch_save(self.ema1.state_dict(), self.exp_dir / ema_checkpoint_name(epoch))
+            self.logger.info("Saved EMA checkpoint to %s", path)
+
+    # ------------------------------------------------------------------------------ step
+    def draw_noise(self, x1: torch.Tensor) -> StepNoise:
+        s = self.cfg.sampling
+        return draw_step_noise(
+            self.generator, x1, mean=float(s.mean), scale=float(s.scale), noise_scale=float(s.noise_scale)
+        )
+
+    def _dummy_batch(self) -> dict[str, Any]:
+        """One zero row standing in for an all-failed batch, so every rank still runs the same
+        collective forward/backward (its loss is multiplied by 0)."""
+        shapes = self.dataset.shapes
+        return {
+            "audio_tokens": torch.zeros(1, self.dataset.num_tokens, self.dataset.audio_dim),
+            "clip_features": torch.zeros(1, *shapes.clip),
+            "sync_features": torch.zeros(1, *shapes.sync),
+            "text_features": torch.zeros(1, *shapes.text),
+            "video_exist": torch.zeros(1, dtype=torch.bool),
+            "text_exist": torch.zeros(1, dtype=torch.bool),
+        }
+
+    def micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Loss of one micro-batch: (loss, per-sample loss, t_s, number of real rows)."""
+        real = "audio_tokens" in batch
+        if not real:
+            batch = self._dummy_batch()
+        dev = self.device
+        x1 = batch["audio_tokens"].to(dev, non_blocking=True)
+        clip_f, sync_f, text_f = (batch[k].to(dev, non_blocking=True) for k in ("clip_features", "sync_features", "text_features"))
+        with self.autocast_factory():
+            clip_f, sync_f, text_f = fill_missing_modalities(
+                self.model, clip_f, sync_f, text_f, batch["video_exist"].to(dev), batch["text_exist"].to(dev)
+            )
+            noise = self.draw_noise(x1)
+            clip_f, sync_f, text_f, _, _ = apply_label_drop(
+                self.model, clip_f, sync_f, text_f, noise, float(self.tr.label_drop_prob)
+            )
+            s = self.cfg.sampling
+            out = flow_matching_loss(
+                self.forward_model, x1, clip_f, sync_f, text_f, noise,
+                prediction_type=str(s.prediction_type), loss_type=str(self.tr.loss_type),
+                noise_shift=float(s.noise_shift), min_sigma=float(s.min_sigma),
+            )
+        loss = out.loss if real else out.loss * 0.0
+        return loss, out.per_sample, out.t_s, (x1.shape[0] if real else 0)
+
+    def optimizer_update(self, micro_batches: Sequence[dict[str, Any]], lr_epoch: float) -> dict[str, Any]:
+        """One optimiser step over `micro_batches` (gradient accumulation, DDP no_sync inside)."""
+        lr = lr_at(
+            global_step=self.global_step, lr_epoch=lr_epoch, lr_base=self.lr_base,
+            warmup_steps=int(self.tr.warmup_steps), schedule=str(self.tr.lr_schedule),
+            epochs=int(self.tr.epochs), min_lr=float(self.tr.min_lr),
+            milestones=list(self.tr.steps), gamma=float(self.tr.gamma),
+        )
+        apply_lr(self.optimizer, lr)
+        self.last_lr = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        k = len(micro_batches)
+        losses, per_samples, times, rows = [], [], [], 0
+        for i, batch in enumerate(micro_batches):
+            inner = self.info.is_distributed and i < k - 1
+            with self.ddp_model.no_sync() if inner else nullcontext():  # type: ignore[operator]
+                loss, per, t_s, n = self.micro_step(batch)
+                (loss / k).backward()
+            if n:
+                losses.append(float(loss.detach()))
+                per_samples.append(per.float().cpu())
+                times.append(t_s.float().cpu())
+                rows += n
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = float(self.tr.clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.ema1.update(self.model, self.global_step)
+        self.ema2.update(self.model, self.global_step)
+        self.global_step += 1
+        return {
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "rows": rows,
+            "per_sample": torch.cat(per_samples) if per_samples else torch.zeros(0),
+            "t_s": torch.cat(times) if times else torch.zeros(0),
+        }
+
+    # ---------------------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+            # A second signal falls back to the old behaviour (e.g. KeyboardInterrupt).
+            signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+
+    def _should_stop(self) -> bool:
+        """All ranks agree: a signal on any rank, or training.max_steps reached."""
+        flag = 1.0 if self._stop_signal is not None else 0.0
+        if self.info.is_distributed:
+            t = torch.tensor([flag], device=self.device if self.info.backend == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = float(t.item())
+        if flag > 0:
+            return True
+        max_steps = self.tr.max_steps
+        return max_steps is not None and self.global_step >= int(max_steps)
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        tr = self.tr
+        epochs = int(tr.epochs)
+        start = time.time()
+        stopped = False
+        self._install_signal_handlers()
+        try:
+            while self.epoch < epochs and not stopped:
+                stopped = self._train_epoch(epochs)
+                if not stopped:
+                    self._end_of_epoch(epochs)
+            if stopped:
+                self.save_checkpoints([LATEST_NAME])
+                why = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "training.max_steps"
+                self.logger.info(
+                    "Stopped by %s at epoch %d, global step %d; %s written. Run the same command to resume.",
+                    why, self.epoch + 1, self.global_step, self.latest_path,
+                )
+            else:
+                total = int(time.time() - start)
+                self.logger.info("Training completed. Total time: %s", str(timedelta(seconds=total)))
+        finally:
+            self._restore_signal_handlers()
+            self.tb.close()
+        return TrainResult(self.exp_dir, self.epoch, self.global_step, stopped, self.skipped_rows)
+
+    def _train_epoch(self, epochs: int) -> bool:
+        """Train the rest of the current epoch; True when a stop was requested."""
+        tr = self.tr
+        epoch = self.epoch
+        num_batches = self.num_batches()
+        skip = min(self.batch_in_epoch, num_batches)
+        if self.is_main:
+            self.logger.info("Starting epoch %d", epoch + 1)
+        epoch_start = last_log = time.time()
+        rows_since_log = 0
+        bucket_sum = torch.zeros(T_BUCKETS, dtype=torch.float64)
+        bucket_count = torch.zeros(T_BUCKETS, dtype=torch.float64)
+        failed = 0
+        data_iter_step = skip
+        pending: list[dict[str, Any]] = []
+        bar = tqdm(total=num_batches, initial=skip, desc=f"epoch {epoch + 1}", disable=not self.is_main, leave=False)
+        for batch in self._epoch_loader(epoch, skip):
+            failed += int(batch.get("num_failed", 0))
+            if "audio_tokens" in batch:
+                self.last_batch = batch
+            pending.append(batch)
+            if len(pending) < self.accum and data_iter_step + len(pending) < num_batches:
+                continue
+            stats = self.optimizer_update(pending, lr_epoch=data_iter_step / num_batches + epoch)
+            data_iter_step += len(pending)
+            self.batch_in_epoch = data_iter_step
+            bar.update(len(pending))
+            pending = []
+            rows_since_log += stats["rows"]
+            if stats["rows"]:
+                idx = torch.clamp((stats["t_s"] * T_BUCKETS).long(), 0, T_BUCKETS - 1)
+                bucket_sum.index_add_(0, idx, stats["per_sample"].double())
+                bucket_count.index_add_(0, idx, torch.ones_like(stats["per_sample"], dtype=torch.float64))
+            last_of_epoch = data_iter_step >= num_batches
+            if self.is_main and (self.global_step % int(tr.log_freq) == 0 or last_of_epoch):
+                now = time.time()
+                throughput = rows_since_log / max(now - last_log, 1e-9)
+                self.logger.info(
+                    "Epoch [%d/%d] Step [%d/%d] GlobalStep %d Loss: %.4f LR: %.2e GradNorm: %.4f Throughput: %.1f samples/s",
+                    epoch + 1, epochs, data_iter_step, num_batches, self.global_step,
+                    stats["loss"], stats["lr"], stats["grad_norm"], throughput,
+                )
+                scalars = {
+                    "train/loss": stats["loss"], "train/lr": stats["lr"],
+                    "train/grad_norm": stats["grad_norm"], "train/samples_per_sec": throughput,
+                }
+                for b in range(T_BUCKETS):
+                    if bucket_count[b] > 0:
+                        scalars[f"train/loss_t{b / T_BUCKETS:.2f}-{(b + 1) / T_BUCKETS:.2f}"] = float(bucket_sum[b] / bucket_count[b])
+                self.tb.scalars(scalars, self.global_step)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                last_log, rows_since_log = now, 0
+                bucket_sum.zero_()
+                bucket_count.zero_()
+            save_every = int(tr.save_every_steps)
+            if save_every > 0 and self.global_step % save_every == 0 and not last_of_epoch:
+                self.save_checkpoints([LATEST_NAME])
+            if self._should_stop():
+                bar.close()
+                self._count_failed(failed)
+                return True
+        bar.close()
+        self._count_failed(failed)
+        if self.is_main:
+            self.logger.info("Epoch %d completed in %.2fs", epoch + 1, time.time() - epoch_start)
+        return False
+
+    def _count_failed(self, failed: int) -> None:
+        total = int(all_reduce_sum(self.info, [float(failed)])[0])
+        self.skipped_rows += total
+        if total and self.is_main:
+            self.logger.warning("%d row(s) failed at read time this epoch and were skipped", total)
+
+    def _end_of_epoch(self, epochs: int) -> None:
+        """Spec §8.6, in order: latest checkpoint, samples, epoch checkpoint, EMA checkpoint."""
+        tr = self.tr
+        display_epoch = self.epoch + 1
+        last = display_epoch == epochs
+        self.epoch = display_epoch
+        self.batch_in_epoch = 0
+        if int(tr.checkpoint_freq) > 0 and (display_epoch % int(tr.checkpoint_freq) == 0 or last):
+            self.save_checkpoints([LATEST_NAME])
+        if int(tr.gen_train_freq) > 0 and (display_epoch % int(tr.gen_train_freq) == 0 or last):
+            self._write_samples(display_epoch)
+        if int(tr.checkpoint_save_epoch) > 0 and display_epoch % int(tr.checkpoint_save_epoch) == 0:
+            self.save_checkpoints([epoch_checkpoint_name(display_epoch)])
+        if int(tr.ema_checkpoint_save_epoch) > 0 and display_epoch % int(tr.ema_checkpoint_save_epoch) == 0:
+            self.save_ema(display_epoch)
+        self.tb.flush()
+
+    def _write_samples(self, epoch: int) -> None:
+        if self.rank >= MAX_SAMPLE_RANKS or self.last_batch is None:
+            return
+        try:
+            gt_path, gen_path, gt, gen = generate_training_sample(
+                self.model, self.last_batch, cfg=self.cfg, exp_dir=self.exp_dir, epoch=epoch,
+                rank=self.rank, device=self.device, autocast=self.autocast_factory(),
+            )
+            self.logger.info("Wrote samples %s and %s", gt_path, gen_path)
+            sr = int(self.cfg.data.target_sample_rate)
+            self.tb.audio(f"samples/gt_rank{self.rank}", gt, sr, self.global_step)
+            self.tb.audio(f"samples/gen_rank{self.rank}", gen, sr, self.global_step)
+        except Exception as exc:  # samples are a side product: never stop training for them
+            self.logger.warning("sample generation at epoch %d failed: %s: %s", epoch, type(exc).__name__, exc)
+
+
+def run_training(cfg: DictConfig, info: DistInfo | None = None) -> TrainResult:
+    """Build the trainer, train, and tear the process group down (when this call made it)."""
+    own = info is None
+    info = info or init_distributed(str(cfg.training.device))
+    try:
+        return Trainer(cfg, info).train()
+    finally:
+        close_logging()
+        if own:
+            cleanup(info)

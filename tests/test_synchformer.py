@@ -15,6 +15,15 @@ FORMAT = Path(__file__).resolve().parents[2] / "shared" / "formats" / "synchform
 FORMAT = FORMAT if FORMAT.is_file() else Path("/work/shared/formats/synchformer.json")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on the shared 2-core box, 2 OMP threads make small ops ~10x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def reference_layout() -> dict:
     if not FORMAT.is_file():
@@ -52,25 +61,37 @@ def test_parameter_counts(reference_layout: dict) -> None:
     assert ["vfeat_extractor." + n.split("vfeat_extractor.")[1] for n in frozen] == reference_layout["unused_in_forward"]
 
 
-def test_tiny_forward_shape_and_chunking(tiny: Synchformer) -> None:
+def _micro() -> Synchformer:
+    cfg = SynchformerConfig(depth=1, num_heads=2, embed_dim=16, mlp_hidden_dim=8, patch_size=56,
+                            agg_num_heads=2, agg_ff_dim=8)
+    return Synchformer(cfg).eval()
+
+
+def test_tiny_forward_shape(tiny: Synchformer) -> None:
     torch.manual_seed(1)
-    vis = torch.rand(1, 2, 16, 3, 224, 224) * 2 - 1
+    vis = torch.rand(1, 1, 16, 3, 224, 224) * 2 - 1
     with torch.no_grad():
         out = tiny(vis)
-        tiny.segment_chunk = 1
-        try:
-            out_chunked = tiny(vis)
-        finally:
-            tiny.segment_chunk = 8
-        # each segment alone gives its own row: segments are independent
-        single = tiny(vis[:, 1:2])
-    assert out.shape == (1, 2, 8, 768) and out.dtype == torch.float32
+    assert out.shape == (1, 1, 8, 768) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out_chunked, out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(single[:, 0], out[:, 1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out[:, 0], out[:, 1])
+    assert not torch.allclose(out[0, 0, 0], out[0, 0, 1])  # frames get their own vectors
     with pytest.raises(ValueError, match="Synchformer expects"):
         tiny(vis[:, :, :8])
+
+
+def test_segments_are_chunked_independently() -> None:
+    torch.manual_seed(1)
+    model = _micro()
+    vis = torch.rand(1, 3, 16, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        out = model(vis)
+        model.segment_chunk = 1
+        out_chunked = model(vis)
+        single = model(vis[:, 2:3])
+    assert out.shape == (1, 3, 8, 16)
+    torch.testing.assert_close(out_chunked, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single[0, 0], out[0, 2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[0, 0], out[0, 1])
 
 
 def test_load_state_dict_keeps_only_vfeat_keys(tiny: Synchformer) -> None:

@@ -1,0 +1,518 @@
+"""The Python inference API: load a checkpoint once, generate many clips (spec §5, §2.11, §3).
+
+    gen = WavFlowGenerator.from_checkpoint("runs/exp/checkpoint_latest.pth")
+    wave, sr = gen.generate(video="clip.mp4", text="a dog barks", cfg=4.5, seed=0)
+
+`wavflow.predict` (the CSV job) is built on `encode_row` + `generate_batch`.
+
+Fixes over the reference, on purpose (DESIGN.md §4): the initial noise of every item comes
+from its own `torch.Generator` (drawn on CPU, then moved), so a clip does not depend on the
+batch size or on the rows around it; everything runs on CPU too; a checkpoint whose recorded
+config disagrees with the inference config is an error instead of silent garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from wavflow.config import load_config, validate_config
+from wavflow.errors import CheckpointError, ConfigError, FeatureError
+from wavflow.io_utils import safe_torch_load
+from wavflow.shapes import latent_seq_len, target_num_samples, video_seq_lens
+
+log = logging.getLogger("wavflow.generator")
+
+DEFAULT_INFER_CONFIG = "infer.yaml"
+DEFAULT_EMA_DECAY = 0.9999
+# Keys whose value in the training run's config must match the inference config: the network
+# shapes and the meaning of its input/output. Weight shapes alone cannot reveal most of them.
+CHECKED_CONFIG_KEYS = (
+    "model.name",
+    "data.target_sample_rate",
+    "data.audio_duration",
+    "data.audio_dim",
+    "data.audio_scale",
+    "data.clip_seq_len",
+    "data.sync_seq_len",
+    "data.text_seq_len",
+    "data.clip_dim",
+    "data.sync_dim",
+    "data.text_dim",
+    "sampling.prediction_type",
+)
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """A stable 32-bit seed for one item from the run seed and the item's id (zlib.crc32)."""
+    return zlib.crc32(f"{int(seed)}/{row_id}".encode("utf-8"))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"inference.device={device!r} but CUDA is not available on this machine")
+    return dev
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"inference.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _config_from_checkpoint(ckpt: Mapping[str, Any]) -> Optional[DictConfig]:
+    """The training config a trainer checkpoint carries (dict, DictConfig or YAML text), if any."""
+    raw = ckpt.get("config") if isinstance(ckpt, Mapping) else None
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return None
+    if isinstance(raw, (dict, DictConfig)):
+        return OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
+    return None
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=_MISSING)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+    return a == b
+
+
+def check_config_against_checkpoint(
+    cfg: DictConfig, ckpt_cfg: DictConfig, ckpt_path: str | os.PathLike, *, allow_mismatch: bool
+) -> list[str]:
+    """Compare CHECKED_CONFIG_KEYS; ConfigError naming each differing key and both values.
+
+    With `allow_mismatch` the differences are only returned (and logged as warnings).
+    """
+    diffs = []
+    for key in CHECKED_CONFIG_KEYS:
+        trained, wanted = _select(ckpt_cfg, key), _select(cfg, key)
+        if trained is _MISSING or wanted is _MISSING or trained is None:
+            continue
+        if not _same(trained, wanted):
+            diffs.append(f"{key}: checkpoint was trained with {trained!r}, inference config has {wanted!r}")
+    if diffs and not allow_mismatch:
+        raise ConfigError(
+            f"the inference config disagrees with the config recorded in {ckpt_path}:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nSet these keys to the training values, or inference.allow_config_mismatch=true "
+            "if the difference is deliberate."
+        )
+    for d in diffs:
+        log.warning("config differs from checkpoint (allowed): %s", d)
+    return diffs
+
+
+def ema_warning(ckpt: Mapping[str, Any], ckpt_cfg: Optional[DictConfig], source: str) -> Optional[str]:
+    """The EMA caveat: EMA weights of a run younger than the EMA horizon ~ their initialisation."""
+    if not source.startswith("model_ema") or not isinstance(ckpt, Mapping):
+        return None
+    step = ckpt.get("global_step")
+    if not isinstance(step, (int, float)) and not (isinstance(step, Tensor) and step.numel() == 1):
+        return None
+    step = int(step)
+    decay, warmup = DEFAULT_EMA_DECAY, False
+    if ckpt_cfg is not None:
+        for key in ("training.ema_decay", "ema.decay", "training.ema.decay"):
+            value = OmegaConf.select(ckpt_cfg, key, default=None)
+            if isinstance(value, (int, float)) and 0 < value < 1:
+                decay = float(value)
+                break
+        warmup = bool(OmegaConf.select(ckpt_cfg, "training.ema_warmup", default=False))
+    horizon = int(round(1.0 / (1.0 - decay)))
+    if warmup or step >= horizon:
+        return None
+    return (
+        f"model.use_ema=true loads EMA weights of a run at global_step={step}, younger than the EMA "
+        f"horizon of ~{horizon} steps (decay {decay}); they are still close to the initialisation "
+        "and will sound like noise or silence. Use model.use_ema=false (live weights) or train "
+        "with training.ema_warmup."
+    )
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+@dataclass
+class ConditionFeatures:
+    """Encoded conditions of one item; None means "use the learned empty tokens"."""
+
+    clip: Optional[Tensor] = None  # (clip_seq_len, clip_dim)
+    sync: Optional[Tensor] = None  # (sync_seq_len, sync_dim)
+    text: Optional[Tensor] = None  # (text_seq_len, text_dim)
+
+    @property
+    def kind(self) -> str:
+        video, text = self.clip is not None, self.text is not None
+        return {(True, True): "VT2A", (False, True): "T2A", (True, False): "V2A"}.get((video, text), "unconditional")
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    source: str  # which weights were loaded (model_ema1, model, flat state dict)
+    global_step: Optional[int]
+    epoch: Optional[int]
+    has_config: bool
+
+
+class WavFlowGenerator:
+    """A loaded network plus its sampling settings; `generate` many times after one load."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: DictConfig,
+        *,
+        device: str | torch.device = "auto",
+        encoders: Any = None,
+        checkpoint: Optional[CheckpointInfo] = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.cfg = cfg
+        self.model = model.to(self.device).eval()
+        self.checkpoint = checkpoint
+        self._encoders = encoders
+        self._encoders_have_video = encoders is not None
+        self.precision = str(OmegaConf.select(cfg, "inference.precision", default="auto"))
+        self.sample_rate = int(cfg.data.target_sample_rate)
+        self.audio_scale = float(cfg.data.audio_scale)
+        self.duration = float(cfg.data.audio_duration)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # ------------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model_name: Optional[str] = None,
+        config: DictConfig | str | os.PathLike | None = None,
+        use_ema: bool = True,
+        device: str | torch.device = "auto",
+        encoders: Any = None,
+        overrides: Sequence[str] = (),
+    ) -> "WavFlowGenerator":
+        """Load a full trainer checkpoint (model / model_ema1) or a flat `ema_epoch_N.pth`.
+
+        `config` (a loaded config or a YAML path, default configs/infer.yaml) gives the data,
+        sampling and encoder settings. When it is not given and the checkpoint records its
+        training config, the network and data keys are taken from there; when it is given they
+        must agree (ConfigError naming the key, unless inference.allow_config_mismatch=true).
+        """
+        from wavflow.model import build_model_from_config
+        from wavflow.model.checkpoint import load_weights, state_dict_from_checkpoint
+
+        explicit = config is not None
+        if isinstance(config, DictConfig):
+            cfg = config.copy()
+            if overrides:
+                from wavflow.config import apply_overrides
+
+                apply_overrides(cfg, overrides)
+        else:
+            cfg = load_config(config if config is not None else DEFAULT_INFER_CONFIG, overrides)
+        ckpt = safe_torch_load(path, what="model checkpoint")
+        if not isinstance(ckpt, Mapping):
+            raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+        ckpt_cfg = _config_from_checkpoint(ckpt)
+
+        with _unlocked(cfg):
+            if ckpt_cfg is not None and not explicit:
+                for key in CHECKED_CONFIG_KEYS:  # adopt the training run's shapes
+                    value = _select(ckpt_cfg, key)
+                    if value is not _MISSING and value is not None:
+                        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+            if model_name is not None:
+                cfg.model.name = model_name
+        validate_config(cfg)
+        if ckpt_cfg is not None:
+            allow = bool(OmegaConf.select(cfg, "inference.allow_config_mismatch", default=False))
+            check_config_against_checkpoint(cfg, ckpt_cfg, path, allow_mismatch=allow)
+
+        sd, source = state_dict_from_checkpoint(ckpt, use_ema, where=f"checkpoint {path}")
+        model = build_model_from_config(cfg)
+        load_weights(model, sd, source=f"checkpoint {path} [{source}] (model.name={cfg.model.name})")
+        full = "model" in ckpt or "model_ema1" in ckpt
+        info = CheckpointInfo(
+            path=str(path),
+            source=source,
+            global_step=_as_int(ckpt.get("global_step")) if full else None,
+            epoch=_as_int(ckpt.get("epoch")) if full else None,
+            has_config=ckpt_cfg is not None,
+        )
+        log.info("loaded %s from %s (global_step=%s, epoch=%s)", source, path, info.global_step, info.epoch)
+        if use_ema:
+            warning = ema_warning(ckpt, ckpt_cfg, source)
+            if warning:
+                log.warning(warning)
+            elif not full:
+                log.info("%s is a flat state dict: its training step is unknown, so the EMA age cannot be checked", path)
+        return cls(model, cfg, device=device, encoders=encoders, checkpoint=info)
+
+    # ------------------------------------------------------------------------- shapes
+    @property
+    def num_samples(self) -> int:
+        """Samples in a trimmed clip: round(sr * duration)."""
+        return target_num_samples(self.sample_rate, self.duration)
+
+    def set_duration(self, duration: float) -> None:
+        """Generate clips of `duration` seconds from now on (rebuilds the RoPE tables)."""
+        duration = float(duration)
+        if not duration > 0:
+            raise ConfigError(f"duration must be > 0 seconds, got {duration}")
+        if math.isclose(duration, self.duration) and self.model.latent_seq_len == self._n(duration):
+            return
+        from wavflow.model.presets import PRESETS
+
+        preset = PRESETS[self.model.preset_name]
+        if preset.clip_seq_len is not None:  # reference presets pin the video lengths
+            clip_len, sync_len = None, None
+        else:
+            clip_len, sync_len = video_seq_lens(duration)
+            if clip_len <= 0 or sync_len <= 0:
+                clip_len, sync_len = None, None  # too short for video: keep (empty tokens only)
+        self.model.update_seq_lengths(self._n(duration), clip_len, sync_len)
+        self.duration = duration
+
+    def _n(self, duration: float) -> int:
+        return latent_seq_len(self.sample_rate, duration, int(self.model.latent_dim))
+
+    def check_video_lengths(self) -> None:
+        """Video features of `duration` seconds must have the model's clip/sync lengths."""
+        want = video_seq_lens(self.duration)
+        have = (self.model.clip_seq_len, self.model.sync_seq_len)
+        if want != have:
+            raise ConfigError(
+                f"{self.duration} s of video gives {want[0]} CLIP frames and {want[1]} Synchformer "
+                f"tokens, but the model expects data.clip_seq_len={have[0]}, data.sync_seq_len={have[1]}; "
+                "set data.audio_duration or the seq lens so they agree"
+            )
+
+    # ------------------------------------------------------------------------ features
+    def encoders(self, need_video: bool) -> Any:
+        """The feature encoders, built on first use (text only until a video needs them)."""
+        if self._encoders is None or (need_video and not self._encoders_have_video):
+            from wavflow.features.encoders import FeatureEncoders
+
+            self._encoders = FeatureEncoders.from_config(self.cfg.encoders, need_video=need_video, device=self.device)
+            self._encoders_have_video = need_video
+        return self._encoders
+
+    def _expect(self, name: str, t: Tensor, where: str) -> Tensor:
+        m = self.model
+        shape = {
+            "clip_features": (m.clip_seq_len, m.clip_dim),
+            "sync_features": (m.sync_seq_len, m.sync_dim),
+            "text_features": (m.text_seq_len, m.text_dim),
+        }[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise FeatureError(f"{where}: {name} has shape {got}, the model expects {shape} (float)")
+        if not torch.isfinite(t).all():
+            raise FeatureError(f"{where}: {name} holds NaN or infinite values")
+        return t.float()
+
+    def load_features(
+        self, path: str | os.PathLike, *, video: bool, text: bool
+    ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """Cached features (one `<id>.pth`): the requested modalities present in the file."""
+        data = safe_torch_load(path, what="features file")
+        if not isinstance(data, Mapping):
+            raise FeatureError(f"features file {path} holds a {type(data).__name__}, not a dict of tensors")
+        where = f"features file {path}"
+        clip = sync = txt = None
+        if video and "clip_features" in data and "sync_features" in data:
+            clip = self._expect("clip_features", data["clip_features"], where)
+            sync = self._expect("sync_features", data["sync_features"], where)
+        if text and "text_features" in data:
+            txt = self._expect("text_features", data["text_features"], where)
+        return clip, sync, txt
+
+    @torch.inference_mode()
+    def encode_video(self, path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+        """Decode and encode the first `duration` seconds: (clip_seq_len, D_clip), (sync_seq_len, 768)."""
+        from wavflow.video import decode_video, sync_segments
+
+        self.check_video_lengths()
+        frames = decode_video(path, self.duration)
+        enc = self.encoders(need_video=True)
+        with autocast_context(self.device, self.precision):
+            clip = enc.encode_clip_frames(frames.clip.unsqueeze(0).to(self.device))[0]
+            sync = enc.encode_sync(sync_segments(frames.sync).unsqueeze(0).to(self.device))[0]
+        where = f"features of video {path}"
+        return self._expect("clip_features", clip.float(), where), self._expect("sync_features", sync.float(), where)
+
+    @torch.inference_mode()
+    def encode_text(self, caption: str) -> Tensor:
+        enc = self.encoders(need_video=self._encoders_have_video)
+        with autocast_context(self.device, self.precision):
+            feat = enc.encode_text([caption])[0]
+        return self._expect("text_features", feat.float(), f"text features of caption {caption!r}")
+
+    def encode_row(
+        self,
+        *,
+        video: str | os.PathLike | None = None,
+        text: Optional[str] = None,
+        features_path: str | os.PathLike | None = None,
+    ) -> ConditionFeatures:
+        """Conditions of one item. `video=None` / `text=None` select the learned empty tokens.
+
+        Cached features from `features_path` win over on-the-fly encoding, per modality.
+        """
+        clip = sync = txt = None
+        if features_path is not None:
+            clip, sync, txt = self.load_features(features_path, video=video is not None, text=text is not None)
+        if video is not None and clip is None:
+            clip, sync = self.encode_video(video)
+        if text is not None and txt is None:
+            txt = self.encode_text(text)
+        return ConditionFeatures(clip=clip, sync=sync, text=txt)
+
+    # ------------------------------------------------------------------------ sampling
+    def initial_noise(self, seeds: Sequence[int], noise_scale: Optional[float] = None) -> Tensor:
+        """x0 (B, N, latent_dim): item i from its own CPU generator seeded with seeds[i]."""
+        scale = float(self.cfg.sampling.noise_scale if noise_scale is None else noise_scale)
+        shape = (self.model.latent_seq_len, self.model.latent_dim)
+        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return (torch.stack(rows) * scale).to(self.device)
+
+    def _stack_conditions(self, items: Sequence[ConditionFeatures]) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.model
+        clip = [f.clip.to(self.device) if f.clip is not None else m.empty_clip_sequence(1)[0] for f in items]
+        sync = [f.sync.to(self.device) if f.sync is not None else m.empty_sync_sequence(1)[0] for f in items]
+        text = [f.text.to(self.device) if f.text is not None else m.empty_string_sequence(1)[0] for f in items]
+        return torch.stack(clip), torch.stack(sync), torch.stack(text)
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        items: Sequence[ConditionFeatures],
+        seeds: Sequence[int],
+        *,
+        cfg: Optional[float] = None,
+        steps: Optional[int] = None,
+        method: Optional[str] = None,
+        cfg_interval: Optional[Sequence[float]] = None,
+        batched_cfg: Optional[bool] = None,
+        noise_scale: Optional[float] = None,
+        trim: Optional[bool] = None,
+    ) -> Tensor:
+        """Sample a batch: (B, round(sr*duration)) when trimmed, else (B, N*latent_dim), float32 CPU.
+
+        Arguments left as None come from the config (inference.*, sampling.*).
+        """
+        from wavflow.audio import unpatchify
+        from wavflow.model.flow import SAMPLING_METHODS, cfg_denoiser, sample
+
+        if len(items) != len(seeds) or not items:
+            raise ValueError(f"generate_batch needs one seed per item and at least one item ({len(items)} items, {len(seeds)} seeds)")
+        icfg, scfg = self.cfg.inference, self.cfg.sampling
+        cfg = float(icfg.cfg if cfg is None else cfg)
+        steps = int(scfg.num_steps if steps is None else steps)
+        method = str(scfg.method if method is None else method)
+        if method not in SAMPLING_METHODS:
+            raise ConfigError(f"sampling.method must be one of {SAMPLING_METHODS}, got {method!r}")
+        if cfg_interval is None and icfg.get("cfg_interval") is not None:
+            cfg_interval = list(icfg.cfg_interval)
+        batched_cfg = bool(icfg.get("batched_cfg", True) if batched_cfg is None else batched_cfg)
+        trim = bool(icfg.get("trim_to_duration", True) if trim is None else trim)
+
+        x0 = self.initial_noise(seeds, noise_scale)
+        clip, sync, text = self._stack_conditions(items)
+        with autocast_context(self.device, self.precision):
+            cond = self.model.preprocess_conditions(clip, sync, text)
+            empty = self.model.get_empty_conditions(len(items))
+            fn = cfg_denoiser(self.model, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)
+            x1 = sample(
+                method,
+                fn,
+                x0,
+                num_steps=steps,
+                shift=float(scfg.noise_shift),
+                min_sigma=float(scfg.min_sigma),
+                prediction_type=str(scfg.prediction_type),
+            )
+        audio = unpatchify(x1.float() / self.audio_scale).cpu()
+        return audio[:, : self.num_samples] if trim else audio
+
+    def generate(
+        self,
+        video: str | os.PathLike | None = None,
+        text: Optional[str] = None,
+        duration: Optional[float] = None,
+        cfg: float = 4.5,
+        steps: Optional[int] = None,
+        seed: int = 0,
+        method: Optional[str] = None,
+        *,
+        features_path: str | os.PathLike | None = None,
+        cfg_interval: Optional[Sequence[float]] = None,
+        loudness_lufs: Optional[float] = None,
+        trim: bool = True,
+    ) -> tuple[Tensor, int]:
+        """One clip -> (waveform (T,) float32 CPU, sample_rate).
+
+        video / text None use the learned empty tokens (both None: an unconditional sample).
+        `loudness_lufs` (e.g. -23.0) applies the pyloudnorm gain of the CSV job.
+        """
+        if duration is not None:
+            self.set_duration(duration)
+        features = self.encode_row(video=video, text=text, features_path=features_path)
+        wave = self.generate_batch([features], [seed], cfg=cfg, steps=steps, method=method,
+                                   cfg_interval=cfg_interval, trim=trim)[0]
+        if loudness_lufs is not None:
+            from wavflow.audio import loudness_normalize
+
+            wave, _ = loudness_normalize(wave, self.sample_rate, loudness_lufs)
+        return wave, self.sample_rate
+
+
+def _as_int(value: Any) -> Optional[int]:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return int(value.item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+@contextlib.contextmanager
+def _unlocked(cfg: DictConfig) -> Iterator[DictConfig]:
+    was = OmegaConf.is_struct(cfg)
+    OmegaConf.set_struct(cfg, False)
+    try:
+        yield cfg
+    finally:
+        OmegaConf.set_struct(cfg, was)

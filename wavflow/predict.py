@@ -1,0 +1,342 @@
+"""The inference job: CSV of videos/captions -> generated wavs (+ mp4s) and summary.csv (spec §5).
+
+    python -m wavflow.predict [--config PATH] [--gpu N] [key=value ...]
+
+Rows (`video_path,caption,video_exist,text_exist` + optional `id`, `features_path`):
+video+text (VT2A), text only (T2A), video only (V2A) or neither (unconditional: both empty
+tokens, i.e. the CFG unconditional branch). A bad row (missing / corrupt / too short video,
+unreadable features, bad flag) is reported in summary.csv and skipped; the other rows are
+still written. Exit code 1 if any row failed, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from wavflow.errors import ConfigError, WavFlowError
+
+log = logging.getLogger("wavflow.predict")
+
+SUMMARY_COLUMNS = ("id", "status", "seconds", "wav_path", "mp4_path", "reason")
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped_exists"
+
+
+@dataclass
+class InferRow:
+    """One CSV row after parsing; `video` / `caption` None select the learned empty tokens."""
+
+    index: int
+    name: str  # unique, file-system safe output stem
+    video: Optional[Path]
+    caption: Optional[str]
+    features_path: Optional[Path]
+    status: str = ""
+    seconds: float = 0.0
+    wav_path: str = ""
+    mp4_path: str = ""
+    reason: str = ""
+
+    @property
+    def kind(self) -> str:
+        key = (self.video is not None, self.caption is not None)
+        return {(True, True): "VT2A", (False, True): "T2A", (True, False): "V2A"}.get(key, "unconditional")
+
+    def fail(self, reason: str) -> None:
+        self.status, self.reason = STATUS_FAILED, reason
+        log.warning("row %d (%s) failed: %s", self.index, self.name, reason)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _raw_name(row: pd.Series, idx: int) -> str:
+    """id, else the video stem, else row_<idx:05d> (spec §5)."""
+    rid = str(row.get("id", "")).strip()
+    if rid and rid.lower() != "nan":
+        return rid
+    video = str(row.get("video_path", "")).strip()
+    if video:
+        return Path(video).stem
+    return f"row_{idx:05d}"
+
+
+def unique_names(raw: Sequence[str]) -> list[str]:
+    """Sanitise and de-duplicate output stems: 'a', 'a' -> 'a', 'a_1' (never overwrite)."""
+    from wavflow.io_utils import sanitize_filename
+
+    wanted = [sanitize_filename(r, fallback="row") for r in raw]
+    reserved, taken, out = set(wanted), set(), []
+    for stem in wanted:
+        name, k = stem, 0
+        while name in taken or (k > 0 and name in reserved):
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[InferRow]:
+    """Parse the inference CSV; rows with bad flags or a missing video_path are pre-failed."""
+    from wavflow.manifest import INFER_COLUMNS, parse_flag, read_manifest, resolve_path
+
+    df = read_manifest(csv_path, INFER_COLUMNS, optional=("id", "features_path"))
+    names = unique_names([_raw_name(row, i) for i, (_, row) in enumerate(df.iterrows())])
+    rows = []
+    for i, ((_, rec), name) in enumerate(zip(df.iterrows(), names)):
+        problems = []
+        flags = {}
+        for col in ("video_exist", "text_exist"):
+            flags[col] = parse_flag(str(rec[col]))
+            if flags[col] is None:
+                problems.append(f"{col}={rec[col]!r} is not 0 or 1")
+        video_str, caption = str(rec["video_path"]).strip(), str(rec["caption"])
+        feats = str(rec["features_path"]).strip()
+        video = resolve_path(video_str, data_root) if flags["video_exist"] and video_str else None
+        if flags["video_exist"] and not video_str:
+            problems.append("video_exist=1 but video_path is empty")
+        row = InferRow(
+            index=i,
+            name=name,
+            video=video,
+            caption=caption if flags["text_exist"] else None,
+            features_path=resolve_path(feats, data_root) if feats else None,
+        )
+        if problems:
+            row.fail("; ".join(problems))
+        elif row.video is not None and not row.video.is_file() and row.features_path is None:
+            row.fail(f"video not found: {row.video}")
+        elif row.features_path is not None and not row.features_path.is_file():
+            row.fail(f"features_path not found: {row.features_path}")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def check_infer_config(cfg: DictConfig) -> None:
+    """Job-level checks (ConfigError naming the key)."""
+    from wavflow.model.flow import SAMPLING_METHODS
+
+    for key in ("data.csv_path", "model.ckpt_path", "output.output_dir"):
+        parts = key.split(".")
+        value = cfg[parts[0]].get(parts[1])
+        if not value:
+            raise ConfigError(f"{key} must be set (e.g. {key}=path on the command line)")
+    i = cfg.inference
+    if not isinstance(i.batch_size, int) or i.batch_size < 1:
+        raise ConfigError(f"inference.batch_size must be an integer >= 1, got {i.batch_size!r}")
+    if not (isinstance(i.cfg, (int, float)) and math.isfinite(i.cfg) and i.cfg >= 0):
+        raise ConfigError(f"inference.cfg must be a finite number >= 0, got {i.cfg!r}")
+    if i.cfg_interval is not None and (len(i.cfg_interval) != 2 or i.cfg_interval[0] > i.cfg_interval[1]):
+        raise ConfigError(f"inference.cfg_interval must be [lo, hi] with lo <= hi, got {list(i.cfg_interval)!r}")
+    if cfg.sampling.method not in SAMPLING_METHODS:
+        raise ConfigError(f"sampling.method must be one of {', '.join(SAMPLING_METHODS)}, got {cfg.sampling.method!r}")
+    if not isinstance(cfg.sampling.num_steps, int) or cfg.sampling.num_steps < 1:
+        raise ConfigError(f"sampling.num_steps must be an integer >= 1, got {cfg.sampling.num_steps!r}")
+    if not cfg.sampling.noise_scale > 0:
+        raise ConfigError(f"sampling.noise_scale must be > 0, got {cfg.sampling.noise_scale!r}")
+    target = cfg.output.loudness_target_lufs
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and target < 0):
+        raise ConfigError(f"output.loudness_target_lufs must be a negative number (LUFS), got {target!r}")
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class RunResult:
+    rows: list[InferRow] = field(default_factory=list)
+    summary_path: Optional[Path] = None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(r.status == STATUS_FAILED for r in self.rows) else 0
+
+
+def _output_paths(out_dir: Path, row: InferRow, mux: bool) -> tuple[Path, Optional[Path]]:
+    from wavflow.io_utils import path_inside
+
+    wav = out_dir / f"{row.name}.wav"
+    has_video = row.video is not None and row.video.is_file()
+    mp4 = out_dir / f"{row.name}.mp4" if (mux and has_video) else None
+    for p in (wav, mp4):
+        if p is not None and not path_inside(out_dir, p):  # sanitised names cannot, but be sure
+            raise WavFlowError(f"output path {p} would fall outside output.output_dir {out_dir}")
+    return wav, mp4
+
+
+def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> None:
+    """Loudness-normalise (after trimming), write <name>.wav and, with a video, <name>.mp4."""
+    from wavflow.audio import loudness_normalize, write_wav
+
+    wav_path, mp4_path = _output_paths(out_dir, row, bool(cfg.output.mux_video))
+    if cfg.output.loudness_norm:
+        wave, lufs = loudness_normalize(wave, gen.sample_rate, float(cfg.output.loudness_target_lufs))
+        if not (math.isfinite(lufs) and lufs > -70):
+            log.info("row %s: output is silent or too short (%.1f LUFS); loudness left unchanged", row.name, lufs)
+    write_wav(wav_path, wave, gen.sample_rate)
+    row.wav_path = str(wav_path)
+    if mp4_path is not None:
+        from wavflow.video import mux_audio
+
+        mux_audio(row.video, wave, gen.sample_rate, mp4_path)
+        row.mp4_path = str(mp4_path)
+
+
+def run(cfg: DictConfig, generator=None) -> RunResult:
+    """Run the job on a loaded config; `generator` may be passed in (tests, notebooks)."""
+    from wavflow.generator import WavFlowGenerator, row_seed
+    from wavflow.io_utils import atomic_write_csv
+
+    check_infer_config(cfg)
+    out_dir = Path(cfg.output.output_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(cfg.data.csv_path, cfg.data.data_root)
+    result = RunResult(rows=rows, summary_path=out_dir / "summary.csv")
+    mux, overwrite = bool(cfg.output.mux_video), bool(cfg.output.overwrite)
+    pending = []
+    for row in rows:
+        if row.status:
+            continue
+        wav, mp4 = _output_paths(out_dir, row, mux)
+        if not overwrite and wav.exists() and (mp4 is None or mp4.exists()):
+            row.status, row.wav_path, row.mp4_path = STATUS_SKIPPED, str(wav), str(mp4 or "")
+            row.reason = "outputs exist (output.overwrite=false)"
+            continue
+        if row.kind == "unconditional":
+            log.info("row %d (%s) has neither video nor text: unconditional sample (both empty tokens)", row.index, row.name)
+        pending.append(row)
+
+    try:
+        if pending:
+            if generator is None:
+                generator = WavFlowGenerator.from_checkpoint(
+                    cfg.model.ckpt_path, config=cfg, use_ema=bool(cfg.model.use_ema), device=str(cfg.inference.device)
+                )
+            _run_batches(generator, pending, cfg, out_dir, row_seed)
+    finally:
+        summary = pd.DataFrame(
+            [
+                {
+                    "id": r.name,
+                    "status": r.status or STATUS_FAILED,
+                    "seconds": round(r.seconds, 3),
+                    "wav_path": r.wav_path,
+                    "mp4_path": r.mp4_path,
+                    "reason": r.reason or ("" if r.status else "not processed (the job stopped early)"),
+                }
+                for r in rows
+            ],
+            columns=list(SUMMARY_COLUMNS),
+        )
+        atomic_write_csv(summary, result.summary_path)
+    counts = {s: sum(r.status == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
+    log.info("done: %d ok, %d skipped (exist), %d failed; summary in %s", counts[STATUS_OK],
+             counts[STATUS_SKIPPED], counts[STATUS_FAILED], result.summary_path)
+    return result
+
+
+def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, row_seed) -> None:
+    from tqdm import tqdm
+
+    seed, bs = int(cfg.inference.seed), int(cfg.inference.batch_size)
+    if any(r.video is not None for r in pending):
+        gen.check_video_lengths()
+    bar = tqdm(total=len(pending), desc="predict", unit="row", disable=None)
+    for start in range(0, len(pending), bs):
+        chunk, feats = [], []
+        for row in pending[start : start + bs]:
+            t0 = time.perf_counter()
+            try:
+                feats.append(
+                    gen.encode_row(
+                        video=row.video,
+                        text=row.caption,
+                        features_path=row.features_path,
+                    )
+                )
+                chunk.append(row)
+            except Exception as exc:  # one bad row must not stop the others
+                row.fail(_reason(exc))
+                bar.update(1)
+            row.seconds += time.perf_counter() - t0
+        if not chunk:
+            continue
+        t0 = time.perf_counter()
+        try:
+            waves = gen.generate_batch(feats, [row_seed(seed, r.name) for r in chunk])
+        except Exception as exc:
+            for r in chunk:
+                r.fail(f"sampling failed for the batch: {_reason(exc)}")
+            bar.update(len(chunk))
+            continue
+        share = (time.perf_counter() - t0) / len(chunk)
+        for row, wave in zip(chunk, waves):
+            t1 = time.perf_counter()
+            try:
+                write_outputs(gen, row, wave, out_dir, cfg)
+                row.status = STATUS_OK
+            except Exception as exc:
+                row.fail(f"writing outputs failed: {_reason(exc)}")
+            row.seconds += share + time.perf_counter() - t1
+            bar.update(1)
+    bar.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).replace("\n", " ").strip()
+    return text if isinstance(exc, WavFlowError) else f"{type(exc).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _pop_gpu(argv: list[str]) -> list[str]:
+    """Handle `--gpu N` (and $GPU): restrict CUDA to that device before torch touches CUDA."""
+    gpu, rest, i = os.environ.get("GPU") or None, [], 0
+    while i < len(argv):
+        if argv[i] == "--gpu":
+            if i + 1 >= len(argv):
+                raise ConfigError("--gpu needs a device index")
+            gpu, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--gpu="):
+            gpu = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if gpu not in (None, ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _pop_gpu(args)
+        from wavflow.config import load_config, parse_cli
+
+        path, overrides = parse_cli(args, "infer.yaml")
+        cfg = load_config(path, overrides)
+        result = run(cfg)
+    except WavFlowError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 2
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -356,9 +356,12 @@ def _collect_generated(generated_dir: Path) -> dict[str, Path]:
     if not generated_dir.is_dir():
         raise AudioError(f"generated audio folder not found: {generated_dir}")
     found: dict[str, Path] = {}
-    for path in sorted(generated_dir.iterdir()):
-        if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file():
-            found.setdefault(path.stem, path)  # .wav sorts before .mp4: prefer the plain audio
+    # one file per id; plain audio (.wav first) wins over a muxed .mp4 of the same clip
+    rank = {suffix: i for i, suffix in enumerate(AUDIO_SUFFIXES)}
+    candidates = [p for p in generated_dir.iterdir()
+                  if p.suffix.lower() in rank and p.is_file()]
+    for path in sorted(candidates, key=lambda p: (p.stem, rank[p.suffix.lower()])):
+        found.setdefault(path.stem, path)
     return found
 
 
@@ -453,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="an onset counts as detected within this error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the white-noise baseline")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # log-mels of short clips: extra threads only add overhead
     _, table = evaluate(args.generated, args.reference, args.out,
                         tolerance_ms=args.tolerance_ms, seed=args.seed)
     print(table, end="")

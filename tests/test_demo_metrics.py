@@ -1,0 +1,200 @@
+"""Demo metrics: each piece against an independent formula, then real vs noise vs shifted clips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from wavflow.demo.make_dataset import make_dataset
+from wavflow.demo.metrics import (
+    N_MELS,
+    NearestCentroidClassifier,
+    detect_onsets,
+    evaluate,
+    evaluate_waves,
+    fit_reference,
+    frechet_distance,
+    log_mel,
+    main,
+    nearest_reference,
+    noise_baseline,
+    onset_errors,
+    summarise_onsets,
+)
+from wavflow.errors import ManifestError
+
+SR = 16000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # log-mels of 2 s clips are tiny ops: a second thread only adds contention on a busy CPU
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    # 24 clips, a quarter held out: 18 train clips (3 per class) fit the classifier, 6 are scored
+    root = tmp_path_factory.mktemp("demo_metrics_ds")
+    return make_dataset(root, 24, 5, duration=2.0, holdout_frac=0.25, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset):
+    return fit_reference(dataset)
+
+
+def _real_waves(dataset, clips):
+    return {c.id: sf.read(dataset.root / c.audio_path, dtype="float32")[0] for c in clips}
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def test_log_mel_peaks_at_the_tone_and_floors_silence():
+    t = np.arange(SR) / SR
+    lm = log_mel(0.5 * np.sin(2 * np.pi * 1000 * t), SR)
+    assert lm.shape == (N_MELS, 101)  # 10 ms hop, centred frames
+    fb = torchaudio.functional.melscale_fbanks(257, 20.0, SR / 2, N_MELS, SR)  # n_fft 512
+    expected_band = int(fb[int(round(1000 / (SR / 512)))].argmax())
+    assert int(np.median(lm.argmax(axis=0))) == expected_band
+    assert np.allclose(log_mel(np.zeros(SR), SR), -100.0)
+
+
+def test_detect_onsets_finds_steps_and_ignores_steady_noise():
+    rng = np.random.default_rng(0)
+    wave = 0.01 * rng.standard_normal(2 * SR)
+    for start in (0.30, 1.10):  # tone bursts with a sudden start
+        a, b = int(start * SR), int((start + 0.25) * SR)
+        wave[a:b] += 0.4 * np.sin(2 * np.pi * 440 * np.arange(b - a) / SR)
+    onsets = detect_onsets(wave, SR)
+    assert onsets == pytest.approx([0.30, 1.10], abs=0.005)
+    assert detect_onsets(0.1 * rng.standard_normal(2 * SR), SR).size == 0
+
+
+def test_onset_errors_and_summary_numbers():
+    assert onset_errors([0.5, 1.0], [0.52, 0.9, 1.3]) == pytest.approx([0.02, 0.1])
+    assert np.isnan(onset_errors([0.5], [])).all()
+    summary = summarise_onsets([np.array([0.010, 0.030]), np.array([np.nan]),
+                                np.array([0.200, 0.020])], tolerance_ms=100)
+    # matched errors 10, 20, 30, 200 ms: median 25; p90 by linear interpolation 30 + 0.7*170
+    assert summary["onset_median_ms"] == pytest.approx(25.0)
+    assert summary["onset_p90_ms"] == pytest.approx(30 + 0.7 * 170)
+    assert summary["onset_detection_rate"] == pytest.approx(3 / 5)
+    assert summary["num_reference_onsets"] == 5
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    v1, v2 = rng.uniform(0.5, 2, size=4), rng.uniform(0.5, 2, size=4)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-6)
+    a = rng.normal(size=(6, 6))
+    cov = a @ a.T + np.eye(6)
+    assert frechet_distance(mu1[:1].repeat(6), cov, mu1[:1].repeat(6), cov) == pytest.approx(0, abs=1e-6)
+
+
+def test_nearest_centroid_classifier_on_toy_clusters():
+    rng = np.random.default_rng(2)
+    centres = {"a": np.zeros(3), "b": np.full(3, 10.0), "c": np.array([10.0, -10.0, 0.0])}
+    x = np.concatenate([c + rng.normal(size=(5, 3)) for c in centres.values()])
+    y = [k for k in centres for _ in range(5)]
+    clf = NearestCentroidClassifier().fit(x, y)
+    assert clf.predict(np.stack([centres["c"], centres["a"], centres["b"] + 0.5])) == ["c", "a", "b"]
+
+
+def test_noise_baseline_and_nearest_reference(dataset):
+    noise = noise_baseline(3, 1.0, SR, seed=4, rms=0.1)
+    assert len(noise) == 3 and all(n.shape == (SR,) and n.dtype == np.float32 for n in noise)
+    assert np.sqrt(np.mean(noise[0] ** 2)) == pytest.approx(0.1, rel=0.05)
+    assert np.array_equal(noise[1], noise_baseline(3, 1.0, SR, seed=4)[1])
+
+    clips = dataset.clips[:4]
+    refs = [dataset.root / c.audio_path for c in clips]
+    waves = [sf.read(p, dtype="float32")[0] for p in refs]
+    rng = np.random.default_rng(3)
+    gens = [waves[2] + 0.001 * rng.standard_normal(waves[2].size).astype(np.float32),
+            torch.from_numpy(waves[0]), waves[3][: SR]]  # a tensor, and a short clip (zero-padded)
+    d = nearest_reference(gens, refs, sample_rate=SR)
+    assert d.shape == (3, 4)
+    assert list(d.argmin(axis=1)[:2]) == [2, 0]
+    assert d[1, 0] == pytest.approx(0.0, abs=1e-6)
+    # independent formula: RMS difference of the log-mel images
+    padded = np.pad(waves[3][:SR], (0, waves[1].size - SR))
+    expected = np.sqrt(np.mean((log_mel(padded, SR) - log_mel(waves[1], SR)) ** 2))
+    assert d[2, 1] == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ separation
+
+
+def test_real_clips_score_high_and_noise_scores_at_chance(dataset, reference):
+    holdout = dataset.split("holdout")
+    m = evaluate_waves(_real_waves(dataset, holdout), reference)
+    overall = m["groups"]["overall"]
+    assert overall["n"] == len(holdout) == 6
+    assert overall["class_accuracy"] >= 0.9
+    assert overall["onset_median_ms"] < 20 and overall["onset_p90_ms"] < 20
+    assert overall["onset_detection_rate"] == 1.0
+    assert {g for g in ("VT2A", "T2A", "V2A") if m["groups"][g]["n"]} == {"VT2A", "T2A", "V2A"}
+    assert m["chance_accuracy"] == pytest.approx(1 / 6)
+
+    noise = m["baselines"]["white_noise"]["overall"]
+    assert noise["class_accuracy"] <= 0.5  # a constant guess: near 1/6
+    assert noise["onset_detection_rate"] == 0.0 and noise["onset_median_ms"] is None
+    assert m["baselines"]["real_same_ids"]["overall"]["class_accuracy"] == overall["class_accuracy"]
+    rvr, nvr = m["baselines"]["frechet_real_vs_real"], m["baselines"]["frechet_noise_vs_real"]
+    assert rvr * 10 < nvr
+    assert overall["frechet"] * 10 < noise["frechet"]
+
+
+def test_shifted_clips_have_large_onset_errors(dataset, reference):
+    shift = int(0.2 * SR)
+    shifted = {i: np.roll(w, shift) for i, w in _real_waves(dataset, dataset.split("holdout")).items()}
+    overall = evaluate_waves(shifted, reference)["groups"]["overall"]
+    assert overall["onset_median_ms"] > 150
+    assert overall["class_accuracy"] >= 0.9  # same sounds, wrong times
+
+
+def test_evaluate_files_writes_json_and_table(dataset, tmp_path, capsys):
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    holdout = dataset.split("holdout")
+    for clip in holdout[:-1]:  # one holdout clip left out -> reported missing
+        shutil.copy(dataset.root / clip.audio_path, gen / f"{clip.id}.wav")
+    (gen / "notes.txt").write_text("not audio")
+    # a muxed mp4 beside the wav of the same id must not replace it (it is not even decodable)
+    (gen / f"{holdout[0].id}.mp4").write_bytes(b"not a video")
+    sf.write(gen / "stray.wav", np.zeros(SR, dtype=np.float32), SR)
+
+    metrics, table = evaluate(gen, dataset.root, tmp_path / "out", progress=False)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["groups"] == metrics["groups"]
+    assert (tmp_path / "out" / "metrics.txt").read_text() == table
+    assert metrics["missing_ids"] == [holdout[-1].id]
+    assert metrics["ignored_files"] == ["stray.wav"]
+    assert metrics["groups"]["overall"]["n"] == len(holdout) - 1
+    assert {r["id"] for r in metrics["per_clip"]} == {c.id for c in holdout[:-1]}
+    for word in ("generated VT2A", "generated overall", "white noise", "chance accuracy 0.167",
+                 "Fréchet real vs real"):
+        assert word in table
+
+    main(["--generated", str(gen), "--reference", str(dataset.events_path), "--out",
+          str(tmp_path / "cli")])
+    assert "generated overall" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "metrics.json").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ManifestError, match="clip id"):
+        evaluate(empty, dataset.root, progress=False)

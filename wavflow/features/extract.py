@@ -245,8 +245,9 @@ def _loader(rows: Sequence[ExtractRow], settings: ExtractSettings, device: torch
 
 
 def _process_rank(rows: list[ExtractRow], settings: ExtractSettings, encoders_cfg: Any, info: DistInfo,
-                  out: RankOutputs, logger: logging.Logger) -> _Counts:
-    """Everything one rank does with its shard: skip, fail, or encode + save each row."""
+                  out: RankOutputs, logger: logging.Logger, write_empty_string: bool) -> _Counts:
+    """Everything one rank does with its shard: skip, fail, or encode + save each row.
+    `write_empty_string`: this rank (0) makes `empty_string.pt` if it is missing or broken."""
     counts = _Counts()
     shapes = expected_feature_shapes(settings)
     video_exist = 1 if settings.needs_video else 0
@@ -269,40 +270,46 @@ def _process_rank(rows: list[ExtractRow], settings: ExtractSettings, encoders_cf
         else:
             todo.append(row)
 
-    need_empty = info.is_main and not empty_string_complete(settings.empty_string_path, settings)
-    if not todo and not need_empty:
-        logger.info("nothing to encode on this rank (%d skipped, %d failed)", counts.skipped, counts.failed)
-        return counts
-    need_video = settings.needs_video and bool(todo)
-    profile = OmegaConf.select(encoders_cfg, "profile", default="default")
-    logger.info("building encoders (profile %s, Synchformer %s) on %s", profile, need_video, info.device)
-    encoders = build_encoders(encoders_cfg, need_video=need_video, device=info.device)
-    if need_empty:
-        atomic_torch_save(encoders.empty_string_feature().detach().float().cpu().clone(), settings.empty_string_path)
-        logger.info("wrote %s", settings.empty_string_path)
-    if not todo:
-        return counts
+    need_empty = write_empty_string and not empty_string_complete(settings.empty_string_path, settings)
+    encoders: Any = None
 
-    logger.info("encoding %d rows in batches of %d", len(todo), settings.batch_size)
-    bar = tqdm(total=len(todo), desc=f"extract {settings.mode}", unit="clip", disable=not info.is_main)
-    for batch in _loader(todo, settings, info.device):
-        for pos, reason in batch.failures:
-            fail(todo[pos], reason)
-        if batch.positions:
-            for pos, result in _encode_with_fallback(encoders, todo, batch, settings, info.device, logger):
-                row = todo[pos]
-                if isinstance(result, str):
-                    fail(row, result)
-                    continue
-                try:
-                    atomic_torch_save(result, settings.feature_path(row.id))
-                except Exception as exc:
-                    fail(row, f"pth_save_failed: {type(exc).__name__}: {exc}")
-                    continue
-                emit_row(row)
-                counts.done += 1
-        bar.update(len(batch.positions) + len(batch.failures))
-    bar.close()
+    def get_encoders(need_video: bool) -> Any:
+        # Built on first use: a re-run whose remaining rows all fail to decode loads no model.
+        nonlocal encoders
+        if encoders is None:
+            profile = OmegaConf.select(encoders_cfg, "profile", default="default")
+            logger.info("building encoders (profile %s, Synchformer %s) on %s", profile, need_video, info.device)
+            encoders = build_encoders(encoders_cfg, need_video=need_video, device=info.device)
+        return encoders
+
+    if todo:
+        logger.info("encoding %d rows in batches of %d", len(todo), settings.batch_size)
+        bar = tqdm(total=len(todo), desc=f"extract {settings.mode}", unit="clip", disable=not info.is_main)
+        for batch in _loader(todo, settings, info.device):
+            for pos, reason in batch.failures:
+                fail(todo[pos], reason)
+            if batch.positions:
+                enc = get_encoders(settings.needs_video)
+                for pos, result in _encode_with_fallback(enc, todo, batch, settings, info.device, logger):
+                    row = todo[pos]
+                    if isinstance(result, str):
+                        fail(row, result)
+                        continue
+                    try:
+                        atomic_torch_save(result, settings.feature_path(row.id))
+                    except Exception as exc:
+                        fail(row, f"pth_save_failed: {type(exc).__name__}: {exc}")
+                        continue
+                    emit_row(row)
+                    counts.done += 1
+            bar.update(len(batch.positions) + len(batch.failures))
+        bar.close()
+    if need_empty:
+        feature = get_encoders(False).empty_string_feature()
+        atomic_torch_save(feature.detach().float().cpu().clone(), settings.empty_string_path)
+        logger.info("wrote %s", settings.empty_string_path)
+    if encoders is None:
+        logger.info("no model loaded on this rank (%d skipped, %d failed)", counts.skipped, counts.failed)
     return counts
 
 
@@ -327,7 +334,9 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                                len(bad), bad[0].id, bad[0].problem)
         mine = [plan[i] for i in shard_indices(len(plan), info)]
         with RankOutputs(paths, info.rank, settings.save_interval) as out:
-            counts = _process_rank(mine, settings, cfg.encoders, info, out, logger)
+            # No valid row at all: no features to pair the empty-string file with, no model to load.
+            any_valid = any(r.problem is None for r in plan)
+            counts = _process_rank(mine, settings, cfg.encoders, info, out, logger, info.is_main and any_valid)
         # The all-reduce doubles as the barrier: every part is closed before rank 0 merges.
         done, skipped, failed = (int(x) for x in all_reduce_sum(info, [counts.done, counts.skipped, counts.failed]))
         if info.is_main:

@@ -124,10 +124,10 @@ def test_transforms_equal_reference_torchvision_pipeline(tmp_path: Path) -> None
     out = decode_video(path, 0.5)
     exp_clip = clip_ref(frames[ffmpeg_fps_picks(times, 8, 4)])
     exp_sync = sync_ref(frames[ffmpeg_fps_picks(times, 25, 12)])
-    # Same frames, same transforms; only the YUV->RGB conversion path may differ by a level.
-    assert (out.clip - exp_clip).abs().max() <= 2.5 / 255
-    assert (out.sync - exp_sync).abs().max() <= 5 / 255
-    assert (out.clip - exp_clip).abs().mean() < 0.5 / 255
+    # Same frames, same transforms (equal here; a different swscale build may move a level).
+    assert (out.clip - exp_clip).abs().max() <= 1.001 / 255
+    assert (out.sync - exp_sync).abs().max() <= 2.001 / 255
+    assert (out.clip - exp_clip).abs().mean() < 0.1 / 255
 
 
 def _marker_frame(width: int, height: int) -> np.ndarray:

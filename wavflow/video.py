@@ -168,9 +168,14 @@ class _FpsStream:
     def _flush_pending(self) -> None:
         if not self.pending:
             return
-        batch = torch.from_numpy(np.stack(self.pending)).permute(0, 3, 1, 2).contiguous()
-        self.pending = []
-        self.done.append(self.transform(_rotate_upright(batch, self.rotation)))
+        pending, self.pending = self.pending, []
+        if len({a.shape for a in pending}) == 1:
+            groups = [np.stack(pending)]
+        else:  # the picture size changed mid-stream: transform frame by frame
+            groups = [a[None] for a in pending]
+        for group in groups:
+            batch = torch.from_numpy(group).permute(0, 3, 1, 2).contiguous()
+            self.done.append(self.transform(_rotate_upright(batch, self.rotation)))
 
     def result(self, channels_hw: tuple[int, int, int]) -> torch.Tensor:
         if not self.done:
@@ -196,16 +201,6 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.vide
     if not container.streams.video:
         raise VideoError(f"video file {path} has no video stream")
     return container.streams.video[0]
-
-
-def _stream_rotation(stream: av.video.stream.VideoStream) -> int | None:
-    """Display rotation from the stream's side data, if PyAV exposes it (else None)."""
-    side_data = getattr(stream, "side_data", None)
-    if isinstance(side_data, dict):
-        value = side_data.get("DISPLAYMATRIX") or side_data.get("displaymatrix")
-        if isinstance(value, (int, float)):
-            return _normalise_rotation(value)
-    return None
 
 
 def decode_video(
@@ -246,9 +241,8 @@ def decode_video(
         try:
             for frame in container.decode(stream):
                 if streams is None:
-                    frame_rot = frame.rotation if hasattr(frame, "rotation") else None
-                    stream_rot = _stream_rotation(stream)
-                    rotation = _normalise_rotation(frame_rot if frame_rot else stream_rot)
+                    # ffmpeg attaches the stream's display matrix to every decoded frame.
+                    rotation = _normalise_rotation(getattr(frame, "rotation", 0))
                     stored_size = (frame.width, frame.height)
                     streams = [
                         _FpsStream(clip_fps, n_clip, lambda x: clip_transform(x, clip_size), rotation),

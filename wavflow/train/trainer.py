@@ -10,12 +10,14 @@ same weights as an uninterrupted one (bit-identical on CPU fp32).
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import random
 import signal
 import threading
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -230,11 +232,13 @@ class Trainer:
         self._load_start_state(resuming)
 
         if self.info.is_distributed:
-            self.ddp_model: nn.Module = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )
+            with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rot tables local
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.ddp_model: nn.Module = DistributedDataParallel(
+                    self.model,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False,
+                )
         else:
             self.ddp_model = self.model
         self.forward_model: nn.Module = torch.compile(self.ddp_model) if bool(tr.compile) else self.ddp_model
@@ -477,6 +481,28 @@ class Trainer:
             "t_s": torch.cat(times) if times else torch.zeros(0),
         }
 
+    def weights_digest(self) -> str:
+        """sha1 over the bytes of every parameter (bitwise identity check across ranks)."""
+        h = hashlib.sha1()
+        for _, p in self.model.named_parameters():
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def check_weights_in_sync(self) -> bool:
+        """Log whether every rank holds bit-identical weights (collective under DDP)."""
+        mine = self.weights_digest()
+        digests = [mine]
+        if self.info.is_distributed:
+            digests = [None] * self.world_size  # type: ignore[list-item]
+            dist.all_gather_object(digests, mine)
+        same = len(set(digests)) == 1
+        if self.is_main:
+            if same:
+                self.logger.info("Weights identical on all %d rank(s) (sha1 %s)", self.world_size, mine)
+            else:
+                self.logger.error("Weights differ across ranks: %s", digests)
+        return same
+
     # ---------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -531,6 +557,7 @@ class Trainer:
                     why, self.epoch + 1, self.global_step, self.latest_path,
                 )
             else:
+                self.check_weights_in_sync()
                 total = int(time.time() - start)
                 self.logger.info("Training completed. Total time: %s", str(timedelta(seconds=total)))
         finally:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Train on one node with torchrun (DDP): one process per GPU, or NPROC_PER_NODE processes.
+#   bash scripts/launch/train_single_node.sh [--config PATH] [key=value ...]
+# Env: NPROC_PER_NODE (default: number of GPUs, 1 on a CPU-only machine), CONFIG_PATH
+# (same as --config; default configs/train.yaml), WAVFLOW_PYTHON (interpreter to use).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE="$(wavflow_gpu_count)"
+  [ "$NPROC_PER_NODE" -ge 1 ] 2>/dev/null || NPROC_PER_NODE=1
+fi
+echo "[wavflow] torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m wavflow.train $*" >&2
+wavflow_torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m wavflow.train "$@"

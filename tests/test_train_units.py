@@ -1,0 +1,169 @@
+"""Training pieces against formulas written out here: LR schedule, EMA, RNG draw order,
+label drop, empty-token substitution, gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_common import SHAPES, make_config, make_dataset
+from wavflow.train.ema import ParamEMA, ema_decay
+from wavflow.train.lr_schedule import base_lr, lr_at
+from wavflow.train.step import StepNoise, apply_label_drop, draw_step_noise
+from wavflow.train.trainer import Trainer, optimizer_groups
+
+
+def test_lr_schedule_matches_reference_values():
+    kw = dict(lr_base=1e-4, warmup_steps=20, schedule="cosine", epochs=1000)
+    assert lr_at(global_step=0, lr_epoch=0.0, **kw) == pytest.approx(5e-6, rel=1e-12)
+    assert lr_at(global_step=19, lr_epoch=0.0, **kw) == pytest.approx(1e-4, rel=1e-12)
+    assert lr_at(global_step=20, lr_epoch=0.5, **kw) == pytest.approx(9.99999383e-05, rel=1e-8)
+    assert lr_at(global_step=10**6, lr_epoch=500.0, **kw) == pytest.approx(5e-5, rel=1e-12)
+    step = dict(lr_base=1e-3, warmup_steps=0, schedule="step", epochs=10, milestones=[2, 5], gamma=0.1)
+    assert [lr_at(global_step=100, lr_epoch=e, **step) for e in (1.99, 2.0, 4.5, 5.0)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+    assert lr_at(global_step=50, lr_epoch=3.0, lr_base=2e-4, warmup_steps=20, schedule="constant", epochs=5) == 2e-4
+    assert base_lr(None, 5e-5, 2 * 4 * 3) == pytest.approx(5e-5 * 24 / 256)
+    assert base_lr(3e-4, 5e-5, 24) == 3e-4
+
+
+def test_ema_follows_formula_with_and_without_warmup():
+    model = torch.nn.Linear(3, 2)
+    ema = ParamEMA(model, 0.9, warmup=False)
+    ema_w = ParamEMA(model, 0.9999, warmup=True)
+    expected = [p.detach().clone() for p in model.parameters()]
+    expected_w = [p.detach().clone() for p in model.parameters()]
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, step)
+        ema_w.update(model, step)
+        d_w = min(0.9999, (1 + step) / (10 + step))
+        assert ema_decay(0.9999, step, True) == d_w
+        for e, ew, p in zip(expected, expected_w, model.parameters()):
+            e += (1 - 0.9) * (p.detach() - e)
+            ew += (1 - d_w) * (p.detach() - ew)
+    for e, ew, got, got_w in zip(expected, expected_w, ema.shadow, ema_w.shadow):
+        torch.testing.assert_close(got, e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got_w, ew, rtol=1e-6, atol=1e-7)
+    state = ema.state_dict()
+    assert list(state) == ["weight", "bias"] and all(v.device.type == "cpu" for v in state.values())
+
+
+def test_step_noise_draw_order_and_label_drop_frequency():
+    x1 = torch.zeros(20000, 1, 1)
+    noise = draw_step_noise(torch.Generator().manual_seed(5), x1, mean=0.3, scale=1.5, noise_scale=2.0)
+    g = torch.Generator().manual_seed(5)  # the spec order: t, x0, video drop, text drop
+    n = torch.randn(20000, generator=g)
+    x0 = torch.empty(20000, 1, 1).normal_(generator=g) * 2.0
+    u_v, u_t = torch.rand(20000, generator=g), torch.rand(20000, generator=g)
+    assert torch.equal(noise.t, torch.sigmoid(n * 1.5 + 0.3))
+    assert torch.equal(noise.x0, x0) and torch.equal(noise.u_video, u_v) and torch.equal(noise.u_text, u_t)
+    p = 0.1
+    v, t = noise.u_video < p, noise.u_text < p
+    assert abs(v.float().mean().item() - p) < 0.012 and abs(t.float().mean().item() - p) < 0.012
+    assert abs((v & t).float().mean().item() - p * p) < 0.004  # independent draws
+
+
+class _EmptyTokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.empty_clip_feat = torch.nn.Parameter(torch.full((1, 3), 7.0))
+        self.empty_sync_feat = torch.nn.Parameter(torch.full((1, 2), 8.0))
+        self.empty_string_feat = torch.nn.Parameter(torch.full((4, 3), 9.0), requires_grad=False)
+
+    def empty_clip_sequence(self, bs):
+        return self.empty_clip_feat.unsqueeze(0).expand(bs, 5, -1)
+
+    def empty_sync_sequence(self, bs):
+        return self.empty_sync_feat.unsqueeze(0).expand(bs, 6, -1)
+
+    def empty_string_sequence(self, bs):
+        return self.empty_string_feat.unsqueeze(0).expand(bs, -1, -1)
+
+
+def test_label_drop_replaces_video_pair_and_text_independently():
+    m = _EmptyTokens()
+    clip, sync, text = torch.zeros(4, 5, 3), torch.zeros(4, 6, 2), torch.zeros(4, 4, 3)
+    noise = StepNoise(t=torch.zeros(4), x0=torch.zeros(4), u_video=torch.tensor([0.05, 0.5, 0.05, 0.9]),
+                      u_text=torch.tensor([0.5, 0.05, 0.05, 0.9]))
+    c, s, t, nv, nt = apply_label_drop(m, clip, sync, text, noise, 0.1)
+    assert nv.tolist() == [True, False, True, False] and nt.tolist() == [False, True, True, False]
+    for row in range(4):
+        assert bool((c[row] == 7).all()) == nv[row].item() and bool((s[row] == 8).all()) == nv[row].item()
+        assert bool((t[row] == 9).all()) == nt[row].item()
+        if not nv[row]:
+            assert bool((c[row] == 0).all())
+
+
+def _trainer(tmp_path: Path, **extra) -> Trainer:
+    csv = make_dataset(tmp_path)
+    return Trainer(make_config(tmp_path, csv, **extra))
+
+
+def test_missing_modalities_reach_the_model_as_learned_empty_tokens(tmp_path):
+    tr = _trainer(tmp_path, training__label_drop_prob=0.0)
+    m = tr.model
+    with torch.no_grad():  # distinct learned values, so a zero placeholder cannot pass
+        m.empty_clip_feat.copy_(torch.linspace(1, 2, SHAPES["clip_dim"]))
+        m.empty_sync_feat.copy_(torch.linspace(-2, -1, SHAPES["sync_dim"]))
+    seen = {}
+    m.register_forward_pre_hook(lambda mod, args: seen.update(clip=args[1], sync=args[2], text=args[3]))
+    items = [tr.dataset[i] for i in range(len(tr.dataset))]  # vt2a, t2a, v2a, vt2a
+    from wavflow.train.dataset import collate_train
+
+    batch = collate_train(items)
+    assert batch["video_exist"].tolist() == [True, False, True, True]
+    assert batch["text_exist"].tolist() == [True, True, False, True]
+    assert torch.equal(batch["clip_features"][1], torch.zeros(SHAPES["clip_seq_len"], SHAPES["clip_dim"]))  # placeholder
+    tr.micro_step(batch)
+    empty_string = torch.load(tmp_path / "features" / "empty_string.pt", weights_only=True)[0]
+    assert torch.equal(m.empty_string_feat, empty_string)  # the learned file beside the features
+    assert torch.equal(seen["clip"][1], m.empty_clip_feat.expand(SHAPES["clip_seq_len"], -1))
+    assert torch.equal(seen["sync"][1], m.empty_sync_feat.expand(SHAPES["sync_seq_len"], -1))
+    assert torch.equal(seen["text"][2], empty_string)
+    assert torch.equal(seen["clip"][0], batch["clip_features"][0])  # present modalities untouched
+    assert torch.equal(seen["text"][1], batch["text_features"][1])
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
+    from wavflow.train.dataset import collate_train
+
+    a = _trainer(tmp_path / "a", training__grad_accum_steps=2, training__batch_size=2, training__warmup_steps=0,
+                 training__clip_grad_norm=0.5)
+    b = _trainer(tmp_path / "b", training__grad_accum_steps=1, training__batch_size=4, training__warmup_steps=0,
+                 training__clip_grad_norm=0.5)
+    assert a.eff_batch == b.eff_batch == 4
+    b.model.load_state_dict(a.model.state_dict())
+    items = [a.dataset[i] for i in range(4)]
+    big = collate_train(items)
+    g = torch.Generator().manual_seed(3)
+    noise = draw_step_noise(g, big["audio_tokens"], mean=0.0, scale=1.0, noise_scale=1.0)
+    noise.u_video = torch.tensor([0.05, 0.5, 0.5, 0.5])  # exercise one drop
+    parts = [StepNoise(*(getattr(noise, f)[sl] for f in ("t", "x0", "u_video", "u_text"))) for sl in (slice(0, 2), slice(2, 4))]
+    a.draw_noise = lambda x1, it=iter(parts): next(it)
+    b.draw_noise = lambda x1: noise
+    stats_a = a.optimizer_update([collate_train(items[:2]), collate_train(items[2:])], lr_epoch=0.0)
+    stats_b = b.optimizer_update([big], lr_epoch=0.0)
+    assert stats_a["grad_norm"] == pytest.approx(stats_b["grad_norm"], rel=1e-5)
+    assert stats_a["grad_norm"] > 0.5  # clipping was active in both
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=name)
+    changed = sum(not torch.equal(pa, pb) for pa, pb in zip(a.model.parameters(), a.ema1.shadow))
+    assert changed > 0
+
+
+def test_optimizer_groups_split_like_reference(tmp_path):
+    tr = _trainer(tmp_path)
+    groups = optimizer_groups(tr.model, 0.05)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[0]["params"]}
+    decay = {names[id(p)] for p in groups[1]["params"]}
+    assert "empty_string_feat" not in no_decay | decay
+    assert {"empty_clip_feat", "empty_sync_feat", "sync_pos_emb"} <= decay
+    assert all(n.endswith(".bias") or tr.model.get_parameter(n).ndim == 1 for n in no_decay)
+    assert groups[1]["weight_decay"] == 0.05 and groups[0]["weight_decay"] == 0.0
+    assert tr.optimizer.defaults["betas"] == (0.9, 0.95)

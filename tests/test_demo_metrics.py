@@ -166,6 +166,14 @@ def test_shifted_clips_have_large_onset_errors(dataset, reference):
     assert overall["class_accuracy"] >= 0.9  # same sounds, wrong times
 
 
+def test_class_and_onsets_ignore_gain(dataset, reference):
+    # generated audio is loudness-normalised by predict: a gain change must not move the scores
+    quiet = {i: 0.2 * w for i, w in _real_waves(dataset, dataset.split("holdout")).items()}
+    overall = evaluate_waves(quiet, reference)["groups"]["overall"]
+    assert overall["class_accuracy"] >= 0.9
+    assert overall["onset_median_ms"] < 20 and overall["onset_detection_rate"] == 1.0
+
+
 def test_evaluate_files_writes_json_and_table(dataset, tmp_path, capsys):
     gen = tmp_path / "generated"
     gen.mkdir()

@@ -6,7 +6,8 @@ Generated files are `<id>.wav` (or .flac/.ogg/.mp3/.mp4) in DIR, named by the da
 ids. Reported per mode (VT2A, T2A, V2A) and overall, each beside baselines that give it a scale:
 
 - class accuracy: a nearest-class-centroid classifier on time-pooled log-mel statistics
-  (mean, std, max per mel band; standardised), fitted on the real train clips. Chance is
+  (mean, std, max per mel band relative to the clip's peak, so gain-invariant; standardised),
+  fitted on the real train clips. Chance is
   1/num_classes; the real held-out clips give the ceiling.
 - onset timing: onsets detected in the energy envelope (see `detect_onsets`); each reference
   onset is matched to the nearest detected onset of its clip; median and 90th percentile of
@@ -68,8 +69,13 @@ def log_mel(wave: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray:
 
 
 def clip_embedding(logmel: np.ndarray) -> np.ndarray:
-    """Time-pooled statistics of a log-mel (mean, std, max per band): a (3*N_MELS,) vector."""
-    return np.concatenate([logmel.mean(axis=1), logmel.std(axis=1), logmel.max(axis=1)])
+    """Time-pooled statistics of a log-mel (mean, std, max per band): a (3*N_MELS,) vector.
+
+    Levels are taken relative to the clip's loudest bin, so a gain change (e.g. the loudness
+    normalisation of generated audio) leaves the embedding unchanged.
+    """
+    rel = logmel - logmel.max()
+    return np.concatenate([rel.mean(axis=1), rel.std(axis=1), rel.max(axis=1)])
 
 
 class NearestCentroidClassifier:

@@ -219,3 +219,12 @@ def test_manifest_columns_and_quoting(tmp_path: Path):
         read_manifest(bad, EXTRACT_VT2A_COLUMNS)
     assert resolve_path("x.wav", tmp_path) == (tmp_path / "x.wav").absolute()
     assert resolve_path("/abs/x.wav", tmp_path) == Path("/abs/x.wav")
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_torch_save({"a": torch.zeros(1)}, tmp_path / "x.pth")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -126,15 +126,19 @@ def resolve_hub_files(
     Returns (config path, weights path). Any failure becomes one WeightsError, quickly: one
     short-timeout request per file, offline mode when downloads are disabled.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     cache = str(hf_cache_dir) if hf_cache_dir else None
 
     def fetch(filename: str) -> Path:
-        with hf_offline(not allow_download):
-            return Path(
-                hf_hub_download(hub_id, filename, cache_dir=cache, etag_timeout=HUB_TIMEOUT_S)
-            )
+        try:  # the cache first, without any request
+            return Path(hf_hub_download(hub_id, filename, cache_dir=cache, local_files_only=True))
+        except Exception:
+            if not allow_download:
+                raise
+        # One short request without retries: hf_hub_download alone backs off for ~25 s offline.
+        get_hf_file_metadata(hf_hub_url(hub_id, filename), timeout=HUB_TIMEOUT_S)
+        return Path(hf_hub_download(hub_id, filename, cache_dir=cache, etag_timeout=HUB_TIMEOUT_S))
 
     def fail(exc: BaseException) -> WeightsError:
         mode = "downloads are disabled (encoders.allow_download=false)" if not allow_download else "download failed"

@@ -1,0 +1,273 @@
+"""WavFlowGenerator (the Python inference API): checkpoint loading and checks, determinism,
+CFG equivalences, lengths, loudness, cached features. Tiny model, 1 s clips, 4 steps, CPU."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyloudnorm as pyln
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+
+from wavflow.config import load_config
+from wavflow.errors import CheckpointError, ConfigError, FeatureError
+from wavflow.generator import ConditionFeatures, WavFlowGenerator, row_seed
+from wavflow.model import build_model_from_config
+from wavflow.predict import InferRow, unique_names, write_outputs
+
+SR, DUR, STEPS = 16000, 1.0, 4
+# 1 s of video: 8 CLIP frames, (25-16)//8+1 = 2 Synchformer segments x 8 = 16 tokens.
+TINY_OVERRIDES = [
+    "model.name=tiny_16k",
+    f"data.audio_duration={DUR}",
+    "data.clip_seq_len=8",
+    "data.sync_seq_len=16",
+    "encoders.profile=tiny",
+    f"sampling.num_steps={STEPS}",
+]
+N = math.ceil(SR * DUR / 200)  # 80 patches
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared 2-core machine: OpenMP spin-waiting with 2 threads makes tiny convs ~10x slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_cfg(*extra: str):
+    return load_config("infer.yaml", [*TINY_OVERRIDES, *extra])
+
+
+def perturbed_state_dict(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """A fresh model outputs exactly 0 (zeroed adaLN / final layer); add noise to every weight."""
+    model = build_model_from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoints(folder: Path, cfg, *, global_step: int = 50, train_cfg=None) -> dict[str, Path]:
+    """A trainer-format checkpoint (live != EMA weights, with its config) and a flat EMA file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    live, ema = perturbed_state_dict(cfg, 1), perturbed_state_dict(cfg, 2)
+    train_cfg = OmegaConf.to_container(cfg if train_cfg is None else train_cfg)
+    full = {
+        "model": live,
+        "model_ema1": ema,
+        "model_ema2": live,
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 1,
+        "global_step": global_step,
+        "config": train_cfg,
+    }
+    paths = {"full": folder / "checkpoint_latest.pth", "flat": folder / "ema_epoch_1.pth"}
+    torch.save(full, paths["full"])
+    torch.save(ema, paths["flat"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_cfg()
+    paths = save_checkpoints(folder, cfg)
+    return paths, cfg
+
+
+@pytest.fixture(scope="module")
+def gen(ckpts):
+    paths, cfg = ckpts
+    return WavFlowGenerator.from_checkpoint(paths["full"], config=cfg, use_ema=False, device="cpu")
+
+
+def random_features(gen: WavFlowGenerator, seed: int, video: bool, text: bool) -> ConditionFeatures:
+    g = torch.Generator().manual_seed(seed)
+    m = gen.model
+    return ConditionFeatures(
+        clip=torch.randn(m.clip_seq_len, m.clip_dim, generator=g) if video else None,
+        sync=torch.randn(m.sync_seq_len, m.sync_dim, generator=g) if video else None,
+        text=torch.randn(m.text_seq_len, m.text_dim, generator=g) if text else None,
+    )
+
+
+# ------------------------------------------------------------------------ names / seeds
+
+
+def test_output_names_unique_safe_and_seeds_stable():
+    assert unique_names(["a", "a", "a_1", "../evil", "", "x y"]) == ["a", "a_2", "a_1", "evil", "row", "x_y"]
+    assert row_seed(7, "a") == row_seed(7, "a") and row_seed(7, "a") != row_seed(8, "a") != row_seed(7, "b")
+    assert 0 <= row_seed(14159265, "clip") < 2**32
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_kinds_load_the_right_weights(ckpts, caplog):
+    paths, cfg = ckpts
+    live = torch.load(paths["full"], weights_only=True)["model"]
+    ema = torch.load(paths["flat"], weights_only=True)
+    cases = [(paths["full"], True, ema), (paths["full"], False, live), (paths["flat"], True, ema)]
+    for path, use_ema, expected in cases:
+        with caplog.at_level(logging.WARNING, logger="wavflow.generator"):
+            caplog.clear()
+            g = WavFlowGenerator.from_checkpoint(path, config=cfg, use_ema=use_ema, device="cpu")
+        got = g.model.state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), (path, use_ema)
+        warned = [r.getMessage() for r in caplog.records if "EMA horizon" in r.getMessage()]
+        if path == paths["full"] and use_ema:
+            # The EMA caveat: a 50-step run's EMA is ~its initialisation (horizon 1/(1-0.9999)).
+            assert len(warned) == 1 and "global_step=50" in warned[0] and "10000" in warned[0]
+            assert g.checkpoint.source.startswith("model_ema1") and g.checkpoint.global_step == 50
+        else:
+            assert warned == []
+    assert WavFlowGenerator.from_checkpoint(paths["flat"], config=cfg, device="cpu").checkpoint.global_step is None
+
+
+def test_checkpoint_config_mismatch_is_an_error_naming_key_and_values(tmp_path, ckpts):
+    _, cfg = ckpts
+    trained = tiny_cfg("data.audio_duration=2.0", "data.clip_seq_len=16", "data.sync_seq_len=40")
+    paths = save_checkpoints(tmp_path, cfg, train_cfg=trained)
+    with pytest.raises(ConfigError) as err:
+        WavFlowGenerator.from_checkpoint(paths["full"], config=cfg, device="cpu")
+    msg = str(err.value)
+    assert "data.audio_duration: checkpoint was trained with 2.0, inference config has 1.0" in msg
+    assert "data.clip_seq_len" in msg and "data.sync_seq_len" in msg and "data.target_sample_rate" not in msg
+    # Deliberate override: loads, with the shapes of the inference config.
+    ok = WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("inference.allow_config_mismatch=true"), device="cpu")
+    assert ok.model.latent_seq_len == N
+    # Without an explicit config the API adopts the training run's shapes.
+    adopted = WavFlowGenerator.from_checkpoint(paths["full"], device="cpu", overrides=["encoders.profile=tiny"])
+    assert adopted.duration == 2.0 and adopted.model.latent_seq_len == 160 and adopted.model.preset_name == "tiny_16k"
+
+
+def test_model_name_that_does_not_fit_the_weights_says_which(ckpts):
+    paths, _ = ckpts
+    with pytest.raises(CheckpointError) as err:  # flat file: only the weight shapes can tell
+        WavFlowGenerator.from_checkpoint(paths["flat"], config=tiny_cfg("model.name=small_16k"), device="cpu")
+    assert "small_16k" in str(err.value) and "tiny_16k" in str(err.value)
+    with pytest.raises(ConfigError, match="model.name: checkpoint was trained with 'tiny_16k'"):
+        WavFlowGenerator.from_checkpoint(paths["full"], model_name="small_16k", config=tiny_cfg(), device="cpu")
+
+
+# ------------------------------------------------------------------------ sampling
+
+
+def test_same_seed_same_audio_across_batch_sizes_and_orders(gen):
+    kinds = [(True, True), (False, True), (True, False), (False, False)]
+    items = [random_features(gen, i, v, t) for i, (v, t) in enumerate(kinds)]
+    seeds = [row_seed(5, f"row{i}") for i in range(4)]
+    together = gen.generate_batch(items, seeds, cfg=3.0, steps=STEPS)
+    assert together.shape == (4, SR) and together.dtype == torch.float32
+    alone = torch.cat([gen.generate_batch([it], [s], cfg=3.0, steps=STEPS) for it, s in zip(items, seeds)])
+    reversed_ = gen.generate_batch(items[::-1], seeds[::-1], cfg=3.0, steps=STEPS).flip(0)
+    # Same batch size, other order: bit-identical (each row's noise has its own generator).
+    assert torch.equal(reversed_, together)
+    # Batch 1 vs 4: the noise is bit-identical, but BLAS/oneDNN pick other kernels for another
+    # batch size, so the audio agrees to float rounding (measured max ~8e-5 on ~0.4 amplitude).
+    torch.testing.assert_close(alone, together, rtol=0, atol=5e-4)
+    other_seed = gen.generate_batch(items[:1], [seeds[0] + 1], cfg=3.0, steps=STEPS)
+    assert (other_seed[0] - together[0]).abs().mean() > 0.05
+    assert together.abs().mean() > 0.01  # not the silent output of an untrained net
+
+
+def _reference_euler(model, x0, conds, cfg, steps, scale=3.0):
+    """Euler on x-predictions written from spec §3 / §2.11: the reference ode_wrapper, i.e. two
+    separate forward passes, the empty conditions computed on batch 1 and broadcast."""
+    b = x0.shape[0]
+    cond = model.preprocess_conditions(*conds)
+    empty = model.get_empty_conditions(b)
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
+    x = x0
+    for i in range(steps):
+        t = grid[i]
+        tv = t * torch.ones(b)
+        pred = model.predict_flow(x, tv, cond)
+        if cfg > 1:
+            pred = cfg * pred + (1 - cfg) * model.predict_flow(x, tv, empty)
+        x = x + (grid[i + 1] - t) * ((pred - x) / torch.clamp(1 - t, min=1e-6))
+    return (x / scale).reshape(b, -1)[:, :SR]
+
+
+def test_cfg_one_is_conditional_and_batched_cfg_equals_two_pass(gen):
+    items = [random_features(gen, 10, True, True), random_features(gen, 11, False, True)]
+    seeds = [3, 4]
+    x0 = gen.initial_noise(seeds)
+    assert torch.equal(x0[1], torch.randn(N, 200, generator=torch.Generator().manual_seed(4)))
+    conds = gen._stack_conditions(items)
+    with torch.inference_mode():
+        cond_only = _reference_euler(gen.model, x0, conds, 1.0, STEPS)
+        two_pass = _reference_euler(gen.model, x0, conds, 4.5, STEPS)
+        cond_no_empty = gen.model.predict_flow  # cfg=1 must never touch the empty branch:
+    calls = []
+    gen.model.predict_flow = lambda x, t, c: calls.append(x.shape[0]) or cond_no_empty(x, t, c)
+    try:
+        out1 = gen.generate_batch(items, seeds, cfg=1.0, steps=STEPS)
+    finally:
+        del gen.model.predict_flow
+    assert calls == [2] * STEPS
+    assert torch.equal(out1, cond_only)
+    batched = gen.generate_batch(items, seeds, cfg=4.5, steps=STEPS, batched_cfg=True)
+    separate = gen.generate_batch(items, seeds, cfg=4.5, steps=STEPS, batched_cfg=False)
+    assert torch.equal(separate, two_pass)  # batched_cfg=false is the reference computation
+    # One forward on the doubled batch: the same formula up to float rounding (other kernels).
+    torch.testing.assert_close(batched, separate, rtol=0, atol=5e-4)
+    assert (batched - out1).abs().mean() > 1e-3  # guidance does something
+
+
+def test_generate_text_only_exact_length_and_untrimmed(gen, wavflow_cache_dir):
+    wave, sr = gen.generate(text='a dog, "barking"', cfg=4.5, steps=STEPS, seed=1)
+    assert sr == SR and wave.shape == (SR,) and torch.isfinite(wave).all()
+    gen.set_duration(0.513)  # round(16000*0.513) = 8208 samples, N = 42 patches
+    try:
+        short, _ = gen.generate(text="a dog", steps=2, seed=1)
+        full, _ = gen.generate(text="a dog", steps=2, seed=1, trim=False)
+        assert short.shape == (8208,) and full.shape == (8400,)
+        assert torch.equal(full[:8208], short)
+    finally:
+        gen.set_duration(DUR)
+    assert gen.model.latent_seq_len == N and gen.num_samples == SR
+
+
+# ------------------------------------------------------------------------ features
+
+
+def test_cached_features_win_and_are_shape_checked(gen, tmp_path):
+    feats = random_features(gen, 20, True, True)
+    path = tmp_path / "row.pth"
+    torch.save({"clip_features": feats.clip, "sync_features": feats.sync, "text_features": feats.text}, path)
+    # The video file does not exist: the cached features are used instead of decoding it.
+    got = gen.encode_row(video=tmp_path / "missing.mp4", text="ignored", features_path=path)
+    assert torch.equal(got.clip, feats.clip) and torch.equal(got.sync, feats.sync) and torch.equal(got.text, feats.text)
+    t2a = gen.encode_row(video=None, text="x", features_path=path)
+    assert t2a.clip is None and t2a.sync is None and t2a.kind == "T2A"
+    torch.save({"clip_features": torch.zeros(64, 1024), "sync_features": feats.sync}, path)
+    with pytest.raises(FeatureError, match=r"row\.pth: clip_features has shape \(64, 1024\), the model expects \(8, 1024\)"):
+        gen.encode_row(video=tmp_path / "missing.mp4", features_path=path)
+
+
+# ------------------------------------------------------------------------ loudness
+
+
+def test_loudness_normalised_to_target_and_silence_is_safe(gen, tmp_path):
+    cfg = tiny_cfg(f"output.output_dir={tmp_path}")
+    wave = gen.generate_batch([random_features(gen, 30, False, True)], [9], steps=STEPS)[0]
+    row = InferRow(index=0, name="loud", video=None, caption="x", features_path=None)
+    write_outputs(gen, row, wave, tmp_path, cfg)
+    data, sr = sf.read(tmp_path / "loud.wav", dtype="float64")
+    assert sr == SR and data.shape == (SR,) and row.mp4_path == ""
+    assert abs(pyln.Meter(SR).integrated_loudness(data) - (-23.0)) < 0.5
+    assert np.abs(data).max() <= 1.0
+    silent = InferRow(index=1, name="silent", video=None, caption=None, features_path=None)
+    write_outputs(gen, silent, torch.zeros(SR), tmp_path, cfg)
+    data, _ = sf.read(tmp_path / "silent.wav", dtype="float64")
+    assert data.shape == (SR,) and np.isfinite(data).all() and not data.any()

@@ -162,34 +162,36 @@ class FeatureEncoders:
             identity = f"{TINY_CLIP_ARCH}|{_file_identity(clip_path)}"
             if need_video:
                 sync = load_synchformer(ensure_tiny_synchformer(cache_dir), SynchformerConfig.tiny())
+            return cls(clip, sync, device=device, cache_dir=cache_dir, clip_identity=identity)
+
+        # Resolve the Synchformer file before loading CLIP so a missing weight fails fast.
+        sync_path = None
+        if need_video:
+            sync_path = resolve_weight(
+                "Synchformer",
+                configured_path=_cfg_get(encoders_cfg, "synchformer_ckpt"),
+                cache_dir=cache_dir,
+                filename=SYNCHFORMER_FILENAME,
+                url=SYNCHFORMER_URL,
+                allow_download=allow_download,
+            )
+        clip_model = _cfg_get(encoders_cfg, "clip_model", HUB_PREFIX + "apple/DFN5B-CLIP-ViT-H-14-384")
+        pretrained = _cfg_get(encoders_cfg, "clip_pretrained")
+        if pretrained:
+            clip_path = resolve_weight("CLIP", configured_path=pretrained, cache_dir=cache_dir, filename=Path(pretrained).name)
+            arch = LOCAL_CLIP_ARCH if clip_model.startswith(HUB_PREFIX) else clip_model
+            clip = ClipEncoder.from_file(arch, clip_path, tokenizer)
+            identity = f"{arch}|{_file_identity(clip_path)}"
+        elif clip_model.startswith(HUB_PREFIX):
+            clip = ClipEncoder.from_hub(clip_model, tokenizer, allow_download=allow_download)
+            identity = clip_model
         else:
-            clip_model = _cfg_get(encoders_cfg, "clip_model", HUB_PREFIX + "apple/DFN5B-CLIP-ViT-H-14-384")
-            pretrained = _cfg_get(encoders_cfg, "clip_pretrained")
-            if pretrained:
-                clip_path = resolve_weight(
-                    "CLIP", configured_path=pretrained, cache_dir=cache_dir, filename=Path(pretrained).name
-                )
-                arch = LOCAL_CLIP_ARCH if clip_model.startswith(HUB_PREFIX) else clip_model
-                clip = ClipEncoder.from_file(arch, clip_path, tokenizer)
-                identity = f"{arch}|{_file_identity(clip_path)}"
-            elif clip_model.startswith(HUB_PREFIX):
-                clip = ClipEncoder.from_hub(clip_model, tokenizer, allow_download=allow_download)
-                identity = clip_model
-            else:
-                raise WeightsError(
-                    f"encoders.clip_model={clip_model!r} is not an hf-hub: id and encoders.clip_pretrained "
-                    "is not set: name a local open_clip checkpoint file in encoders.clip_pretrained"
-                )
-            if need_video:
-                sync_path = resolve_weight(
-                    "Synchformer",
-                    configured_path=_cfg_get(encoders_cfg, "synchformer_ckpt"),
-                    cache_dir=cache_dir,
-                    filename=SYNCHFORMER_FILENAME,
-                    url=SYNCHFORMER_URL,
-                    allow_download=allow_download,
-                )
-                sync = load_synchformer(sync_path)
+            raise WeightsError(
+                f"encoders.clip_model={clip_model!r} is not an hf-hub: id and encoders.clip_pretrained "
+                "is not set: name a local open_clip checkpoint file in encoders.clip_pretrained"
+            )
+        if sync_path is not None:
+            sync = load_synchformer(sync_path)
         return cls(clip, sync, device=device, cache_dir=cache_dir, clip_identity=identity)
 
     # ------------------------------------------------------------------------- encoding

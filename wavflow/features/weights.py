@@ -146,7 +146,7 @@ def resolve_hub_files(
             f"CLIP weights hf-hub:{hub_id} are not in the Hugging Face cache "
             f"({cache or 'default HF cache, $HF_HOME/hub'}) and {mode} ({type(exc).__name__}: {exc}). "
             f"Either pre-populate the cache on a machine with network "
-            f"(`huggingface-cli download {hub_id}`, then copy the cache), or download the open_clip "
+            f"(`hf download {hub_id}`, then copy the cache), or download the open_clip "
             f"checkpoint file and set encoders.clip_pretrained=<file>."
         )
 

@@ -1,0 +1,182 @@
+"""Whole training runs in-process (world size 1): exact resume, bad CSVs, corrupt checkpoints,
+mixed VT2A/T2A/V2A data, initial weights, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_common import SHAPES, make_config, make_dataset, overrides, write_sample
+from wavflow.errors import CheckpointError, ManifestError
+from wavflow.io_utils import safe_torch_load
+from wavflow.train.trainer import Trainer, run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _assert_same_tree(a, b, where="ckpt"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path):
+    csv = make_dataset(tmp_path)
+    common = dict(training__label_drop_prob=0.5, training__ema_warmup=True,
+                  training__lr_schedule="cosine", training__epochs=2)
+    full = run_training(make_config(tmp_path / "a", csv, **common))
+    assert (full.epoch, full.global_step, full.stopped_early) == (2, 4, False)
+    part = run_training(make_config(tmp_path / "b", csv, training__max_steps=3, **common))
+    assert (part.epoch, part.global_step, part.stopped_early) == (1, 3, True)  # stopped inside epoch 2
+    mid = safe_torch_load(part.exp_dir / "checkpoint_latest.pth")
+    assert (mid["epoch"], mid["global_step"], mid["batch_in_epoch"]) == (1, 3, 1)
+    rest = run_training(make_config(tmp_path / "b", csv, **common))
+    assert (rest.epoch, rest.global_step) == (2, 4)
+    a = safe_torch_load(full.exp_dir / "checkpoint_latest.pth")
+    b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
+    for key in ("model", "model_ema1", "model_ema2", "optimizer", "epoch", "global_step", "rng"):
+        _assert_same_tree(a[key], b[key], key)
+    assert set(a["model_ema1"]) == {n for n in a["model"] if not n.endswith("rot")}  # EMA over all params
+    assert "empty_string_feat" in a["model_ema1"]
+    log = (rest.exp_dir / "training.log").read_text()
+    assert "Resumed from" in log and "Stopped by training.max_steps" in log
+
+
+def test_bad_csv_rows_are_reported_together(tmp_path):
+    csv = make_dataset(tmp_path)
+    lines = csv.read_text().splitlines()
+    good = lines[1].split(",")
+    wrong_shape = tmp_path / "features" / "wrong.pth"
+    torch.save({"text_features": torch.zeros(3, 3), "clip_features": torch.zeros(2, 2), "sync_features": torch.zeros(1, 1)}, wrong_shape)
+    t2a_audio, t2a_feat = write_sample(tmp_path, "t2a_as_video", "t2a", seed=7)
+    bad = [
+        f"dup_{0}," + ",".join(good[1:]),
+        "vt2a_0," + ",".join(good[1:]),  # duplicate of line 2
+        f"flag,{good[1]},{good[2]},2,1",
+        f"noaudio,{tmp_path}/missing.wav,{good[2]},1,1",
+        f"nofeat,{good[1]},{tmp_path}/missing.pth,1,1",
+        f"shape,{good[1]},{wrong_shape},1,1",
+        f"t2a_as_video,{t2a_audio},{t2a_feat},1,1",  # claims video but the file has none
+    ]
+    csv.write_text("\n".join(lines + bad) + "\n")
+    other = tmp_path / "other.csv"
+    other.write_text("id,audio_path,features_path,video_exist,text_exist\n" + "t2a_1," + ",".join(good[1:]) + "\n")
+    with pytest.raises(ManifestError) as err:
+        Trainer(make_config(tmp_path, [str(csv), str(other)], data__on_bad_row="error"))
+    msg = str(err.value)
+    expected = {
+        "line 7 (id 'vt2a_0')": "duplicate id (first in",
+        "line 8 (id 'flag')": "video_exist='2' is not 0 or 1",
+        "line 9 (id 'noaudio')": "audio_path not found",
+        "line 10 (id 'nofeat')": "features_path not found",
+        "line 11 (id 'shape')": "clip_features has shape (2, 2), expected (8, 32)",
+        "line 12 (id 't2a_as_video')": "clip_features missing",
+        "line 2 (id 't2a_1')": "duplicate id",
+    }
+    for where, reason in expected.items():
+        line = next((l for l in msg.splitlines() if where in l), None)
+        assert line is not None and reason in line, (where, msg)
+    assert str(other) in msg and "data.on_bad_row=error" in msg
+    assert not (tmp_path / "out" / "exp" / "checkpoint_latest.pth").exists()
+
+    tr = Trainer(make_config(tmp_path, [str(csv), str(other)], data__on_bad_row="skip"))
+    assert sorted(r.sample_id for r in tr.dataset.rows) == ["dup_0", "t2a_1", "v2a_2", "vt2a_0", "vt2a_3"]
+    log = (tmp_path / "out" / "exp" / "training.log").read_text()
+    assert log.count("skipping ") == 7 and "(id 'shape')" in log
+
+    missing_col = tmp_path / "nocol.csv"
+    missing_col.write_text("id,audio_path\nx,y\n")
+    with pytest.raises(ManifestError, match=r"missing column\(s\) features_path"):
+        Trainer(make_config(tmp_path, str(missing_col)))
+
+
+def test_corrupt_latest_checkpoint_is_an_error_with_fallback(tmp_path):
+    csv = make_dataset(tmp_path)
+    latest = tmp_path / "out" / "exp" / "checkpoint_latest.pth"
+    latest.parent.mkdir(parents=True)
+    latest.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError) as err:
+        Trainer(make_config(tmp_path, csv))
+    msg = str(err.value)
+    assert str(latest) in msg and "move it aside" in msg and "training.resume=false" in msg
+    torch.save({"not": torch.zeros(1)}, latest)
+    with pytest.raises(CheckpointError, match="not a full training checkpoint"):
+        Trainer(make_config(tmp_path, csv))
+    fresh = Trainer(make_config(tmp_path, csv, training__resume=False))
+    assert fresh.global_step == 0 and fresh.epoch == 0
+
+
+def test_mixed_csvs_train_in_one_run_and_read_failures_are_skipped(tmp_path):
+    t2a_root, vt_root = tmp_path / "t2a", tmp_path / "vt"
+    t2a_csv = make_dataset(t2a_root, modes=("t2a", "t2a"), relative=True)  # paths relative to data_root
+    text = t2a_csv.read_text().replace("t2a_0,", "tt_0,").replace("t2a_1,", "tt_1,")
+    t2a_csv.write_text(text)
+    vt_csv = make_dataset(vt_root, modes=("vt2a", "v2a", "vt2a"))
+    cfg = make_config(tmp_path, [str(t2a_csv), str(vt_csv)], data__data_root=str(t2a_root),
+                      training__epochs=1, training__gen_train_freq=1)
+    trainer = Trainer(cfg)
+    assert sorted(r.sample_id for r in trainer.dataset.rows) == ["tt_0", "tt_1", "v2a_1", "vt2a_0", "vt2a_2"]
+    assert {(r.video_exist, r.text_exist) for r in trainer.dataset.rows} == {(False, True), (True, False), (True, True)}
+    (vt_root / "audio" / "v2a_1.wav").write_bytes(b"garbage")  # breaks after the up-front check
+    result = trainer.train()
+    assert result.global_step == 3 and result.skipped_rows == 1
+    ckpt = safe_torch_load(result.exp_dir / "checkpoint_latest.pth")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 3
+    assert list((result.exp_dir / "samples" / "epoch_1").glob("gen_rank0_id_*.wav"))
+
+
+def test_initial_load_accepts_reference_and_flat_checkpoints(tmp_path):
+    csv = make_dataset(tmp_path)
+    first = run_training(make_config(tmp_path / "a", csv, training__epochs=1, training__ema_checkpoint_save_epoch=1))
+    full = safe_torch_load(first.exp_dir / "checkpoint_latest.pth")
+    reference = {k: full[k] for k in ("model", "optimizer", "epoch", "global_step", "model_ema1", "model_ema2")}
+    ref_path = tmp_path / "reference.pth"
+    torch.save(reference, ref_path)
+    tr = Trainer(make_config(tmp_path / "b", csv, checkpoint__initial_load_path=str(ref_path),
+                             checkpoint__initial_load_model_only=False))
+    assert (tr.epoch, tr.global_step) == (1, 2)
+    assert torch.equal(tr.model.sync_pos_emb.detach(), full["model"]["sync_pos_emb"])
+    assert torch.equal(tr.ema2.state_dict()["empty_clip_feat"], full["model_ema2"]["empty_clip_feat"])
+    flat = Trainer(make_config(tmp_path / "c", csv, checkpoint__initial_load_path=str(first.exp_dir / "ema_epoch_1.pth")))
+    ema = safe_torch_load(first.exp_dir / "ema_epoch_1.pth")
+    assert flat.global_step == 0
+    for name, p in flat.model.named_parameters():
+        assert torch.equal(p.detach(), ema[name]) and torch.equal(flat.ema1.state_dict()[name], ema[name])
+
+
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+    csv = make_dataset(tmp_path)
+    args = overrides(tmp_path, csv, training__epochs=1000, training__checkpoint_freq=0, training__repeat_factor=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "wavflow.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "out" / "exp" / "training.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and "GlobalStep 1 " in log.read_text():
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    ckpt = safe_torch_load(tmp_path / "out" / "exp" / "checkpoint_latest.pth")
+    assert ckpt["global_step"] >= 1 and ckpt["epoch"] == ckpt["global_step"] // 8
+    assert ckpt["batch_in_epoch"] == ckpt["global_step"] % 8
+    assert "Stopped by SIGTERM" in log.read_text()

@@ -333,6 +333,7 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                 logger.warning("%d row(s) have missing files and become error rows, e.g. %s: %s",
                                len(bad), bad[0].id, bad[0].problem)
         mine = [plan[i] for i in shard_indices(len(plan), info)]
+        logger.info("run started: rank %d of %d, %d rows in this shard", info.rank, info.world_size, len(mine))
         with RankOutputs(paths, info.rank, settings.save_interval) as out:
             # No valid row at all: no features to pair the empty-string file with, no model to load.
             any_valid = any(r.problem is None for r in plan)

@@ -1,0 +1,173 @@
+"""The inference job end to end: the launcher, the four row kinds, mp4 muxing, summary.csv,
+bad rows, skipping existing outputs, seeds per row id. Tiny model and encoders, 1 s, CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from tests.media import video_packets, write_corrupt_video, write_video
+from tests.test_predict import SR, TINY_OVERRIDES, save_checkpoints, tiny_cfg
+from wavflow.config import load_config
+from wavflow.model import build_model_from_config
+from wavflow.predict import main, run
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_predict.py
+    yield
+    torch.set_num_threads(old)
+
+
+def write_job_config(path: Path, *, ckpt: Path, csv: Path, out: Path, data_root: Path | None = None, **extra: str) -> Path:
+    """A user config file on top of configs/infer.yaml (nested YAML, like a user would write)."""
+    lines = ["_base_: infer.yaml", "model:", f"  ckpt_path: {ckpt}", "  use_ema: false", "data:", f"  csv_path: {csv}"]
+    if data_root is not None:
+        lines.append(f"  data_root: {data_root}")
+    lines += ["output:", f"  output_dir: {out}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def job_args(cfg_path: Path, *extra: str) -> list[str]:
+    return ["--config", str(cfg_path), *TINY_OVERRIDES, "inference.batch_size=3", *extra]
+
+
+def audio_and_video_streams(path: Path) -> tuple[int, int, int, int, int]:
+    """(#audio streams, #video streams, audio stream duration in samples, decoded audio
+    samples, audio sample rate), read with plain PyAV."""
+    with av.open(str(path)) as c:
+        n_audio, n_video = len(c.streams.audio), len(c.streams.video)
+        a = c.streams.audio[0]
+        duration = round(a.duration * a.time_base * a.rate)
+        samples = sum(f.samples for f in c.decode(audio=0))
+    return n_audio, n_video, duration, samples, a.rate
+
+
+def test_launcher_four_row_kinds_wavs_mp4s_summary(tmp_path, wavflow_cache_dir):
+    media = tmp_path / "media"
+    media.mkdir()
+    write_video(media / "vt.mp4", seconds=1.2)
+    write_video(media / "v.mp4", seconds=1.2, size=(64, 96))
+    csv = tmp_path / "rows.csv"
+    csv.write_text(
+        "id,video_path,caption,video_exist,text_exist\n"
+        'vt,vt.mp4,"a dog, barking",1,1\n'
+        't,,"rain on a ""tin"" roof",0,1\n'
+        ",v.mp4,,1,0\n"  # no id: named after the video stem
+        ",,,0,0\n"  # neither: unconditional sample, named row_00003
+    )
+    paths = save_checkpoints(tmp_path / "ckpt", tiny_cfg())
+    out = tmp_path / "out"
+    cfg_path = write_job_config(tmp_path / "job.yaml", ckpt=paths["full"], csv=csv, out=out, data_root=media)
+    env = {**os.environ, "WAVFLOW_CACHE_DIR": str(wavflow_cache_dir), "OMP_NUM_THREADS": "1",
+           "WAVFLOW_PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/launch/predict.sh"), *job_args(cfg_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unconditional sample" in proc.stderr
+
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    assert list(summary.columns) == ["id", "status", "seconds", "wav_path", "mp4_path", "reason"]
+    assert summary["id"].tolist() == ["vt", "t", "v", "row_00003"]
+    assert summary["status"].tolist() == ["ok"] * 4 and (summary["seconds"] > 0).all()
+    for name in ["vt", "t", "v", "row_00003"]:
+        data, sr = sf.read(out / f"{name}.wav", dtype="float32")
+        assert sr == SR and data.shape == (round(SR * 1.0),) and np.isfinite(data).all() and np.abs(data).max() > 0
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["v.mp4", "vt.mp4"]
+    for name in ["vt", "v"]:
+        mp4 = out / f"{name}.mp4"
+        n_audio, n_video, duration, samples, rate = audio_and_video_streams(mp4)
+        assert (n_audio, n_video, rate) == (1, 1, SR)
+        assert duration == SR  # the audio stream lasts exactly round(sr * duration) samples
+        assert SR <= samples < SR + 1024  # AAC decodes whole 1024-sample frames
+        assert video_packets(mp4) == video_packets(media / f"{name}.mp4")  # video stream copied
+    assert summary.loc[summary.id == "vt", "mp4_path"].item() == str(out / "vt.mp4")
+
+    # Second run: outputs exist and output.overwrite=false -> every row skipped, nothing loaded.
+    stamp = (out / "vt.wav").stat().st_mtime_ns
+    cfg = load_config(cfg_path, [*TINY_OVERRIDES, "model.ckpt_path=/nonexistent.pth"])
+    result = run(cfg)
+    assert result.exit_code == 0 and {r.status for r in result.rows} == {"skipped_exists"}
+    assert (out / "vt.wav").stat().st_mtime_ns == stamp
+
+
+def test_bad_rows_are_reported_and_the_rest_written(tmp_path, wavflow_cache_dir):
+    media = tmp_path / "media"
+    media.mkdir()
+    write_corrupt_video(media / "corrupt.mp4")
+    write_video(media / "short.mp4", seconds=0.4)
+    # A freshly built network outputs exactly 0: its samples are silent (loudness guard).
+    fresh = build_model_from_config(tiny_cfg())
+    ckpt = tmp_path / "ema_epoch_0.pth"
+    torch.save(fresh.state_dict(), ckpt)
+    csv = tmp_path / "rows.csv"
+    csv.write_text(
+        "id,video_path,caption,video_exist,text_exist\n"
+        'good,,"He said, ""hi, there"", then left",0,1\n'
+        "missing,missing.mp4,a cat,1,1\n"
+        "corrupt,corrupt.mp4,a cat,1,1\n"
+        "short,short.mp4,,1,0\n"
+        "badflag,,a cat,2,1\n"
+        "../evil,,a cat,0,1\n"
+        "good,,a second row with the same id,0,1\n"
+    )
+    out = tmp_path / "out"
+    cfg_path = write_job_config(tmp_path / "job.yaml", ckpt=ckpt, csv=csv, out=out, data_root=media)
+    code = main(job_args(cfg_path, "sampling.num_steps=2"))
+    assert code == 1  # some rows failed
+
+    s = pd.read_csv(out / "summary.csv", keep_default_na=False).set_index("id")
+    assert s.index.tolist() == ["good", "missing", "corrupt", "short", "badflag", "evil", "good_1"]
+    assert s.loc[["good", "evil", "good_1"], "status"].tolist() == ["ok"] * 3
+    assert s.loc[["missing", "corrupt", "short", "badflag"], "status"].tolist() == ["failed"] * 4
+    assert f"video not found: {media / 'missing.mp4'}" in s.loc["missing", "reason"]
+    assert "corrupt.mp4" in s.loc["corrupt", "reason"] and "could not" in s.loc["corrupt", "reason"]
+    assert "short.mp4 is too short" in s.loc["short", "reason"]
+    assert "video_exist='2' is not 0 or 1" in s.loc["badflag", "reason"]
+    assert s.loc[["missing", "corrupt"], "wav_path"].tolist() == ["", ""]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["evil.wav", "good.wav", "good_1.wav", "summary.csv"]  # nothing outside out/
+    for name in ["good", "good_1", "evil"]:
+        data, sr = sf.read(out / f"{name}.wav", dtype="float32")
+        assert data.shape == (SR,) and np.isfinite(data).all() and not data.any()  # silent, no NaN
+
+
+def test_job_seeds_follow_row_ids_not_order_or_batch(tmp_path, wavflow_cache_dir):
+    paths = save_checkpoints(tmp_path / "ckpt", tiny_cfg())
+    rows = [("a", "a dog barks"), ("b", "rain"), ("c", "a car passes"), ("d", "birds")]
+
+    def run_job(order, batch_size, seed=7):
+        csv = tmp_path / f"rows_{batch_size}_{seed}_{''.join(order)}.csv"
+        body = "".join(f"{i},,{dict(rows)[i]},0,1\n" for i in order)
+        csv.write_text("id,video_path,caption,video_exist,text_exist\n" + body)
+        out = tmp_path / csv.stem
+        cfg_path = write_job_config(tmp_path / f"{csv.stem}.yaml", ckpt=paths["full"], csv=csv, out=out)
+        assert main(job_args(cfg_path, f"inference.batch_size={batch_size}", f"inference.seed={seed}",
+                             "sampling.num_steps=2", "output.loudness_norm=false")) == 0
+        return {i: sf.read(out / f"{i}.wav", dtype="float32")[0] for i in order}
+
+    base = run_job("abcd", 4)
+    shuffled = run_job("dbca", 4)
+    one_by_one = run_job("abcd", 1)
+    other_seed = run_job("abcd", 4, seed=8)
+    for i in "abcd":
+        assert np.array_equal(shuffled[i], base[i])  # same batch size: bit-identical
+        np.testing.assert_allclose(one_by_one[i], base[i], rtol=0, atol=5e-4)  # float rounding only
+        assert np.abs(other_seed[i] - base[i]).mean() > 0.05

@@ -102,7 +102,7 @@ class ExtractSettings:
         if mode not in MODES:
             raise ConfigError(f"extraction.mode must be one of {', '.join(MODES)}, got {mode!r}")
         device = str(_key(cfg, "extraction.device"))
-        if device not in DEVICES and not device.startswith("cuda:"):
+        if device not in DEVICES:  # the GPU of a rank is always cuda:LOCAL_RANK
             raise ConfigError(f"extraction.device must be one of {', '.join(DEVICES)}, got {device!r}")
         duration = _key(cfg, "extraction.duration_sec")
         if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration <= 0:

@@ -205,3 +205,31 @@ def test_bad_profile_and_missing_clip_file(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="nope.pt"):
         FeatureEncoders.from_config({"profile": "default", "clip_pretrained": str(tmp_path / "nope.pt"),
                                      "cache_dir": str(tmp_path)}, need_video=False)
+
+
+def test_clip_from_hub_cache_offline(encoders: FeatureEncoders, wavflow_cache_dir: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path loads a pre-populated Hugging Face cache with downloads off (no request)."""
+    import json
+    import socket
+
+    from wavflow.features.clip import ClipEncoder
+    from wavflow.features.encoders import TINY_CLIP_CONFIG
+
+    def refuse(*_a, **_k):
+        raise socket.gaierror(socket.EAI_NONAME, "network disabled by test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--someorg--tiny-clip"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    (snap / "open_clip_pytorch_model.bin").symlink_to(wavflow_cache_dir / TINY_CLIP_FILENAME)
+    clip = ClipEncoder.from_hub("hf-hub:someorg/tiny-clip", "ViT-H-14-378-quickgelu", allow_download=False,
+                                hf_cache_dir=tmp_path / "hf")
+    with torch.no_grad():
+        got = clip.encode_text(["hub path"])
+    assert torch.equal(got, encoders.encode_text(["hub path"]))

@@ -108,9 +108,11 @@ def load_synchformer(path: Path, cfg: SynchformerConfig | None = None) -> Synchf
         raise WeightsError(str(exc)) from exc
     if not isinstance(state, Mapping):
         raise WeightsError(f"Synchformer weights {path} hold a {type(state).__name__}, not a state dict")
-    model = Synchformer(cfg)
+    with torch.device("meta"):  # no random init of 122M parameters that are overwritten anyway
+        model = Synchformer(cfg)
+    state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise WeightsError(f"Synchformer weights {path} do not match the model: {exc}") from exc
     return model.eval().requires_grad_(False)
@@ -198,7 +200,7 @@ class FeatureEncoders:
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
         # bf16 autocast on CUDA (as the reference extraction), plain fp32 on CPU.
-        with torch.inference_mode():
+        with torch.no_grad():  # plain tensors out (inference tensors refuse later in-place edits)
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     yield

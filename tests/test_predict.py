@@ -60,7 +60,8 @@ def save_checkpoints(folder: Path, cfg, *, global_step: int = 50, train_cfg=None
     """A trainer-format checkpoint (live != EMA weights, with its config) and a flat EMA file."""
     folder.mkdir(parents=True, exist_ok=True)
     live, ema = perturbed_state_dict(cfg, 1), perturbed_state_dict(cfg, 2)
-    train_cfg = OmegaConf.to_container(cfg if train_cfg is None else train_cfg)
+    # The trainer records its resolved config as YAML text.
+    train_cfg = OmegaConf.to_yaml(cfg if train_cfg is None else train_cfg)
     full = {
         "model": live,
         "model_ema1": ema,

@@ -77,7 +77,7 @@ def test_launcher_four_row_kinds_wavs_mp4s_summary(tmp_path, wavflow_cache_dir):
     env = {**os.environ, "WAVFLOW_CACHE_DIR": str(wavflow_cache_dir), "OMP_NUM_THREADS": "1",
            "WAVFLOW_PYTHON": sys.executable}
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts/launch/predict.sh"), *job_args(cfg_path)],
+        ["bash", str(REPO / "scripts/launch/predict.sh"), *job_args(cfg_path, "sampling.num_steps=2")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_job_seeds_follow_row_ids_not_order_or_batch(tmp_path, wavflow_cache_dir
     paths = save_checkpoints(tmp_path / "ckpt", tiny_cfg())
     rows = [("a", "a dog barks"), ("b", "rain"), ("c", "a car passes"), ("d", "birds")]
 
-    def run_job(order, batch_size, seed=7):
+    def run_job(order: str, batch_size: int, seed: int = 7) -> dict[str, np.ndarray]:
         csv = tmp_path / f"rows_{batch_size}_{seed}_{''.join(order)}.csv"
         body = "".join(f"{i},,{dict(rows)[i]},0,1\n" for i in order)
         csv.write_text("id,video_path,caption,video_exist,text_exist\n" + body)
@@ -166,8 +166,7 @@ def test_job_seeds_follow_row_ids_not_order_or_batch(tmp_path, wavflow_cache_dir
     base = run_job("abcd", 4)
     shuffled = run_job("dbca", 4)
     one_by_one = run_job("abcd", 1)
-    other_seed = run_job("abcd", 4, seed=8)
     for i in "abcd":
         assert np.array_equal(shuffled[i], base[i])  # same batch size: bit-identical
         np.testing.assert_allclose(one_by_one[i], base[i], rtol=0, atol=5e-4)  # float rounding only
-        assert np.abs(other_seed[i] - base[i]).mean() > 0.05
+    # (different seeds giving different audio: tests/test_predict.py)

@@ -142,7 +142,7 @@ def ema_warning(ckpt: Mapping[str, Any], ckpt_cfg: Optional[DictConfig], source:
     step = int(step)
     decay, warmup = DEFAULT_EMA_DECAY, False
     if ckpt_cfg is not None:
-        for key in ("training.ema_decay", "ema.decay", "training.ema.decay"):
+        for key in ("training.ema_decay1", "training.ema_decay"):
             value = OmegaConf.select(ckpt_cfg, key, default=None)
             if isinstance(value, (int, float)) and 0 < value < 1:
                 decay = float(value)

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1 or args.duration <= 0 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch, --steps, --repeats must be >= 1, --duration > 0, --warmup >= 0")
+    if not PRESETS[args.preset].pinned() and video_seq_lens(args.duration)[1] == 0:
+        p.error(f"--duration {args.duration} s holds no 16-frame Synchformer segment (need >= 0.64 s)")
     return args
 
 

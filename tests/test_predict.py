@@ -272,3 +272,24 @@ def test_loudness_normalised_to_target_and_silence_is_safe(gen, tmp_path):
     write_outputs(gen, silent, torch.zeros(SR), tmp_path, cfg)
     data, _ = sf.read(tmp_path / "silent.wav", dtype="float64")
     assert data.shape == (SR,) and np.isfinite(data).all() and not data.any()
+
+
+# ------------------------------------------------------------------------ job config
+
+
+def test_heun_sampler_and_job_config_errors(gen, tmp_path):
+    out = gen.generate_batch([random_features(gen, 40, False, True)], [1], steps=2, method="heun")
+    assert out.shape == (1, SR) and torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match="sampling.method must be one of"):
+        gen.generate_batch([ConditionFeatures()], [1], steps=2, method="rk4")
+    from wavflow.predict import check_infer_config, main
+
+    with pytest.raises(ConfigError, match=r"model.ckpt_path must be set"):
+        check_infer_config(tiny_cfg("data.csv_path=x.csv"))
+    with pytest.raises(ConfigError, match=r"inference.batch_size must be an integer >= 1, got 0"):
+        check_infer_config(tiny_cfg("data.csv_path=x.csv", "model.ckpt_path=c.pth", "inference.batch_size=0"))
+    # A config / checkpoint error stops the job before any row: exit code 2.
+    args = [*TINY_OVERRIDES, f"data.csv_path={tmp_path / 'none.csv'}", "model.ckpt_path=c.pth",
+            f"output.output_dir={tmp_path / 'out'}"]
+    assert main(["--config", "infer.yaml", *args]) == 2
+    assert main(["--config", "infer.yaml", "--bogus"]) == 2

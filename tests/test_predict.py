@@ -293,3 +293,33 @@ def test_heun_sampler_and_job_config_errors(gen, tmp_path):
             f"output.output_dir={tmp_path / 'out'}"]
     assert main(["--config", "infer.yaml", *args]) == 2
     assert main(["--config", "infer.yaml", "--bogus"]) == 2
+
+
+def test_checkpoints_of_a_real_short_training_run_load(tmp_path, caplog):
+    """The trainer's own files: checkpoint_latest.pth (EMA and live) and ema_epoch_N.pth."""
+    from tests.test_train_common import DURATION as TRAIN_DUR, SHAPES, make_config, make_dataset
+    from wavflow.train.trainer import run_training
+
+    csv = make_dataset(tmp_path)
+    run_training(make_config(tmp_path, csv, training__ema_checkpoint_save_epoch=1))
+    run_dir = tmp_path / "out" / "exp"
+    infer = load_config("infer.yaml", ["model.name=tiny_16k", f"data.audio_duration={TRAIN_DUR}",
+                                       *[f"data.{k}={v}" for k, v in SHAPES.items()], "sampling.num_steps=2"])
+    n_samples = round(SR * TRAIN_DUR)
+    live = torch.load(run_dir / "checkpoint_latest.pth", weights_only=True)
+    for path, use_ema, key in [("checkpoint_latest.pth", True, "model_ema1"), ("checkpoint_latest.pth", False, "model"),
+                               ("ema_epoch_2.pth", True, None)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wavflow.generator"):
+            g = WavFlowGenerator.from_checkpoint(run_dir / path, config=infer, use_ema=use_ema, device="cpu")
+        expected = live[key] if key else torch.load(run_dir / path, weights_only=True)
+        assert all(torch.equal(g.model.state_dict()[k], v) for k, v in expected.items())
+        out = g.generate_batch([random_features(g, 1, True, True)], [0])
+        assert out.shape == (1, n_samples) and torch.isfinite(out).all()
+        young = [r.getMessage() for r in caplog.records if "EMA horizon" in r.getMessage()]
+        assert bool(young) == (key == "model_ema1")
+        if young:
+            assert f"global_step={live['global_step']}" in young[0]
+    # No config given: the run's recorded config (YAML text) supplies model and data settings.
+    adopted = WavFlowGenerator.from_checkpoint(run_dir / "checkpoint_latest.pth", use_ema=False, device="cpu")
+    assert adopted.duration == TRAIN_DUR and adopted.model.text_dim == SHAPES["text_dim"]

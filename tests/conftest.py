@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: on small tensors two threads on a shared 2-core box are 10x slower (measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

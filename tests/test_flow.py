@@ -323,3 +323,30 @@ def test_cfg_interval_off_outside(cfg_setup):
     )
     torch.testing.assert_close(inside, expect)
 
+
+
+def test_cfg_with_real_network_conditions():
+    """Batched CFG on the real WavFlowNet `Conditions` (expand-view empty conditions) equals the
+    reference two-pass ode_wrapper, and both differ from the conditional prediction."""
+    model_mod = pytest.importorskip("wavflow.model")
+    torch.manual_seed(0)
+    net = model_mod.build_model("tiny_16k", latent_seq_len=4, clip_seq_len=8, sync_seq_len=8,
+                                text_seq_len=5)
+    with torch.no_grad():
+        for p in net.parameters():  # a fresh model outputs exactly 0: give it random weights
+            p.normal_(0, 0.02)
+    net.eval()
+    bs = 2
+    clip = _rand(bs, 8, net.clip_dim, seed=1)
+    sync = _rand(bs, 8, net.sync_dim, seed=2)
+    text = _rand(bs, 5, net.text_dim, seed=3)
+    x = _rand(bs, 4, 200, seed=4)
+    with torch.no_grad():
+        cond = net.preprocess_conditions(clip, sync, text)
+        empty = net.get_empty_conditions(bs)
+        t = torch.tensor(0.3)
+        two_pass = cfg_denoiser(net, cond, empty, 4.5, batched=False)(t, x)
+        batched = cfg_denoiser(net, cond, empty, 4.5)(t, x)
+        cond_only = cfg_denoiser(net, cond, empty, 1.0)(t, x)
+    torch.testing.assert_close(batched, two_pass, rtol=1e-4, atol=1e-5)
+    assert (two_pass - cond_only).abs().max() > 1e-3

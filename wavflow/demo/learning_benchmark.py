@@ -1,0 +1,248 @@
+"""Does it learn? The memorise and generalise stages of the learning benchmark.
+
+    python -m wavflow.demo.learning_benchmark [--config PATH] [key=value ...]
+
+Both stages use the real pipeline (launchers for extraction, training and prediction). Training
+runs in chunks of `eval_every` steps through `training.max_steps` and resumes bit-exactly from
+`checkpoint_latest.pth`, so the curve costs no extra training. Each evaluation predicts with the
+latest weights and scores the audio; results go to `<out_dir>/<stage>/curve.json`, a PNG curve,
+and `<out_dir>/metrics.json` with the git revision and wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from wavflow.demo.pipeline import REPO_ROOT, run_stage
+from wavflow.errors import WavFlowError
+from wavflow.io_utils import atomic_write_csv, atomic_write_text
+
+log = logging.getLogger("wavflow.bench")
+
+
+def _shared(cfg: DictConfig) -> list[str]:
+    from wavflow.demo.pipeline import _shared_overrides
+
+    return _shared_overrides(cfg)
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Path, logs: Path) -> Path:
+    out_csv = out / f"train_{mode}_features.csv"
+    run_stage(f"extract_{mode}", f"extract_{mode}.sh", _shared(cfg) + [
+        f"data.csv_path={in_csv}", f"data.data_root={data_root}", f"output.pth_dir={out / mode}",
+        f"output.csv_path={out_csv}", f"extraction.duration_sec={cfg.data.audio_duration}",
+        "extraction.num_workers=0"], int(cfg.bench.nproc), logs)
+    return out_csv
+
+
+def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], out: Path, step: int,
+              logs: Path) -> float:
+    b = cfg.bench
+    return run_stage(f"train_to_{step}", "train_single_node.sh", _shared(cfg) + [
+        f"data.train_csv=[{','.join(map(str, train_csvs))}]",
+        f"training.output_dir={out}", "training.experiment_id=run",
+        f"training.max_steps={step}", "training.epochs=1000000",
+        f"training.batch_size={b.batch_size}", f"training.lr={b.lr}",
+        f"training.warmup_steps={b.warmup_steps}", f"training.precision={b.precision}",
+        f"training.repeat_factor={stage_cfg.repeat_factor}", "training.ema_warmup=true",
+        "training.log_freq=50", "training.gen_train_freq=0", "training.checkpoint_freq=0",
+        "training.checkpoint_save_epoch=0", "training.ema_checkpoint_save_epoch=0",
+        f"training.seed={b.seed}"], int(b.nproc), logs)
+
+
+def _predict(cfg: DictConfig, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path, tag: str) -> float:
+    return run_stage(f"predict_{tag}", "predict.sh", _shared(cfg) + [
+        f"data.csv_path={csv_path}", f"data.data_root={data_root}", f"model.ckpt_path={ckpt}",
+        "model.use_ema=false", f"inference.cfg={cfg.bench.eval_cfg}",
+        f"sampling.num_steps={cfg.sampling.num_steps}", f"output.output_dir={out}",
+        "output.mux_video=false", "output.overwrite=true", "output.loudness_norm=true",
+        "inference.batch_size=8"], 1, logs)
+
+
+# ------------------------------------------------------------------------------ memorise
+def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
+    """4 clips with 4 distinct classes and captions, learned by heart."""
+    from wavflow.demo.make_dataset import make_dataset
+    from wavflow.demo.metrics import nearest_reference, noise_baseline
+
+    st = cfg.bench.memorise
+    logs = root / "logs"
+    data = root / "data"
+    info = make_dataset(data, n=12, seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
+                        sample_rate=int(cfg.data.target_sample_rate), no_caption_frac=0.0, no_video_frac=0.0,
+                        progress=False)
+    chosen, labels = [], set()
+    for clip in info.clips:  # the first four clips of distinct classes
+        if clip.label not in labels:
+            chosen.append(clip)
+            labels.add(clip.label)
+        if len(chosen) == 4:
+            break
+    ids = [c.id for c in chosen]
+    atomic_write_csv(pd.DataFrame({"id": ids, "audio_path": [c.audio_path for c in chosen],
+                                   "video_path": [c.video_path for c in chosen],
+                                   "caption": [c.description for c in chosen]}), data / "memorise_vt2a.csv")
+    eval_rows = []
+    for c in chosen:  # same conditioning as training (video + caption), and caption only
+        eval_rows.append({"id": f"{c.id}__vt2a", "video_path": c.video_path, "caption": c.description,
+                          "video_exist": 1, "text_exist": 1})
+        eval_rows.append({"id": f"{c.id}__t2a", "video_path": "", "caption": c.description,
+                          "video_exist": 0, "text_exist": 1})
+    atomic_write_csv(pd.DataFrame(eval_rows), data / "memorise_eval.csv")
+    feats = _extract(cfg, "vt2a", data / "memorise_vt2a.csv", data, root / "features", logs)
+
+    ref_wavs = [data / c.audio_path for c in chosen]
+    sr = int(cfg.data.target_sample_rate)
+    noise = noise_baseline(4, float(cfg.data.audio_duration), sr, seed=1)
+    noise_dist = float(np.mean(np.diag(nearest_reference(list(noise), ref_wavs, sample_rate=sr))))
+    curve, start, train_s, reached_at = [], time.time(), 0.0, None
+    for step in range(int(st.eval_every), int(st.max_steps) + 1, int(st.eval_every)):
+        train_s += _train_to(cfg, st, [feats], root / "train", step, logs)
+        pred = root / "predict" / f"step_{step:06d}"
+        _predict(cfg, data / "memorise_eval.csv", data, root / "train" / "run" / "checkpoint_latest.pth", pred,
+                 logs, f"memorise_{step}")
+        point: dict[str, Any] = {"step": step, "train_seconds": round(train_s, 1),
+                                 "wall_seconds": round(time.time() - start, 1)}
+        for mode in ("vt2a", "t2a"):
+            d = nearest_reference([pred / f"{i}__{mode}.wav" for i in ids], ref_wavs, sample_rate=sr)
+            own = float(np.mean(np.diag(d)))
+            point[mode] = {"nearest_is_own": float(np.mean(d.argmin(1) == np.arange(len(ids)))),
+                           "own_distance": own, "ratio_to_noise": own / noise_dist, "matrix": d.round(3).tolist()}
+        point["target_met"] = bool(point["vt2a"]["nearest_is_own"] == 1.0
+                                   and point["vt2a"]["ratio_to_noise"] < float(cfg.bench.targets.memorise_ratio))
+        curve.append(point)
+        log.info("memorise step %d: %s", step, {m: {k: point[m][k] for k in ("nearest_is_own", "ratio_to_noise")}
+                                               for m in ("vt2a", "t2a")})
+        _write_curve(root, curve, "memorise", [("vt2a", "nearest_is_own"), ("vt2a", "ratio_to_noise"),
+                                               ("t2a", "nearest_is_own"), ("t2a", "ratio_to_noise")])
+        if point["target_met"] and reached_at is None:
+            reached_at = point
+        elif point["target_met"] and reached_at is not None:
+            break  # met twice in a row: stable
+        elif not point["target_met"]:
+            reached_at = None
+    return {"clips": ids, "captions": [c.description for c in chosen], "noise_distance": noise_dist,
+            "curve": curve, "target_reached": reached_at is not None,
+            "target_first_met": reached_at, "train_seconds": round(train_s, 1)}
+
+
+# ------------------------------------------------------------------------------ generalise
+def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
+    """Procedural set with held-out clips: class accuracy from text, onset timing from video."""
+    from wavflow.demo.make_dataset import make_dataset
+    from wavflow.demo.metrics import evaluate
+
+    st = cfg.bench.generalise
+    logs = root / "logs"
+    data = root / "data"
+    make_dataset(data, n=int(st.n), seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
+                 sample_rate=int(cfg.data.target_sample_rate), holdout_frac=0.25, progress=False)
+    csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
+    targets = cfg.bench.targets
+    curve, start, train_s, reached = [], time.time(), 0.0, None
+    for step in range(int(st.eval_every), int(st.max_steps) + 1, int(st.eval_every)):
+        train_s += _train_to(cfg, st, csvs, root / "train", step, logs)
+        pred = root / "predict" / f"step_{step:06d}"
+        _predict(cfg, data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth", pred,
+                 logs, f"generalise_{step}")
+        metrics, _ = evaluate(pred, data, out_dir=pred, progress=False)
+        clips = metrics["per_clip"]
+        text_rows = [c for c in clips if c["mode"] in ("T2A", "VT2A")]
+        video_errs = [e for c in clips if c["mode"] in ("V2A", "VT2A") for e in c["errors_ms"] if e is not None]
+        n_onsets = sum(len(c["errors_ms"]) for c in clips if c["mode"] in ("V2A", "VT2A"))
+        point = {"step": step, "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - start, 1),
+                 "text_class_accuracy": float(np.mean([c["predicted"] == c["label"] for c in text_rows])),
+                 "video_onset_median_ms": float(np.median(video_errs)) if video_errs else None,
+                 "video_onset_detection_rate": len(video_errs) / max(1, n_onsets),
+                 "groups": metrics["groups"]}
+        point["target_met"] = bool(point["text_class_accuracy"] >= float(targets.generalise_class_acc)
+                                   and point["video_onset_median_ms"] is not None
+                                   and point["video_onset_median_ms"] <= float(targets.generalise_onset_ms))
+        curve.append(point)
+        log.info("generalise step %d: acc %.3f onset median %s ms", step, point["text_class_accuracy"],
+                 point["video_onset_median_ms"])
+        _write_curve(root, curve, "generalise", [("text_class_accuracy", None), ("video_onset_median_ms", None),
+                                                 ("video_onset_detection_rate", None)])
+        if point["target_met"]:
+            reached = point
+            break
+    return {"n": int(st.n), "curve": curve, "target_reached": reached is not None, "target_first_met": reached,
+            "train_seconds": round(train_s, 1), "chance_accuracy": 1 / 6}
+
+
+def _write_curve(root: Path, curve: list[dict], title: str, series: Sequence[tuple[str, str | None]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic_write_text(root / "curve.json", json.dumps(curve, indent=1) + "\n")
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+    steps = [p["step"] for p in curve]
+    for ax, (a, b) in zip(axes[0], series):
+        values = [(p[a][b] if b else p[a]) for p in curve]
+        ax.plot(steps, [np.nan if v is None else v for v in values], marker="o")
+        ax.set_title(f"{a}{'.' + b if b else ''}", fontsize=9)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"learning benchmark: {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(root / "curve.png", dpi=90)
+    plt.close(fig)
+
+
+def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.bench.out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"git_revision": _git_revision(), "config": {
+        "model": cfg.model.name, "duration": cfg.data.audio_duration, "precision": cfg.bench.precision,
+        "batch_size": cfg.bench.batch_size, "lr": cfg.bench.lr, "sampling_steps": cfg.sampling.num_steps,
+        "cfg": cfg.bench.eval_cfg}, "stages": {}}
+    runners = {"memorise": run_memorise, "generalise": run_generalise}
+    for stage in cfg.bench.stages:
+        if stage not in runners:
+            raise WavFlowError(f"bench.stages: unknown stage {stage!r} (memorise | generalise)")
+        start = time.time()
+        result["stages"][stage] = runners[stage](cfg, out / stage)
+        result["stages"][stage]["wall_seconds"] = round(time.time() - start, 1)
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    from wavflow.config import load_config, parse_cli
+
+    try:
+        path, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv), "bench_learning.yaml")
+        result = run_benchmark(load_config(path, overrides))
+    except WavFlowError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 2
+    for name, stage in result["stages"].items():
+        first = stage["target_first_met"]
+        print(f"{name}: target {'reached at step ' + str(first['step']) if first else 'NOT reached'} "
+              f"(train {stage['train_seconds']} s, wall {stage['wall_seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""A shortened demo run through the real launchers writes every artefact it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pandas as pd
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, WAVFLOW_PYTHON=sys.executable, OMP_NUM_THREADS="1", DEMO_OUT=str(out),
+               WAVFLOW_CACHE_DIR=str(wavflow_cache_dir))
+    cmd = ["bash", str(REPO / "scripts/launch/demo.sh"), "demo.n=12", "demo.train.max_steps=6",
+           "demo.train.batch_size=4", "model.name=tiny_16k", "sampling.num_steps=2", "demo.figure_clips=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    # data set, features, training run
+    assert (out / "data/events.json").is_file()
+    for mode in ("vt2a", "t2a"):
+        csv = pd.read_csv(out / f"features/train_{mode}_features.csv")
+        assert list(csv.columns) == ["id", "audio_path", "features_path", "video_exist", "text_exist"]
+        assert all(Path(p).is_absolute() and Path(p).is_file() for p in csv.features_path)
+    run = out / "train/demo"
+    assert (run / "checkpoint_latest.pth").is_file() and (run / "config.yaml").is_file()
+    assert "GlobalStep 6" in (run / "training.log").read_text()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    # predictions for every held-out row, mp4s for rows with video
+    holdout = pd.read_csv(out / "data/holdout_infer.csv", keep_default_na=False)
+    summary = pd.read_csv(out / "predict/summary.csv", keep_default_na=False)
+    assert len(summary) == len(holdout) and set(summary.status) == {"ok"}
+    assert set(holdout.video_exist) == {0, 1} and set(holdout.text_exist) == {0, 1}
+    for row in holdout.itertuples():
+        wave, sr = sf.read(out / f"predict/{row.id}.wav")
+        assert sr == 16000 and wave.shape == (32000,)
+        mp4 = out / f"predict/{row.id}.mp4"
+        assert mp4.is_file() == bool(row.video_exist)
+        if row.video_exist:
+            with av.open(str(mp4)) as container:
+                assert len(container.streams.video) == 1 and len(container.streams.audio) == 1
+
+    # metrics, figure, printout
+    metrics = json.loads((out / "metrics/metrics.json").read_text())
+    assert set(metrics["groups"]) >= {"VT2A", "T2A", "V2A", "overall"}
+    assert metrics["groups"]["overall"]["n"] == len(holdout)
+    assert (out / "metrics/metrics.txt").read_text().strip()
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "WavFlow demo finished" in proc.stdout and "not a model that sounds right" in proc.stdout
+    assert str(out / "figure.png") in proc.stdout

@@ -22,3 +22,12 @@ def wavflow_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("WAVFLOW_CACHE_DIR", None)
     else:
         os.environ["WAVFLOW_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test runs with one intra-op thread, whatever an earlier test set."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

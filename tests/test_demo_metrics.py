@@ -32,15 +32,6 @@ from wavflow.errors import ManifestError
 SR = 16000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # log-mels of 2 s clips are tiny ops: a second thread only adds contention on a busy CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     # 24 clips, a quarter held out: 18 train clips (3 per class) fit the classifier, 6 are scored

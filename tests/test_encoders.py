@@ -30,15 +30,6 @@ def tiny_cfg(cache_dir: Path | None = None, **extra) -> dict:
             "allow_download": False, **extra}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on the shared 2-core box, 2 OMP threads make small ops ~10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def encoders(wavflow_cache_dir: Path) -> FeatureEncoders:
     return FeatureEncoders.from_config(tiny_cfg(), need_video=True)  # cache from $WAVFLOW_CACHE_DIR

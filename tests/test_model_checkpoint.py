@@ -10,14 +10,6 @@ from wavflow.io_utils import atomic_torch_save
 from wavflow.model import ModelPreset, WavFlowNet, build_model
 from wavflow.model.checkpoint import load_checkpoint_file, load_weights, state_dict_from_checkpoint
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two threads spin and run ~5x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 SHAPES = dict(latent_seq_len=16, clip_seq_len=4, sync_seq_len=8, text_seq_len=5, clip_dim=24, sync_dim=16, text_dim=24)
 # A ~0.5 M-parameter network of the same structure keeps file round trips cheap on busy CPUs.

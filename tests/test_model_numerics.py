@@ -19,14 +19,6 @@ from wavflow.model.layers import (
     swiglu_hidden_dim,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two threads spin and run ~5x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 # Small condition shapes keep the tiny model fast; the reference shapes are tested on meta.
 SHAPES = dict(latent_seq_len=24, clip_seq_len=4, sync_seq_len=16, text_seq_len=6, clip_dim=32, sync_dim=24, text_dim=40)

@@ -33,15 +33,6 @@ TINY_OVERRIDES = [
 N = math.ceil(SR * DUR / 200)  # 80 patches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared 2-core machine: OpenMP spin-waiting with 2 threads makes tiny convs ~10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg(*extra: str):
     return load_config("infer.yaml", [*TINY_OVERRIDES, *extra])
 

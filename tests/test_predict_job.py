@@ -25,14 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_predict.py
-    yield
-    torch.set_num_threads(old)
-
-
 def write_job_config(path: Path, *, ckpt: Path, csv: Path, out: Path, data_root: Path | None = None, **extra: str) -> Path:
     """A user config file on top of configs/infer.yaml (nested YAML, like a user would write)."""
     lines = ["_base_: infer.yaml", "model:", f"  ckpt_path: {ckpt}", "  use_ema: false", "data:", f"  csv_path: {csv}"]

@@ -15,15 +15,6 @@ FORMAT = Path(__file__).resolve().parents[2] / "shared" / "formats" / "synchform
 FORMAT = FORMAT if FORMAT.is_file() else Path("/work/shared/formats/synchformer.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on the shared 2-core box, 2 OMP threads make small ops ~10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def reference_layout() -> dict:
     if not FORMAT.is_file():

@@ -94,11 +94,3 @@ def overrides(root: Path, csv: Path | str | list, **extra: object) -> list[str]:
 
 def make_config(root: Path, csv: Path | str | list, **extra: object):
     return load_config("train.yaml", overrides(root, csv, **extra))
-
-
-def single_thread():
-    """Pytest fixture body: one intra-op thread (the test machine is shared and oversubscribed)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import test_train_common as _common
-
-from tests.test_train_common import SHAPES, make_config, make_dataset, overrides, write_sample
+from tests.test_train_common import make_config, make_dataset, overrides, write_sample
 from wavflow.errors import CheckpointError, ManifestError
 from wavflow.io_utils import safe_torch_load
 from wavflow.train.trainer import Trainer, run_training
@@ -36,11 +34,6 @@ def _assert_same_tree(a, b, where="ckpt"):
             _assert_same_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from _common.single_thread()
 
 
 def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path):

@@ -3,24 +3,16 @@ label drop, empty-token substitution, gradient accumulation."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-
-from tests import test_train_common as _common
 
 from tests.test_train_common import SHAPES, make_config, make_dataset
 from wavflow.train.ema import ParamEMA, ema_decay
 from wavflow.train.lr_schedule import base_lr, lr_at
 from wavflow.train.step import StepNoise, apply_label_drop, draw_step_noise
 from wavflow.train.trainer import Trainer, optimizer_groups
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from _common.single_thread()
 
 
 def test_lr_schedule_matches_reference_values():

@@ -19,7 +19,6 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from wavflow.audio import load_audio
-from wavflow.demo.make_dataset import MODES, ClipInfo, DatasetInfo, load_dataset_info
+from wavflow.demo.make_dataset import MODES, DatasetInfo, load_dataset_info
 from wavflow.errors import AudioError, ManifestError
 from wavflow.io_utils import atomic_write_text
 

@@ -19,7 +19,6 @@ from torch import nn
 
 from wavflow.errors import CheckpointError
 from wavflow.io_utils import safe_torch_load
-from wavflow.model.network import NON_PERSISTENT_BUFFERS
 
 CHECKPOINT_FORMAT = "wavflow-train-1"
 LATEST_NAME = "checkpoint_latest.pth"
@@ -78,28 +77,6 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator) -> None:
 def model_state_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict as CPU copies (no rot/freq buffers: they are non-persistent)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict load that tolerates the non-persistent `latent_rot` / `clip_rot` / `t_embed.freqs`."""
-    state = {k: v for k, v in state.items() if k not in NON_PERSISTENT_BUFFERS}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        if wrong:
-            parts.append(
-                "shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5])
-            )
-        name = getattr(model, "preset_name", type(model).__name__)
-        raise CheckpointError(f"{source} does not fit model '{name}': {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------------------- loading

@@ -38,6 +38,7 @@ from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.io_utils import atomic_torch_save, safe_torch_load
 from wavflow.model import build_model_from_config
+from wavflow.model.checkpoint import load_weights
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
     LATEST_NAME,
@@ -46,7 +47,6 @@ from wavflow.train.checkpointing import (
     epoch_checkpoint_name,
     load_initial_checkpoint,
     load_latest_checkpoint,
-    load_model_state,
     model_state_cpu,
     restore_rng,
 )
@@ -322,13 +322,13 @@ class Trainer:
             if "model" in ckpt:
                 self._load_full(ckpt, model_only=bool(ck.initial_load_model_only), source=str(path))
             else:
-                load_model_state(self.model, ckpt, source=str(path))
+                load_weights(self.model, ckpt, source=str(path))
                 self.ema1.reset_to(self.model)
                 self.ema2.reset_to(self.model)
             self.logger.info("Loaded initial weights from %s (epoch %d, step %d)", path, self.epoch, self.global_step)
 
     def _load_full(self, ckpt: dict[str, Any], *, model_only: bool, source: str) -> None:
-        load_model_state(self.model, ckpt["model"], source=source)
+        load_weights(self.model, ckpt["model"], source=source)
         for ema, key in ((self.ema1, "model_ema1"), (self.ema2, "model_ema2")):
             if key in ckpt:
                 ema.load_state_dict(ckpt[key], source=f"{source} [{key}]")

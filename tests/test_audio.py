@@ -115,6 +115,15 @@ def test_formats_resample_and_downmix(tmp_path):
     assert load_audio(tmp_path / "hi.wav", SR).shape == (8000,)
 
 
+def test_resampling_is_the_reference_transform_bit_for_bit(tmp_path):
+    import torchaudio
+
+    wave = np.random.default_rng(0).uniform(-0.8, 0.8, 22050).astype(np.float32)
+    sf.write(tmp_path / "r.wav", wave, 44100, subtype="FLOAT")
+    expected = torchaudio.transforms.Resample(44100, SR)(torch.from_numpy(wave))
+    assert torch.equal(load_audio(tmp_path / "r.wav", SR), expected)
+
+
 def test_mp4_with_aac_track_loads_through_pyav(tmp_path):
     import av
 

@@ -10,6 +10,8 @@ fail later, at read time, become None and are dropped (and counted) by `collate_
 from __future__ import annotations
 
 import logging
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -141,6 +143,7 @@ def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tenso
     if not isinstance(feats, Mapping):
         raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) does not hold a dict")
     out: dict[str, torch.Tensor] = {}
+    problems: list[str] = []  # all of them, so a shape hint can name every key to change
     for key, stream, exists in (
         ("clip_features", shapes.clip, row.video_exist),
         ("sync_features", shapes.sync, row.video_exist),
@@ -151,8 +154,11 @@ def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tenso
             continue
         problem = _check_tensor(feats, key, stream)
         if problem:
-            raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}): {problem}")
+            problems.append(problem)
+            continue
         out[key] = feats[key].float()
+    if problems:
+        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}): {'; '.join(problems)}")
     return out
 
 
@@ -167,13 +173,84 @@ def find_feature_problems(rows: Sequence[TrainRow], shapes: FeatureShapes, show_
     return problems
 
 
+_SHAPE_PROBLEM = re.compile(r"(clip|sync|text)_features has shape \((\d+), (\d+)\), expected \((\d+), (\d+)\)")
+
+
+def _shape_mismatches(reason: str) -> list[tuple[str, int, int, int, int]]:
+    """(stream, found_len, found_dim, want_len, want_dim) for each shape problem in a reason."""
+    return [(m[0], int(m[1]), int(m[2]), int(m[3]), int(m[4])) for m in _SHAPE_PROBLEM.findall(reason)]
+
+
+def shape_hint(reasons: Sequence[str]) -> str:
+    """`data.*=value` overrides that would make systematic shape mismatches fit, or ''."""
+    settings: dict[str, int] = {}
+    for reason in reasons:
+        for stream, found_len, found_dim, want_len, want_dim in _shape_mismatches(reason):
+            if found_len != want_len:
+                settings.setdefault(f"data.{stream}_seq_len", found_len)
+            if found_dim != want_dim:
+                settings.setdefault(f"data.{stream}_dim", found_dim)
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _systematic_mismatch(
+    csv_rows: Sequence[TrainRow], feature_problems: Mapping[TrainRow, str]
+) -> str | None:
+    """A stream whose every carrying row (video for clip/sync, text for text) in this CSV has
+    the same wrong shape: a config mismatch, not a few bad files. Returns its description."""
+    for stream in ("clip", "sync", "text"):
+        carriers = [r for r in csv_rows if (r.text_exist if stream == "text" else r.video_exist)]
+        if not carriers:
+            continue
+        found: Counter[tuple[int, int, int, int]] = Counter()
+        for r in carriers:
+            for s, *dims in _shape_mismatches(feature_problems.get(r, "")):
+                if s == stream:
+                    found[tuple(dims)] += 1  # type: ignore[arg-type]
+        if len(found) == 1 and next(iter(found.values())) == len(carriers):
+            fl, fd, wl, wd = next(iter(found))
+            return f"every {stream}_features tensor has shape ({fl}, {fd}), expected ({wl}, {wd})"
+    return None
+
+
+def _check_each_csv_kept_rows(
+    rows: Sequence[TrainRow], reports: Sequence[ManifestReport], feature_problems: Mapping[int, str]
+) -> None:
+    """Stop when a CSV lost all its rows, or one of its streams is mis-shaped throughout:
+    training on without it would silently drop a whole modality/data set."""
+    by_row = {rows[pos]: reason for pos, reason in feature_problems.items()}
+    for csv_index, report in enumerate(reports):
+        csv_rows = [r for r in rows if r.csv_index == csv_index]
+        kept = [r for r in csv_rows if r not in by_row]
+        if not report.problems:
+            continue
+        systematic = _systematic_mismatch(csv_rows, by_row)
+        if kept and systematic is None:
+            continue
+        reasons = [p.reason for p in report.problems]
+        hint = shape_hint(reasons)
+        what = (
+            f"{systematic} (data.* does not match how the features were extracted)" if systematic
+            else f"all {len(report.bad_rows)} row(s) failed the check"
+        )
+        msg = f"training CSV {report.path}: {what}; refusing to train without it."
+        if hint:
+            msg += f" Set {hint} (e.g. on the command line) to match the feature files."
+        else:
+            msg += " Fix the rows below or remove the CSV from data.train_csv."
+        raise ManifestError(msg + "\n" + report.format(limit=10))
+
+
 def select_rows(
     rows: list[TrainRow],
     reports: list[ManifestReport],
     feature_problems: Mapping[int, str],
     on_bad_row: str,
 ) -> list[TrainRow]:
-    """Fold feature problems into the reports, then skip (logging each) or stop."""
+    """Fold feature problems into the reports, then skip (logging each) or stop.
+
+    Even under `skip`, a CSV whose rows all fail (or whose features are mis-shaped throughout)
+    stops the run with a ManifestError naming the CSV and the data.* keys to set."""
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ManifestError(f"data.on_bad_row={on_bad_row!r} is not one of {', '.join(BAD_ROW_POLICIES)}")
     for pos, reason in sorted(feature_problems.items()):
@@ -185,12 +262,34 @@ def select_rows(
         text = "\n".join(r.format(limit=10_000) for r in bad_reports)
         if on_bad_row == "error":
             raise ManifestError(f"training CSV check failed (data.on_bad_row=error):\n{text}")
+        _check_each_csv_kept_rows(rows, reports, feature_problems)
         for report in bad_reports:
             for problem in report.problems:
                 log.warning("skipping %s line %d (id %r): %s", report.path, problem.line, problem.row_id, problem.reason)
     if not good:
         raise ManifestError("no usable training rows left after the CSV check" + (f":\n{text}" if bad_reports else ""))
     return good
+
+
+def warn_if_audio_short(rows: Sequence[TrainRow], duration: float, probe: int = 3) -> None:
+    """One warning when the first few audio files are much shorter than data.audio_duration
+    (they would be mostly zero padding). Cheap: reads headers only; unreadable files are left
+    to the read-time check."""
+    import soundfile as sf
+
+    lengths: list[float] = []
+    for row in rows[:probe]:
+        try:
+            info = sf.info(str(row.audio_path))
+        except Exception:
+            return
+        lengths.append(info.frames / max(info.samplerate, 1))
+    if lengths and max(lengths) < 0.5 * duration:
+        log.warning(
+            "the first %d audio file(s) last at most %.2fs but data.audio_duration=%gs: clips are zero-padded; "
+            "set data.audio_duration to the clip length (and the matching data.*_seq_len)",
+            len(lengths), max(lengths), duration,
+        )
 
 
 class TrainDataset(Dataset):
@@ -208,6 +307,7 @@ class TrainDataset(Dataset):
         self.audio_dim = int(data_cfg.audio_dim)
         self.audio_scale = float(data_cfg.audio_scale)
         self.num_tokens = latent_seq_len(self.sample_rate, self.duration, self.audio_dim)
+        self._warned_ids: set[str] = set()  # read failures repeat every epoch/repeat: warn once per id
 
     def __len__(self) -> int:
         return len(self.rows) * self.repeat_factor
@@ -224,7 +324,12 @@ class TrainDataset(Dataset):
                 raise FeatureError(f"audio tokens have shape {tuple(tokens.shape)}, expected {(self.num_tokens, self.audio_dim)}")
             feats = load_features(row, self.shapes)
         except Exception as exc:  # one bad file must never stop a rank
-            log.warning("skipping id %r at read time (%s): %s", row.sample_id, row.audio_path, exc)
+            if row.sample_id not in self._warned_ids:
+                self._warned_ids.add(row.sample_id)
+                log.warning(
+                    "skipping id %r at read time (%s): %s (not repeated for this id; failures are counted per epoch)",
+                    row.sample_id, row.audio_path, exc,
+                )
             return None
         return {
             "id": row.sample_id,

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from wavflow.config import save_config
 from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from wavflow.errors import CheckpointError, ConfigError, FeatureError
-from wavflow.io_utils import atomic_torch_save, safe_torch_load
+from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError
+from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights
 from wavflow.train.checkpointing import (
@@ -59,6 +59,7 @@ from wavflow.train.dataset import (
     find_feature_problems,
     read_train_csvs,
     select_rows,
+    warn_if_audio_short,
 )
 from wavflow.train.ema import ParamEMA
 from wavflow.train.logging_utils import TensorBoard, close_logging, setup_logging
@@ -105,6 +106,43 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
     torch.manual_seed(seed)
 
 
+def _int_key(tr: DictConfig, key: str, minimum: int, *, nullable: bool = False) -> int | None:
+    """training.<key> as an int >= minimum (ConfigError naming the key otherwise)."""
+    value = tr[key]
+    if value is None and nullable:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, str):  # OmegaConf keeps quoted/odd CLI values as strings
+        ok = value.strip().lstrip("-").isdigit()
+        value = int(value) if ok else value
+    if not ok or value < minimum:  # type: ignore[operator]
+        null = "null or " if nullable else ""
+        raise ConfigError(f"training.{key} must be {null}an integer >= {minimum}, got {tr[key]!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _float_key(tr: DictConfig, key: str) -> float:
+    try:
+        if isinstance(tr[key], bool):
+            raise TypeError
+        return float(tr[key])
+    except (TypeError, ValueError):
+        raise ConfigError(f"training.{key} must be a number, got {tr[key]!r}") from None
+
+
+def check_experiment_id(value: Any) -> str:
+    """A non-empty name usable as one folder inside training.output_dir."""
+    text = "" if value is None else str(value)
+    try:
+        check_safe_id(text, where="training.experiment_id")
+    except ManifestError as exc:
+        raise ConfigError(
+            f"training.experiment_id={value!r} must be a non-empty folder name without '/', '\\' or '..' "
+            f"(outputs go to <training.output_dir>/<training.experiment_id>/): {exc}"
+        ) from None
+    return text
+
+
 def _check_training_config(cfg: DictConfig) -> None:
     tr = cfg.training
     if tr.precision not in ("auto", "fp32", "bf16"):
@@ -115,13 +153,38 @@ def _check_training_config(cfg: DictConfig) -> None:
         raise ConfigError(f"training.lr_schedule={tr.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
     if tr.loss_type not in ("x", "v"):
         raise ConfigError(f"training.loss_type={tr.loss_type!r} is not one of x, v")
-    for key in ("batch_size", "grad_accum_steps", "epochs", "repeat_factor"):
-        if int(tr[key]) < 1:
-            raise ConfigError(f"training.{key} must be >= 1, got {tr[key]}")
-    if not 0.0 <= float(tr.label_drop_prob) <= 1.0:
+    for key in ("batch_size", "grad_accum_steps", "epochs", "repeat_factor", "log_freq"):
+        _int_key(tr, key, 1)
+    _int_key(tr, "max_steps", 1, nullable=True)
+    for key in ("num_workers", "warmup_steps", "gen_train_freq", "checkpoint_freq", "checkpoint_save_epoch",
+                "ema_checkpoint_save_epoch", "save_every_steps", "seed"):
+        _int_key(tr, key, 0)
+    if not 0.0 <= _float_key(tr, "label_drop_prob") <= 1.0:
         raise ConfigError(f"training.label_drop_prob must lie in [0, 1], got {tr.label_drop_prob}")
+    for key in ("ema_decay1", "ema_decay2"):
+        if not 0.0 <= _float_key(tr, key) < 1.0:
+            raise ConfigError(f"training.{key} must lie in [0, 1), got {tr[key]}")
+    for key in ("min_lr", "weight_decay", "clip_grad_norm", "gamma"):
+        _float_key(tr, key)
     if tr.lr is None and tr.blr is None:
         raise ConfigError("set training.lr or training.blr")
+    if tr.lr is not None and _float_key(tr, "lr") <= 0:
+        raise ConfigError(f"training.lr must be > 0 (or null to use training.blr), got {tr.lr}")
+    check_experiment_id(tr.experiment_id)
+
+
+REFERENCE_PRESET_PREFIXES = ("medium_", "large_")
+
+
+def cpu_reference_preset_warning(model_name: str, device: torch.device) -> str | None:
+    """The start-up warning for a reference-size preset trained on CPU, or None."""
+    if device.type != "cpu" or not str(model_name).startswith(REFERENCE_PRESET_PREFIXES):
+        return None
+    size = "624 M" if str(model_name).startswith("medium_") else "1032 M"
+    return (
+        f"model.name={model_name} is a reference preset: {size} parameters on CPU: ~minutes per step and "
+        ">20 GB RAM; use model.name=small_16k/tiny_16k for CPU runs"
+    )
 
 
 def _autocast(device: torch.device, precision: str) -> AbstractContextManager:
@@ -192,8 +255,13 @@ class Trainer:
         self.autocast_factory = functools.partial(_autocast, self.device, str(tr.precision))
         self.seed = int(tr.seed)
         self.accum = int(tr.grad_accum_steps)
+        cpu_warning = cpu_reference_preset_warning(str(cfg.model.name), self.device)
+        if cpu_warning and self.is_main:
+            self.logger.warning(cpu_warning)
 
         rows = self._prepare_rows()
+        if self.is_main:
+            warn_if_audio_short(rows, float(cfg.data.audio_duration))
         self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, drop_last=False, seed=0
@@ -308,8 +376,8 @@ class Trainer:
             ckpt = load_latest_checkpoint(self.latest_path)
             self._load_full(ckpt, model_only=False, source=str(self.latest_path))
             self.logger.info(
-                "Resumed from %s: epoch %d, global step %d, batch %d of the epoch",
-                self.latest_path, self.epoch, self.global_step, self.batch_in_epoch,
+                "Resumed from %s: %d completed epoch(s), global step %d, batch %d of epoch %d",
+                self.latest_path, self.epoch, self.global_step, self.batch_in_epoch, self.epoch + 1,
             )
             return
         if self.latest_path.exists():
@@ -325,7 +393,9 @@ class Trainer:
                 load_weights(self.model, ckpt, source=str(path))
                 self.ema1.reset_to(self.model)
                 self.ema2.reset_to(self.model)
-            self.logger.info("Loaded initial weights from %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+            self.logger.info(
+                "Loaded initial weights from %s (%d completed epoch(s), global step %d)", path, self.epoch, self.global_step
+            )
 
     def _load_full(self, ckpt: dict[str, Any], *, model_only: bool, source: str) -> None:
         load_weights(self.model, ckpt["model"], source=source)
@@ -389,7 +459,12 @@ class Trainer:
             ckpt = self.checkpoint_dict(rng)
             for name in names:
                 path = atomic_torch_save(ckpt, self.exp_dir / name)
-                self.logger.info("Checkpoint saved to %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+                # spec §8.5: the display epoch; mid-epoch saves name the epoch in progress
+                display = self.epoch if self.batch_in_epoch == 0 else self.epoch + 1
+                where = "" if self.batch_in_epoch == 0 else f", {self.batch_in_epoch} batch(es) into it"
+                self.logger.info(
+                    "Checkpoint saved to %s (epoch %d%s, global step %d)", path, display, where, self.global_step
+                )
         barrier(self.info)
 
     def save_ema(self, epoch: int) -> None:
@@ -465,6 +540,13 @@ class Trainer:
                 per_samples.append(per.float().cpu())
                 times.append(t_s.float().cpu())
                 rows += n
+        # Every row of every rank failed to read: the gradients are all zero, but AdamW
+        # (momentum, decay) and the EMAs would still move. All ranks agree, then skip.
+        total_rows = int(all_reduce_sum(self.info, [float(rows)])[0]) if self.info.is_distributed else rows
+        if total_rows == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"skipped": True, "loss": float("nan"), "lr": lr, "grad_norm": 0.0, "rows": 0,
+                    "per_sample": torch.zeros(0), "t_s": torch.zeros(0)}
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = float(self.tr.clip_grad_norm)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -473,6 +555,8 @@ class Trainer:
         self.ema2.update(self.model, self.global_step)
         self.global_step += 1
         return {
+            "skipped": False,
+            # the mean over this rank's real micro-batches; NaN only when this rank had none
             "loss": sum(losses) / len(losses) if losses else float("nan"),
             "lr": lr,
             "grad_norm": float(grad_norm),
@@ -599,7 +683,14 @@ class Trainer:
                 bucket_sum.index_add_(0, idx, stats["per_sample"].double())
                 bucket_count.index_add_(0, idx, torch.ones_like(stats["per_sample"], dtype=torch.float64))
             last_of_epoch = data_iter_step >= num_batches
-            if self.is_main and (self.global_step % int(tr.log_freq) == 0 or last_of_epoch):
+            if stats["skipped"]:
+                if self.is_main:
+                    self.logger.warning(
+                        "Epoch [%d/%d] Step [%d/%d]: every row of this step failed to read on every rank; "
+                        "no optimiser/EMA step (global step stays %d)",
+                        epoch + 1, epochs, data_iter_step, num_batches, self.global_step,
+                    )
+            elif self.is_main and (self.global_step % int(tr.log_freq) == 0 or last_of_epoch) and stats["rows"]:
                 now = time.time()
                 throughput = rows_since_log / max(now - last_log, 1e-9)
                 self.logger.info(
@@ -673,6 +764,7 @@ class Trainer:
 
 def run_training(cfg: DictConfig, info: DistInfo | None = None) -> TrainResult:
     """Build the trainer, train, and tear the process group down (when this call made it)."""
+    _check_training_config(cfg)  # before a process group exists: bad keys fail fast and alone
     own = info is None
     info = info or init_distributed(str(cfg.training.device))
     try:

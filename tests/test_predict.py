@@ -314,3 +314,90 @@ def test_checkpoints_of_a_real_short_training_run_load(tmp_path, caplog):
     # No config given: the run's recorded config (YAML text) supplies model and data settings.
     adopted = WavFlowGenerator.from_checkpoint(run_dir / "checkpoint_latest.pth", use_ema=False, device="cpu")
     assert adopted.duration == TRAIN_DUR and adopted.model.text_dim == SHAPES["text_dim"]
+
+
+# ------------------------------------------------------------------------ review fixes
+
+
+def test_encoder_profile_and_clip_model_are_checked_against_the_checkpoint(tmp_path, ckpts):
+    _, cfg = ckpts
+    # Trained on features of the tiny encoders; inference with the default profile.
+    paths = save_checkpoints(tmp_path / "tiny", cfg, train_cfg=tiny_cfg())
+    with pytest.raises(ConfigError) as err:
+        WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default"), device="cpu")
+    assert "encoders.profile: checkpoint was trained with 'tiny', inference config has 'default'" in str(err.value)
+    assert "encoders.clip_model" not in str(err.value)  # unused by the tiny profile
+    allowed = tiny_cfg("encoders.profile=default", "inference.allow_config_mismatch=true")
+    assert WavFlowGenerator.from_checkpoint(paths["full"], config=allowed, device="cpu").cfg.encoders.profile == "default"
+    # Same (default) profile, another CLIP.
+    trained = tiny_cfg("encoders.profile=default", "encoders.clip_model=hf-hub:org/other-clip")
+    paths = save_checkpoints(tmp_path / "clip", cfg, train_cfg=trained)
+    with pytest.raises(ConfigError) as err:
+        WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default"), device="cpu")
+    msg = str(err.value)
+    assert "encoders.clip_model: checkpoint was trained with 'hf-hub:org/other-clip', inference config has " \
+           "'hf-hub:apple/DFN5B-CLIP-ViT-H-14-384'" in msg and "encoders.profile" not in msg
+    # A recorded config without an encoders section: nothing to compare, it loads.
+    no_enc = OmegaConf.to_container(tiny_cfg())
+    del no_enc["encoders"]
+    paths = save_checkpoints(tmp_path / "noenc", cfg, train_cfg=OmegaConf.create(no_enc))
+    assert WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default"), device="cpu")
+
+
+def test_video_conditions_from_features_only_and_missing_ones_named(gen, tmp_path):
+    feats = random_features(gen, 21, True, False)
+    path = tmp_path / "v.pth"
+    torch.save({"clip_features": feats.clip, "sync_features": feats.sync}, path)
+    got = gen.encode_row(video=None, features_path=path, want_video=True)
+    assert got.kind == "V2A" and torch.equal(got.clip, feats.clip) and torch.equal(got.sync, feats.sync)
+    torch.save({"text_features": random_features(gen, 22, False, True).text}, path)
+    with pytest.raises(FeatureError, match=r"v\.pth has no clip_features/sync_features and no video was given"):
+        gen.encode_row(video=None, text="x", features_path=path, want_video=True)
+
+
+def test_gpu_flag_must_be_device_indices_and_needs_cuda(tmp_path, monkeypatch, caplog):
+    from wavflow.predict import _pop_gpu, main
+
+    monkeypatch.delenv("GPU", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test
+    assert _pop_gpu(["--gpu", "0,1", "a=b"]) == (["a=b"], "0,1")
+    assert _pop_gpu(["a=b", "--gpu=3"]) == (["a=b"], "3")
+    assert _pop_gpu(["a=b"]) == (["a=b"], None)
+    # The override after --gpu is not swallowed: it is not a device list.
+    with pytest.raises(ConfigError, match=r"--gpu must be a device index .* got 'model.ckpt_path=c.pth'"):
+        _pop_gpu(["--gpu", "model.ckpt_path=c.pth"])
+    with pytest.raises(ConfigError, match="--gpu needs a device index"):
+        _pop_gpu(["--gpu", "--config", "x.yaml"])
+    monkeypatch.setenv("GPU", "cuda:0")
+    with pytest.raises(ConfigError, match=r"GPU \(environment variable\) must be a device index .* got 'cuda:0'"):
+        _pop_gpu([])
+    monkeypatch.setenv("GPU", "1")
+    assert _pop_gpu([]) == ([], "1")
+    monkeypatch.delenv("GPU")
+
+    # --gpu on a machine without CUDA: exit 2 with a clear message, no silent CPU run.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    args = ["--config", "infer.yaml", "--gpu", "0", *TINY_OVERRIDES, f"data.csv_path={tmp_path / 'x.csv'}",
+            "model.ckpt_path=c.pth", f"output.output_dir={out}"]
+    with caplog.at_level(logging.ERROR, logger="wavflow.predict"):
+        assert main(args) == 2
+    assert any("--gpu 0" in r.getMessage() and "CUDA is not available" in r.getMessage() for r in caplog.records)
+    assert not out.exists()  # stopped before anything was written
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # restricted before torch touched CUDA
+
+
+def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog):
+    from wavflow.predict import main
+
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,video_path,caption,video_exist,text_exist\n")
+    args = ["--config", "infer.yaml", *TINY_OVERRIDES, f"data.csv_path={csv}", "model.ckpt_path=c.pth",
+            f"output.output_dir={tmp_path / 'out'}", "inference.device=cpu"]
+    with caplog.at_level(logging.INFO, logger="wavflow.predict"):
+        assert main(args) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"ManifestError: CSV {csv} has a header but no rows" in m for m in messages)
+    assert any(m.startswith("device: cpu, precision: fp32") for m in messages)

@@ -50,7 +50,12 @@ CHECKED_CONFIG_KEYS = (
     "data.sync_dim",
     "data.text_dim",
     "sampling.prediction_type",
+    # The features the network was trained on: other encoders give other (wrong) conditions.
+    "encoders.profile",
+    "encoders.clip_model",
 )
+# encoders.clip_model is not used by these profiles (they build their own CLIP).
+_PROFILES_WITHOUT_CLIP_MODEL = ("tiny",)
 _MISSING = object()
 
 
@@ -71,11 +76,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none."""
+def effective_precision(device: torch.device, precision: str) -> str:
+    """What `autocast_context` will run: 'bf16' or 'fp32' (for the start-up log)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"inference.precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none."""
+    if effective_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -113,10 +125,13 @@ def check_config_against_checkpoint(
     With `allow_mismatch` the differences are only returned (and logged as warnings).
     """
     diffs = []
+    profiles = {_select(ckpt_cfg, "encoders.profile"), _select(cfg, "encoders.profile")}
     for key in CHECKED_CONFIG_KEYS:
         trained, wanted = _select(ckpt_cfg, key), _select(cfg, key)
         if trained is _MISSING or wanted is _MISSING or trained is None:
             continue
+        if key == "encoders.clip_model" and profiles & set(_PROFILES_WITHOUT_CLIP_MODEL):
+            continue  # unused there; a profile difference is reported on its own
         if not _same(trained, wanted):
             diffs.append(f"{key}: checkpoint was trained with {trained!r}, inference config has {wanted!r}")
     if diffs and not allow_mismatch:
@@ -386,15 +401,24 @@ class WavFlowGenerator:
         video: str | os.PathLike | None = None,
         text: Optional[str] = None,
         features_path: str | os.PathLike | None = None,
+        want_video: Optional[bool] = None,
     ) -> ConditionFeatures:
         """Conditions of one item. `video=None` / `text=None` select the learned empty tokens.
 
         Cached features from `features_path` win over on-the-fly encoding, per modality.
+        `want_video` (default: `video is not None`) asks for video conditions even without a
+        video file: they must then come from `features_path` (FeatureError otherwise).
         """
+        want_video = video is not None if want_video is None else bool(want_video)
         clip = sync = txt = None
         if features_path is not None:
-            clip, sync, txt = self.load_features(features_path, video=video is not None, text=text is not None)
-        if video is not None and clip is None:
+            clip, sync, txt = self.load_features(features_path, video=want_video, text=text is not None)
+        if want_video and clip is None:
+            if video is None:
+                where = f"features file {features_path}" if features_path is not None else "this item"
+                raise FeatureError(
+                    f"video conditions wanted but {where} has no clip_features/sync_features and no video was given"
+                )
             clip, sync = self.encode_video(video)
         if text is not None and txt is None:
             txt = self.encode_text(text)

@@ -4,9 +4,19 @@
 
 Rows (`video_path,caption,video_exist,text_exist` + optional `id`, `features_path`):
 video+text (VT2A), text only (T2A), video only (V2A) or neither (unconditional: both empty
-tokens, i.e. the CFG unconditional branch). A bad row (missing / corrupt / too short video,
-unreadable features, bad flag) is reported in summary.csv and skipped; the other rows are
-still written. Exit code 1 if any row failed, 0 otherwise.
+tokens, i.e. the CFG unconditional branch). A row with `video_exist=1`, a `features_path`
+and no video file takes its video conditions from the features file; it gets no mp4 (the
+summary's reason says so). A bad row (missing / corrupt / too short video, unreadable
+features, bad flag) is reported in summary.csv and skipped; the other rows are still written.
+Exit code 1 if any row failed, 0 otherwise; 2 when the job cannot start (config, checkpoint,
+a CSV without rows, `--gpu` without CUDA).
+
+Inputs are never written: when `<output_dir>/<name>.wav` or `.mp4` would be one of the run's
+input files (a video, a features file, the CSV), that row's outputs are named
+`<name>_wavflow.*` instead (`_wavflow_1`, ... if that is taken too); its summary id stays
+`<name>` (and so does its seed). A summary.csv that would replace an input is a ConfigError.
+
+`--gpu N[,M...]` (or $GPU) sets CUDA_VISIBLE_DEVICES; it is an error when CUDA is not available.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,12 +34,15 @@ from typing import Optional, Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
-from wavflow.errors import ConfigError, WavFlowError
+from wavflow.errors import ConfigError, ManifestError, WavFlowError
 
 log = logging.getLogger("wavflow.predict")
 
 SUMMARY_COLUMNS = ("id", "status", "seconds", "wav_path", "mp4_path", "reason")
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped_exists"
+CLASH_SUFFIX = "_wavflow"  # output stem suffix when <name>.wav/.mp4 would overwrite an input
+NO_VIDEO_FILE_REASON = "no video file (video features from features_path): mp4 not written"
+_GPU_LIST = re.compile(r"\d+(,\d+)*")
 
 
 @dataclass
@@ -40,6 +54,8 @@ class InferRow:
     video: Optional[Path]
     caption: Optional[str]
     features_path: Optional[Path]
+    wants_video: bool = False  # video_exist=1: video conditions (from `video` or `features_path`)
+    output_stem: str = ""  # file stem of the outputs when it differs from `name` (input clash)
     status: str = ""
     seconds: float = 0.0
     wav_path: str = ""
@@ -47,8 +63,16 @@ class InferRow:
     reason: str = ""
 
     @property
+    def has_video(self) -> bool:
+        return self.video is not None or self.wants_video
+
+    @property
+    def stem(self) -> str:
+        return self.output_stem or self.name
+
+    @property
     def kind(self) -> str:
-        key = (self.video is not None, self.caption is not None)
+        key = (self.has_video, self.caption is not None)
         return {(True, True): "VT2A", (False, True): "T2A", (True, False): "V2A"}.get(key, "unconditional")
 
     def fail(self, reason: str) -> None:
@@ -91,6 +115,8 @@ def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[Inf
     from wavflow.manifest import INFER_COLUMNS, parse_flag, read_manifest, resolve_path
 
     df = read_manifest(csv_path, INFER_COLUMNS, optional=("id", "features_path"))
+    if df.empty:
+        raise ManifestError(f"CSV {csv_path} has a header but no rows: nothing to predict")
     names = unique_names([_raw_name(row, i) for i, (_, row) in enumerate(df.iterrows())])
     rows = []
     for i, ((_, rec), name) in enumerate(zip(df.iterrows(), names)):
@@ -103,14 +129,15 @@ def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[Inf
         video_str, caption = str(rec["video_path"]).strip(), str(rec["caption"])
         feats = str(rec["features_path"]).strip()
         video = resolve_path(video_str, data_root) if flags["video_exist"] and video_str else None
-        if flags["video_exist"] and not video_str:
-            problems.append("video_exist=1 but video_path is empty")
+        if flags["video_exist"] and not video_str and not feats:
+            problems.append("video_exist=1 but video_path and features_path are empty")
         row = InferRow(
             index=i,
             name=name,
             video=video,
             caption=caption if flags["text_exist"] else None,
             features_path=resolve_path(feats, data_root) if feats else None,
+            wants_video=bool(flags["video_exist"]),
         )
         if problems:
             row.fail("; ".join(problems))
@@ -120,6 +147,50 @@ def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[Inf
             row.fail(f"features_path not found: {row.features_path}")
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- inputs vs outputs
+
+
+def _file_keys(path: Path) -> set:
+    """Identities of a file: its resolved path, and (device, inode) when it exists (hard links)."""
+    keys: set = {str(Path(path).resolve())}
+    try:
+        st = os.stat(path)
+        keys.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
+def input_file_keys(rows: Sequence[InferRow], csv_path: str | os.PathLike) -> set:
+    """Every file the run reads: the CSV, each row's video and features file."""
+    keys = _file_keys(Path(csv_path))
+    for row in rows:
+        for p in (row.video, row.features_path):
+            if p is not None:
+                keys |= _file_keys(p)
+    return keys
+
+
+def assign_output_stems(rows: Sequence[InferRow], out_dir: Path, inputs: set) -> None:
+    """Rename (CLASH_SUFFIX) the outputs of rows whose <name>.wav/.mp4 would overwrite an input."""
+    taken = {r.name for r in rows}
+
+    def clashes(stem: str) -> bool:
+        return any(_file_keys(out_dir / f"{stem}{ext}") & inputs for ext in (".wav", ".mp4"))
+
+    for row in rows:
+        if not clashes(row.name):
+            continue
+        stem, k = f"{row.name}{CLASH_SUFFIX}", 0
+        while stem in taken or clashes(stem):
+            k += 1
+            stem = f"{row.name}{CLASH_SUFFIX}_{k}"
+        taken.add(stem)
+        row.output_stem = stem
+        log.warning("row %d (%s): %s/%s.{wav,mp4} would overwrite an input file; writing %s.* instead",
+                    row.index, row.name, out_dir, row.name, stem)
 
 
 # ----------------------------------------------------------------------------- config
@@ -168,9 +239,9 @@ class RunResult:
 def _output_paths(out_dir: Path, row: InferRow, mux: bool) -> tuple[Path, Optional[Path]]:
     from wavflow.io_utils import path_inside
 
-    wav = out_dir / f"{row.name}.wav"
+    wav = out_dir / f"{row.stem}.wav"
     has_video = row.video is not None and row.video.is_file()
-    mp4 = out_dir / f"{row.name}.mp4" if (mux and has_video) else None
+    mp4 = out_dir / f"{row.stem}.mp4" if (mux and has_video) else None
     for p in (wav, mp4):
         if p is not None and not path_inside(out_dir, p):  # sanitised names cannot, but be sure
             raise WavFlowError(f"output path {p} would fall outside output.output_dir {out_dir}")
@@ -193,18 +264,31 @@ def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> N
 
         mux_audio(row.video, wave, gen.sample_rate, mp4_path)
         row.mp4_path = str(mp4_path)
+    elif cfg.output.mux_video and row.has_video:
+        row.reason = NO_VIDEO_FILE_REASON
 
 
 def run(cfg: DictConfig, generator=None) -> RunResult:
     """Run the job on a loaded config; `generator` may be passed in (tests, notebooks)."""
-    from wavflow.generator import WavFlowGenerator, row_seed
+    from wavflow.generator import WavFlowGenerator, effective_precision, resolve_device, row_seed
     from wavflow.io_utils import atomic_write_csv
 
     check_infer_config(cfg)
+    device = generator.device if generator is not None else resolve_device(str(cfg.inference.device))
+    precision = str(cfg.inference.precision)
+    log.info("device: %s, precision: %s (inference.device=%s, inference.precision=%s)", device,
+             effective_precision(device, precision), cfg.inference.device, precision)
     out_dir = Path(cfg.output.output_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = read_rows(cfg.data.csv_path, cfg.data.data_root)
+    inputs = input_file_keys(rows, cfg.data.csv_path)
     result = RunResult(rows=rows, summary_path=out_dir / "summary.csv")
+    if _file_keys(result.summary_path) & inputs:
+        raise ConfigError(
+            f"output.output_dir={cfg.output.output_dir}: its summary.csv ({result.summary_path}) would "
+            "overwrite an input file of this run; choose another output.output_dir"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assign_output_stems(rows, out_dir, inputs)
     mux, overwrite = bool(cfg.output.mux_video), bool(cfg.output.overwrite)
     pending = []
     for row in rows:
@@ -214,6 +298,8 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
         if not overwrite and wav.exists() and (mp4 is None or mp4.exists()):
             row.status, row.wav_path, row.mp4_path = STATUS_SKIPPED, str(wav), str(mp4 or "")
             row.reason = "outputs exist (output.overwrite=false)"
+            if mp4 is None and mux and row.has_video:
+                row.reason += f"; {NO_VIDEO_FILE_REASON}"
             continue
         if row.kind == "unconditional":
             log.info("row %d (%s) has neither video nor text: unconditional sample (both empty tokens)", row.index, row.name)
@@ -252,7 +338,7 @@ def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, r
     from tqdm import tqdm
 
     seed, bs = int(cfg.inference.seed), int(cfg.inference.batch_size)
-    if any(r.video is not None for r in pending):
+    if any(r.has_video for r in pending):
         gen.check_video_lengths()
     bar = tqdm(total=len(pending), desc="predict", unit="row", disable=None)
     for start in range(0, len(pending), bs):
@@ -265,6 +351,7 @@ def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, r
                         video=row.video,
                         text=row.caption,
                         features_path=row.features_path,
+                        want_video=row.has_video,
                     )
                 )
                 chunk.append(row)
@@ -303,34 +390,57 @@ def _reason(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _pop_gpu(argv: list[str]) -> list[str]:
-    """Handle `--gpu N` (and $GPU): restrict CUDA to that device before torch touches CUDA."""
-    gpu, rest, i = os.environ.get("GPU") or None, [], 0
+def _pop_gpu(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """Take `--gpu N[,M...]` / `--gpu=...` out of argv (else $GPU): (rest, device list or None).
+
+    The value must be a comma-separated list of device indices (ConfigError naming `--gpu` or
+    `GPU` otherwise), so `--gpu model.ckpt_path=x` cannot silently swallow an override.
+    """
+    env = os.environ.get("GPU", "").strip()
+    gpu: Optional[str] = env or None
+    source, rest, i = "GPU (environment variable)", [], 0
     while i < len(argv):
-        if argv[i] == "--gpu":
-            if i + 1 >= len(argv):
-                raise ConfigError("--gpu needs a device index")
-            gpu, i = argv[i + 1], i + 2
+        arg = argv[i]
+        if arg == "--gpu":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise ConfigError("--gpu needs a device index or a comma-separated list (e.g. --gpu 0 or --gpu 0,1)")
+            gpu, source, i = argv[i + 1], "--gpu", i + 2
             continue
-        if argv[i].startswith("--gpu="):
-            gpu = argv[i].split("=", 1)[1]
+        if arg.startswith("--gpu="):
+            gpu, source = arg.split("=", 1)[1], "--gpu"
         else:
-            rest.append(argv[i])
+            rest.append(arg)
         i += 1
-    if gpu not in (None, ""):
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    return rest
+    if gpu is not None and not _GPU_LIST.fullmatch(gpu.strip()):
+        raise ConfigError(f"{source} must be a device index or a comma-separated list of them (e.g. 0 or 0,1), got {gpu!r}")
+    return rest, (gpu.strip() if gpu is not None else None)
+
+
+def require_gpu(gpu: str, cfg: DictConfig) -> None:
+    """The user asked for a GPU: restrict CUDA to it, and fail rather than fall back to CPU."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch initialises CUDA
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpu {gpu} (or GPU={gpu}) was given but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); drop --gpu / GPU to run on CPU"
+        )
+    if str(cfg.inference.device) == "cpu":
+        raise ConfigError(f"--gpu {gpu} (or GPU={gpu}) contradicts inference.device=cpu; drop one of them")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _pop_gpu(args)
+        args, gpu = _pop_gpu(args)
         from wavflow.config import load_config, parse_cli
 
         path, overrides = parse_cli(args, "infer.yaml")
         cfg = load_config(path, overrides)
+        if gpu is not None:
+            require_gpu(gpu, cfg)
         result = run(cfg)
     except WavFlowError as exc:
         log.error("%s: %s", type(exc).__name__, exc)

@@ -20,7 +20,7 @@ from wavflow.config import load_config
 from wavflow.errors import ConfigError, ManifestError
 from wavflow.features import extract
 from wavflow.features.extract_outputs import OutputPaths, RankOutputs, merge_outputs
-from wavflow.features.extract_plan import ExtractSettings, plan_rows
+from wavflow.features.extract_plan import SOURCE_KEY, ExtractSettings, expected_feature_shapes, feature_file_problem, plan_rows
 from wavflow.manifest import TRAIN_COLUMNS
 
 SHORT = ["extraction.duration_sec=2", "data.clip_seq_len=16", "data.sync_seq_len=40"]
@@ -255,8 +255,10 @@ def test_vt2a_batches_map_features_to_the_right_rows(tmp_path: Path, monkeypatch
     pth = tmp_path / "out" / "pth"
     for i, sample_id in enumerate(ds["good"]):
         feats = torch.load(pth / f"{sample_id}.pth", weights_only=True)
-        assert set(feats) == {"clip_features", "sync_features", "text_features"}
-        assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in feats.values())
+        assert set(feats) == {"clip_features", "sync_features", "text_features", SOURCE_KEY}
+        assert isinstance(feats[SOURCE_KEY], str) and len(feats[SOURCE_KEY]) == 64  # sha256 hex
+        tensors = [v for k, v in feats.items() if k != SOURCE_KEY]
+        assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in tensors)
         frames = decode_video(ds["data"] / f"v{i}.mp4", 2.0)
         # clip: one vector per CLIP frame (16 at 8 fps); sync: 5 segments x 8 tubelets = 40.
         want_clip = frames.clip.mean(dim=(1, 2, 3))
@@ -335,7 +337,7 @@ def test_t2a_real_tiny_encoders_then_resume(
     captions = ["a dog barks, twice", "", "rain on a roof"]
     for sample_id, caption in zip(ds["good"], captions):
         feats = torch.load(pth / f"{sample_id}.pth", weights_only=True)
-        assert list(feats) == ["text_features"]
+        assert sorted(feats) == ["text_features", SOURCE_KEY]
         text = feats["text_features"]
         assert text.shape == (77, 1024) and text.dtype == torch.float32
         torch.testing.assert_close(text.norm(dim=-1), torch.ones(77))
@@ -373,3 +375,134 @@ def test_t2a_real_tiny_encoders_then_resume(
         atol=1e-5, rtol=1e-5,
     )
     assert read_out_csv(third.csv_path).equals(df)
+
+
+# ------------------------------------------------- outputs must never overwrite the inputs
+@pytest.mark.parametrize(
+    "target, expect",
+    [
+        ("same", "output.csv_path"),
+        ("errors", "the error log"),
+        ("summary", "the summary"),
+        ("rank_part", "per-rank file"),
+    ],
+)
+def test_output_paths_that_hit_the_input_csv_are_rejected(
+    tmp_path: Path, never_build: list, capsys: pytest.CaptureFixture, target: str, expect: str
+) -> None:
+    ds = write_dataset(tmp_path, videos=False, n=1)
+    stem = ds["csv"].with_suffix("")  # .../data/input
+    out_csv = {
+        "same": ds["csv"],
+        "errors": stem.parent / "train.csv",
+        "summary": stem.parent / "train.csv",
+        "rank_part": stem.parent / "train.csv",
+    }[target]
+    if target != "same":  # the input CSV carries the name of a sibling output of train.csv
+        name = {"errors": "train_errors.log", "summary": "train_summary.json", "rank_part": "train_rank0.csv"}[target]
+        ds["csv"] = ds["csv"].rename(stem.parent / name)
+    before = ds["csv"].read_bytes()
+    args = overrides(tmp_path, ds, "t2a", f"output.csv_path={out_csv}")
+    with pytest.raises(ConfigError, match=expect):
+        ExtractSettings.from_config(load_config("extract_t2a.yaml", args, validate=False))
+    assert extract.main(["--config", "extract_t2a.yaml", *args]) == 1
+    assert expect in capsys.readouterr().err
+    assert ds["csv"].read_bytes() == before, "the input CSV was modified"
+    assert not never_build and not (tmp_path / "out").exists()
+
+
+def test_a_planned_pth_that_is_an_input_file_is_rejected(tmp_path: Path, never_build: list) -> None:
+    ds = write_dataset(tmp_path, videos=False, n=2)
+    # pth_dir is the media folder and clip1's audio file is called clip0.pth: writing clip0's
+    # features would destroy clip1's audio.
+    (ds["data"] / "a1.wav").rename(ds["data"] / "clip0.pth")
+    rows = [list(r) for r in ds["rows"]]
+    rows[1][1] = "clip0.pth"
+    write_csv(ds["csv"], ["id", "audio_path", "caption"], rows)
+    before = (ds["data"] / "clip0.pth").read_bytes()
+    args = overrides(tmp_path, ds, "t2a", f"output.pth_dir={ds['data']}")
+    settings = ExtractSettings.from_config(load_config("extract_t2a.yaml", args, validate=False))
+    with pytest.raises(ConfigError, match=r"row id 'clip1': its audio_path .*clip0\.pth would be overwritten by <pth_dir>/clip0\.pth"):
+        plan_rows(settings)
+    assert extract.main(["--config", "extract_t2a.yaml", *args]) == 1
+    assert (ds["data"] / "clip0.pth").read_bytes() == before
+    assert not never_build
+    # The input CSV itself named like a planned <id>.pth is refused too.
+    (tmp_path / "pth").mkdir()
+    csv_as_pth = ds["csv"].rename(tmp_path / "pth" / "clip0.pth")
+    args = overrides(tmp_path, {**ds, "csv": csv_as_pth}, "t2a", f"output.pth_dir={tmp_path / 'pth'}")
+    with pytest.raises(ConfigError, match=r"input CSV .* would be overwritten by <pth_dir>/clip0\.pth"):
+        plan_rows(ExtractSettings.from_config(load_config("extract_t2a.yaml", args, validate=False)))
+
+
+# ------------------------------------------------- re-runs notice edited captions / videos
+def test_rerun_reencodes_rows_whose_caption_or_video_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = write_dataset(tmp_path, videos=True, n=3)
+    built: list[FakeEncoders] = []
+    monkeypatch.setattr(extract, "build_encoders", lambda *a, need_video, **k: built.append(FakeEncoders(need_video)) or built[-1])
+    cfg = config(tmp_path, ds, "vt2a", "extraction.batch_size=4")
+    first = extract.run_extraction(cfg)
+    assert (first.done, first.skipped) == (3, 0)
+    pth = tmp_path / "out" / "pth"
+
+    # Edit clip0's caption, give the empty-caption row clip1 a caption; clip2 is untouched.
+    rows = [list(r) for r in ds["rows"]]
+    rows[0][3], rows[1][3] = "a cat meows", "wind"
+    write_csv(ds["csv"], ["id", "audio_path", "video_path", "caption"], rows)
+    mtime2 = (pth / "clip2.pth").stat().st_mtime_ns
+    second = extract.run_extraction(cfg)
+    assert (second.done, second.skipped, second.failed) == (2, 1, 1)
+    assert built[-1].text_batches == [["a cat meows", "wind"]]
+    for sample_id, caption in (("clip0", "a cat meows"), ("clip1", "wind")):
+        text = torch.load(pth / f"{sample_id}.pth", weights_only=True)["text_features"]
+        torch.testing.assert_close(text, torch.full((77, 1024), float(len(caption))))
+    assert (pth / "clip2.pth").stat().st_mtime_ns == mtime2
+    assert read_out_csv(second.csv_path)["text_exist"].tolist() == ["1", "1", "1"]
+    assert "[REDO] clip0: made from another caption" in (pth / "extract_vt2a_rank0.log").read_text()
+
+    # Replacing clip2's video (new content, new size/mtime) redoes only clip2.
+    ramp_video(ds["data"] / "v2.mp4", base=200)
+    third = extract.run_extraction(cfg)
+    assert (third.done, third.skipped) == (1, 2)
+    clip = torch.load(pth / "clip2.pth", weights_only=True)["clip_features"]
+    assert clip[0, 0] > 0.75  # grey level ~200/255, not the old ~100/255
+
+    # A file without a fingerprint (a reference cache) is still accepted as complete.
+    feats = torch.load(pth / "clip0.pth", weights_only=True)
+    del feats[SOURCE_KEY]
+    torch.save(feats, pth / "clip0.pth")
+    fourth = extract.run_extraction(cfg)
+    assert (fourth.done, fourth.skipped) == (0, 3)
+
+
+class _NotAllowed:  # a pickled custom class: weights-only loading refuses it
+    pass
+
+
+def test_bad_pth_reason_is_one_short_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = write_dataset(tmp_path, videos=False, n=1)
+    settings = ExtractSettings.from_config(config(tmp_path, ds, "t2a"))
+    path = tmp_path / "x.pth"
+    torch.save({"text_features": torch.zeros(77, 1024), "obj": _NotAllowed()}, path)
+    with pytest.raises(Exception) as raw:  # what PyTorch says: several paragraphs of advice
+        torch.load(path, weights_only=True)
+    assert "weights_only" in str(raw.value) and "\n" in str(raw.value)
+    reason = feature_file_problem(path, expected_feature_shapes(settings), "f")
+    assert reason == (
+        "unreadable feature file (UnpicklingError: holds objects a weights-only load refuses: "
+        "Unsupported global: GLOBAL tests.test_extract._NotAllowed was not an allowed global by default)"
+    )
+    path.write_bytes(b"not a zip")
+    reason = feature_file_problem(path, expected_feature_shapes(settings), "f")
+    assert reason is not None and reason.startswith("unreadable feature file (") and "\n" not in reason
+    assert len(reason) < 260
+    # the row's log line carries the same short reason
+    pth = tmp_path / "out" / "pth"
+    pth.mkdir(parents=True)
+    torch.save({"text_features": torch.zeros(77, 1024), "obj": _NotAllowed()}, pth / "clip0.pth")
+    monkeypatch.setattr(extract, "build_encoders", lambda *a, **k: FakeEncoders(need_video=False))
+    assert extract.run_extraction(config(tmp_path, ds, "t2a")).done == 1
+    log = (pth / "extract_t2a_rank0.log").read_text()
+    redo = [line for line in log.splitlines() if "[REDO] clip0" in line]
+    assert len(redo) == 1 and redo[0].endswith("was not an allowed global by default)")
+    assert "Re-running" not in log and "weights_only" not in log

@@ -6,11 +6,14 @@ Usually launched by `scripts/launch/extract_t2a.sh` / `extract_vt2a.sh` under to
    missing columns, duplicate or unsafe ids stop the run with one error; rows whose audio or
    video file is missing become error rows.
 2. Rows are sharded over ranks (r, r+W, ...). A row whose `<id>.pth` already loads with every
-   expected tensor is *skipped* but keeps its row in the output CSV (the reference dropped it).
+   expected tensor, and whose stored source fingerprint (caption, video file, duration, mode,
+   encoders; `extract_plan.SOURCE_KEY`) matches, is *skipped* but keeps its row in the output
+   CSV (the reference dropped it). Files without a fingerprint (reference caches) are accepted.
 3. The rest is decoded (VT2A: `wavflow.video.decode_video` in DataLoader workers, so decoding
    overlaps encoding), encoded in batches (`FeatureEncoders`; T2A never loads Synchformer or
    decodes video) and written as `<pth_dir>/<id>.pth` atomically:
-   T2A `{text_features}`, VT2A `{clip_features, sync_features, text_features}`, float32 CPU.
+   T2A `{text_features}`, VT2A `{clip_features, sync_features, text_features}`, float32 CPU,
+   plus the str `wavflow_source` (the row fingerprint; readers ignore it).
    An empty caption gives `text_exist=0`; its `text_features` are those of "" (equal to
    `empty_string.pt`) so every file has the same keys.
 4. Rank 0 writes `<pth_dir>/empty_string.pt` ((77, D_text) float32) for the trainer.
@@ -45,8 +48,9 @@ from wavflow.features.extract_plan import (
     ExtractRow,
     ExtractSettings,
     empty_string_complete,
+    SOURCE_KEY,
     expected_feature_shapes,
-    feature_file_complete,
+    feature_file_problem,
     plan_rows,
 )
 from wavflow.io_utils import atomic_torch_save
@@ -264,10 +268,12 @@ def _process_rank(rows: list[ExtractRow], settings: ExtractSettings, encoders_cf
     for row in tqdm(rows, desc="checking existing features", disable=not info.is_main or not rows, leave=False):
         if row.problem:
             fail(row, row.problem)
-        elif feature_file_complete(settings.feature_path(row.id), shapes):
+        elif (why := feature_file_problem(settings.feature_path(row.id), shapes, row.fingerprint)) is None:
             emit_row(row)
             counts.skipped += 1
         else:
+            if settings.feature_path(row.id).exists():
+                logger.info("[REDO] %s: %s", row.id, why)
             todo.append(row)
 
     need_empty = write_empty_string and not empty_string_complete(settings.empty_string_path, settings)
@@ -296,7 +302,8 @@ def _process_rank(rows: list[ExtractRow], settings: ExtractSettings, encoders_cf
                         fail(row, result)
                         continue
                     try:
-                        atomic_torch_save(result, settings.feature_path(row.id))
+                        # the fingerprint lets a re-run notice an edited caption or a replaced video
+                        atomic_torch_save({**result, SOURCE_KEY: row.fingerprint}, settings.feature_path(row.id))
                     except Exception as exc:
                         fail(row, f"pth_save_failed: {type(exc).__name__}: {exc}")
                         continue

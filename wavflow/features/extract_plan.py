@@ -6,21 +6,28 @@
   duplicate ids and ids unsafe as file names are fatal (one ManifestError listing every bad
   row). Missing audio/video files become *error rows* (they end up in the error log and the
   run goes on), unless `extraction.strict_paths` makes them fatal too.
-- `expected_feature_shapes` / `feature_file_complete`: when a `<id>.pth` counts as done, so a
-  re-run can skip it (a truncated or incomplete file is redone).
+- `expected_feature_shapes` / `feature_file_problem`: when a `<id>.pth` counts as done, so a
+  re-run can skip it. A truncated or incomplete file is redone, and so is one whose stored
+  source fingerprint (`SOURCE_KEY`: caption, video file, duration, mode, encoders) differs from
+  the row's now; files without a fingerprint (e.g. reference caches) are accepted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wavflow.errors import CheckpointError, ConfigError, ManifestError
+from wavflow.features.extract_outputs import OutputPaths
 from wavflow.io_utils import safe_torch_load
 from wavflow.manifest import (
     EXTRACT_T2A_COLUMNS,
@@ -36,6 +43,11 @@ from wavflow.shapes import sync_segment_count, video_seq_lens
 MODES = ("t2a", "vt2a")
 DEVICES = ("auto", "cpu", "cuda")
 EMPTY_STRING_FILE = "empty_string.pt"  # beside the <id>.pth files; `.pt` cannot collide with them
+# Extra str entry of every `<id>.pth` this job writes: what the features were made from. Readers
+# (trainer, predictor) only look up the three feature keys, so it is ignored there.
+SOURCE_KEY = "wavflow_source"
+# The encoder keys whose change makes old features wrong (weights, tokenizer, profile).
+ENCODER_IDENTITY_KEYS = ("profile", "clip_model", "clip_tokenizer", "clip_pretrained", "synchformer_ckpt")
 
 _MISSING = object()
 
@@ -80,6 +92,7 @@ class ExtractSettings:
     clip_dim: int
     sync_dim: int
     text_dim: int
+    encoders_identity: str = ""  # JSON of ENCODER_IDENTITY_KEYS, part of every row fingerprint
 
     @property
     def needs_video(self) -> bool:
@@ -126,12 +139,45 @@ class ExtractSettings:
             clip_dim=_positive_int(cfg, "data.clip_dim"),
             sync_dim=_positive_int(cfg, "data.sync_dim"),
             text_dim=_positive_int(cfg, "data.text_dim"),
+            encoders_identity=json.dumps(
+                {k: _plain(OmegaConf.select(cfg, f"encoders.{k}", default=None)) for k in ENCODER_IDENTITY_KEYS},
+                sort_keys=True,
+            ),
         )
         if settings.output_csv.suffix.lower() != ".csv":
             raise ConfigError(f"output.csv_path must end in .csv, got {settings.output_csv}")
+        settings._check_outputs_spare_input_csv()
         if settings.needs_video:
             settings._check_video_lengths()
         return settings
+
+    def _check_outputs_spare_input_csv(self) -> None:
+        """The job must never write over its input CSV (checked before anything loads)."""
+        target = _real(self.input_csv)
+        paths = OutputPaths(self.output_csv)
+        written = {
+            "output.csv_path": paths.csv_path,
+            "the error log": paths.errors_log,
+            "the summary": paths.summary_json,
+            "empty_string.pt": self.empty_string_path,
+        }
+        for what, path in written.items():
+            if _real(path) == target:
+                raise ConfigError(
+                    f"{what} ({path}) is the input CSV data.csv_path={self.input_csv}: the run would overwrite "
+                    "it; set output.csv_path / output.pth_dir elsewhere"
+                )
+        stem = re.escape(paths.stem)
+        patterns = {
+            paths.directory: (rf"{stem}_rank\d+\.csv", rf"{stem}_errors_rank\d+\.log"),
+            self.pth_dir: (rf"extract_{re.escape(self.mode)}_rank\d+\.log",),
+        }
+        for directory, names in patterns.items():
+            if _real(directory) == target.parent and any(re.fullmatch(n, target.name) for n in names):
+                raise ConfigError(
+                    f"the input CSV data.csv_path={self.input_csv} has the name of a per-rank file the run "
+                    f"writes in {directory}: rename it or set output.csv_path / output.pth_dir elsewhere"
+                )
 
     def _check_video_lengths(self) -> None:
         """The feature lengths a duration gives must be the ones the data config declares."""
@@ -150,6 +196,39 @@ class ExtractSettings:
             )
 
 
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float)) else str(value)
+
+
+def _real(path: Path) -> Path:
+    """Symlinks and `..` resolved, so two spellings of one file compare equal."""
+    return Path(os.path.realpath(path))
+
+
+def _file_stamp(path: Path | None) -> list[Any] | None:
+    """(resolved path, size, mtime_ns): changes when the file is replaced or edited."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(_real(path)), None, None]
+    return [str(_real(path)), st.st_size, st.st_mtime_ns]
+
+
+def row_fingerprint(settings: ExtractSettings, caption: str, text_exist: int, video_path: Path | None) -> str:
+    """sha256 hex of everything a row's features are made from (not the audio: it is not encoded)."""
+    source = {
+        "mode": settings.mode,
+        "caption": caption,
+        "text_exist": int(text_exist),
+        "video": _file_stamp(video_path) if settings.needs_video else None,
+        "duration_sec": settings.duration_sec if settings.needs_video else None,
+        "encoders": settings.encoders_identity,
+    }
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class ExtractRow:
     """One input row. `problem` is set for rows that fail validation (error rows)."""
@@ -160,6 +239,7 @@ class ExtractRow:
     video_path: Path | None  # absolute; None in t2a mode
     caption: str
     problem: str | None = None
+    fingerprint: str = ""  # `row_fingerprint` at plan time; stored as SOURCE_KEY in the .pth
 
     @property
     def text_exist(self) -> int:
@@ -190,17 +270,43 @@ def plan_rows(settings: ExtractSettings, logger: logging.Logger | None = None) -
     for pos, (idx, rec) in enumerate(df.iterrows()):
         video = resolve_path(rec["video_path"], settings.data_root) if settings.needs_video else None
         reasons = problems.get(int(idx))
+        caption = rec["caption"]
+        text_exist = int(bool(caption.strip()))
         rows.append(
             ExtractRow(
                 index=pos,
                 id=rec["id"],
                 audio_path=resolve_path(rec["audio_path"], settings.data_root),
                 video_path=video,
-                caption=rec["caption"],
+                caption=caption,
                 problem="; ".join(reasons) if reasons else None,
+                fingerprint=row_fingerprint(settings, caption, text_exist, video),
             )
         )
+    _check_outputs_spare_inputs(settings, rows)
     return rows
+
+
+def _check_outputs_spare_inputs(settings: ExtractSettings, rows: Sequence[ExtractRow]) -> None:
+    """No file the run writes (a `<id>.pth`, empty_string.pt, the output CSV and its siblings) may
+    be an input audio/video file or the input CSV. ConfigError, before any model loads."""
+    paths = OutputPaths(settings.output_csv)
+    written: dict[Path, str] = {_real(settings.feature_path(r.id)): f"<pth_dir>/{r.id}.pth" for r in rows}
+    written[_real(settings.empty_string_path)] = "<pth_dir>/empty_string.pt"
+    for path in (paths.csv_path, paths.errors_log, paths.summary_json):
+        written[_real(path)] = str(path)
+    if _real(settings.input_csv) in written:
+        raise ConfigError(
+            f"the input CSV data.csv_path={settings.input_csv} would be overwritten by "
+            f"{written[_real(settings.input_csv)]}: set output.pth_dir / output.csv_path elsewhere"
+        )
+    for row in rows:
+        for column, path in (("audio_path", row.audio_path), ("video_path", row.video_path)):
+            if path is not None and _real(path) in written:
+                raise ConfigError(
+                    f"row id {row.id!r}: its {column} {path} would be overwritten by {written[_real(path)]}: "
+                    "set output.pth_dir / output.csv_path elsewhere"
+                )
 
 
 def expected_feature_shapes(settings: ExtractSettings) -> dict[str, tuple[int, int]]:
@@ -212,21 +318,54 @@ def expected_feature_shapes(settings: ExtractSettings) -> dict[str, tuple[int, i
     return shapes
 
 
-def feature_file_complete(path: Path, shapes: dict[str, tuple[int, int]]) -> bool:
-    """True when `path` loads (weights-only) and holds every expected float tensor shape."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_load_error(exc: BaseException) -> str:
+    """One line naming what went wrong, without PyTorch's multi-paragraph weights_only advice."""
+    cause = exc.__cause__ if isinstance(exc, CheckpointError) and exc.__cause__ is not None else exc
+    text = _ANSI.sub("", str(cause))
+    if "Weights only load failed" in text:
+        # keep only the WeightsUnpickler line (what was refused), drop the "how to bypass" advice
+        detail = next((line.split("WeightsUnpickler error:", 1)[1] for line in text.splitlines()
+                       if "WeightsUnpickler error:" in line), "")
+        detail = detail.strip().split(". ")[0].rstrip(".")
+        first = "holds objects a weights-only load refuses" + (f": {detail}" if detail else "")
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+def feature_file_problem(path: Path, shapes: dict[str, tuple[int, int]], fingerprint: str | None = None) -> str | None:
+    """None when `path` is a complete feature file for this row, else why it must be (re)made.
+
+    Complete: loads weights-only, holds every expected float tensor shape, and its SOURCE_KEY
+    equals `fingerprint` (a file without SOURCE_KEY, e.g. a reference cache, is accepted)."""
     if not path.is_file():
-        return False
+        return "no feature file yet"
     try:
         data = safe_torch_load(path, what="feature file")
-    except CheckpointError:
-        return False
+    except CheckpointError as exc:
+        return f"unreadable feature file ({short_load_error(exc)})"
     if not isinstance(data, dict):
-        return False
+        return f"feature file holds a {type(data).__name__}, not a dict"
     for key, shape in shapes.items():
         value = data.get(key)
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
-            return False
-    return True
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return f"{key} missing or not a float tensor"
+        if tuple(value.shape) != shape:
+            return f"{key} has shape {tuple(value.shape)}, expected {shape}"
+    stored = data.get(SOURCE_KEY)
+    if fingerprint is not None and stored is not None and stored != fingerprint:
+        return "made from another caption, video, duration or encoders (source fingerprint differs)"
+    return None
+
+
+def feature_file_complete(path: Path, shapes: dict[str, tuple[int, int]], fingerprint: str | None = None) -> bool:
+    return feature_file_problem(path, shapes, fingerprint) is None
 
 
 def empty_string_complete(path: Path, settings: ExtractSettings) -> bool:

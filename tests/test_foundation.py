@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 from wavflow import config as config_mod
 from wavflow.config import load_config, parse_cli, save_config
 from wavflow.errors import CheckpointError, ConfigError, ManifestError
@@ -63,6 +65,39 @@ def test_overrides_convert_and_check_types():
         load_config("base.yaml", ["data.audio_dur=4"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config("base.yaml", ["data.audio_duration"])
+
+
+def test_scientific_notation_and_declared_types(tmp_path: Path):
+    cfg = load_config("base.yaml", ["sampling.noise_shift=3e0", "sampling.min_sigma=1e-4"])
+    assert cfg.sampling.min_sigma == pytest.approx(1e-4) and isinstance(cfg.sampling.noise_shift, float)
+    user = tmp_path / "u.yaml"
+    user.write_text("_base_: base.yaml\nsampling:\n  min_sigma: 1e-5\n")  # a string to YAML 1.1
+    assert load_config(user).sampling.min_sigma == pytest.approx(1e-5)
+    # keys with a null default are checked against the schema's _types_ block
+    assert load_config("base.yaml", ["data.data_root=/data"]).data.data_root == "/data"
+    assert load_config("base.yaml", ["data.data_root=null"]).data.data_root is None
+    with pytest.raises(ConfigError, match="data.data_root.*expects str"):
+        load_config("base.yaml", ["data.data_root=[1,2]"])
+    bad = tmp_path / "types.yaml"
+    bad.write_text("_base_: base.yaml\n_types_:\n  data.data_root: int\n")
+    with pytest.raises(ConfigError, match="only the schema files"):
+        load_config(bad)
+
+
+def test_every_null_default_key_declares_its_type():
+    """A null default without a _types_ entry would accept any value unchecked."""
+    for path in sorted(config_mod.CONFIG_DIR.glob("*.yaml")):
+        cfg, types = config_mod._load_tree(path)
+        nulls = [k for k, v in _leaves(OmegaConf.to_container(cfg)) if v is None]
+        assert not [k for k in nulls if k not in types], f"{path.name}: add these keys to _types_"
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def test_plus_override_adds_key_and_struct_blocks_typos():
@@ -172,7 +207,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
 
 def test_ids_and_file_names(tmp_path: Path):
     assert check_safe_id("clip_001") == "clip_001"
-    for bad in ["../x", "a/b", "a\\b", "..", "", " a"]:
+    for bad in ["../x", "a/b", "a\\b", "..", "", " a", "a\nb", "a\tb", "-a", "x" * 201]:
         with pytest.raises(ManifestError):
             check_safe_id(bad)
     assert sanitize_filename("../../etc/passwd") == "etc_passwd"

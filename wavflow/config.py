@@ -7,6 +7,10 @@ The files in `configs/` are the schema: they may introduce keys. A user's own fi
 else) and command-line `key=value` overrides may only set keys that already exist, with a
 value of a compatible type; `+key=value` adds a key on purpose. Everything fails at start-up
 with a ConfigError that names the key and, for files, the file.
+
+Keys whose default is null have no type to check against; a schema file declares theirs in
+a top-level `_types_` block (`training.max_steps: int`, `data.train_csv: str|list`). Null is
+always accepted.
 """
 
 from __future__ import annotations
@@ -44,8 +48,39 @@ def _is_schema_file(path: Path) -> bool:
     return CONFIG_DIR.resolve() in path.resolve().parents
 
 
-def _check_value(key: str, old: Any, new: Any, source: str) -> Any:
+_TYPE_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "list": lambda v: isinstance(v, (list, tuple, ListConfig)),
+    "dict": lambda v: isinstance(v, (dict, DictConfig)),
+}
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _check_declared(key: str, declared: str, new: Any, source: str) -> Any:
+    """Check `new` against a `_types_` declaration such as 'int' or 'str|list'."""
+    names = [n.strip() for n in declared.split("|")]
+    if new is None or any(_TYPE_CHECKS[n](new) for n in names):
+        return float(new) if names == ["float"] else new
+    if "float" in names and isinstance(new, str) and _as_float(new) is not None:
+        return _as_float(new)
+    if "str" in names and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return str(new)
+    raise ConfigError(f"config key '{key}' expects {declared} (or null) but {source} gives {type(new).__name__} {new!r}")
+
+
+def _check_value(key: str, old: Any, new: Any, source: str, declared: str | None = None) -> Any:
     """Return `new` converted to the type of `old`, or raise a ConfigError naming `key`."""
+    if old is None and declared is not None:
+        return _check_declared(key, declared, new, source)
     if old is None or new is None or old is _MISSING:
         return new
     if isinstance(old, bool):
@@ -57,6 +92,8 @@ def _check_value(key: str, old: Any, new: Any, source: str) -> Any:
     elif isinstance(old, float):
         if isinstance(new, (int, float)) and not isinstance(new, bool):
             return float(new)
+        if isinstance(new, str) and _as_float(new) is not None:  # YAML 1.1 reads 1e-4 as a string
+            return _as_float(new)
     elif isinstance(old, str):
         if isinstance(new, (str, int, float)) and not isinstance(new, bool):
             return str(new)
@@ -74,7 +111,9 @@ def _check_value(key: str, old: Any, new: Any, source: str) -> Any:
     )
 
 
-def _merge_checked(base: DictConfig, child: dict, source: str, allow_new: bool, prefix: str = "") -> None:
+def _merge_checked(
+    base: DictConfig, child: dict, source: str, allow_new: bool, types: dict[str, str], prefix: str = ""
+) -> None:
     """Merge plain `child` into `base` in place, checking key existence and types."""
     for key, value in child.items():
         full = f"{prefix}{key}"
@@ -87,12 +126,13 @@ def _merge_checked(base: DictConfig, child: dict, source: str, allow_new: bool, 
             continue
         old_plain = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
         if isinstance(value, dict) and isinstance(old, DictConfig):
-            _merge_checked(old, value, source, allow_new, prefix=f"{full}.")
+            _merge_checked(old, value, source, allow_new, types, prefix=f"{full}.")
         else:
-            base[key] = _check_value(full, old_plain, value, source)
+            base[key] = _check_value(full, old_plain, value, source, types.get(full))
 
 
-def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """The composed config of `path` and the `_types_` declarations of its schema files."""
     if path in seen:
         raise ConfigError(f"config {path} includes itself through _base_ ({' -> '.join(map(str, seen))})")
     try:
@@ -102,14 +142,25 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     bases = raw.pop("_base_", None) or []
+    declared = raw.pop("_types_", None) or {}
     if isinstance(bases, str):
         bases = [bases]
     merged = OmegaConf.create({})
+    types: dict[str, str] = {}
     for base in bases:
-        parent = _load_tree(resolve_config_path(base, relative_to=path.parent), seen + (path,))
+        parent, parent_types = _load_tree(resolve_config_path(base, relative_to=path.parent), seen + (path,))
         merged = OmegaConf.merge(merged, parent) if len(merged) else parent
-    _merge_checked(merged, raw, source=str(path), allow_new=_is_schema_file(path) or not bases)
-    return merged
+        types.update(parent_types)
+    schema = _is_schema_file(path) or not bases
+    if declared and not schema:
+        raise ConfigError(f"_types_ in {path}: only the schema files in {CONFIG_DIR} declare types")
+    for key, spec in declared.items():
+        unknown = [n for n in str(spec).split("|") if n.strip() not in _TYPE_CHECKS]
+        if unknown:
+            raise ConfigError(f"_types_ in {path}: '{key}: {spec}' (types are {', '.join(_TYPE_CHECKS)})")
+        types[str(key)] = str(spec)
+    _merge_checked(merged, raw, source=str(path), allow_new=schema, types=types)
+    return merged, types
 
 
 def parse_override(item: str) -> tuple[str, Any, bool]:
@@ -128,7 +179,8 @@ def parse_override(item: str) -> tuple[str, Any, bool]:
     return key, value, add
 
 
-def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str], types: dict[str, str] | None = None) -> DictConfig:
+    types = types or {}
     for item in overrides:
         key, value, add = parse_override(item)
         old = OmegaConf.select(cfg, key, default=_MISSING)
@@ -138,7 +190,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
                 f"(use +{key}=... to add a new key on purpose)"
             )
         old_plain = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
-        new = _check_value(key, old_plain, value, f"override {item!r}")
+        new = _check_value(key, None if old is _MISSING else old_plain, value, f"override {item!r}", types.get(key))
         with _unlocked(cfg):
             OmegaConf.update(cfg, key, new, merge=False, force_add=True)
     return cfg
@@ -159,8 +211,8 @@ class _unlocked:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), validate: bool = True) -> DictConfig:
     """Compose `path` with its `_base_` parents, apply overrides, validate, lock keys."""
-    cfg = _load_tree(resolve_config_path(path))
-    apply_overrides(cfg, overrides)
+    cfg, types = _load_tree(resolve_config_path(path))
+    apply_overrides(cfg, overrides, types)
     try:
         OmegaConf.resolve(cfg)
     except Exception as exc:

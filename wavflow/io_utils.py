@@ -78,18 +78,27 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any
         ) from exc
 
 
+MAX_ID_BYTES = 200  # leaves room for suffixes such as ".pth" or "_rank0.csv" under the 255-byte limit
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._\-]+")
 
 
 def check_safe_id(sample_id: str, *, where: str = "") -> str:
     """Reject ids that cannot be used verbatim as a file name inside an output folder."""
     loc = f" ({where})" if where else ""
+
+    def bad(rule: str) -> ManifestError:
+        return ManifestError(f"id {sample_id!r}{loc} is unsafe as a file name: {rule}")
+
     if not sample_id or sample_id.strip() != sample_id:
-        raise ManifestError(f"id {sample_id!r}{loc} is empty or has leading/trailing spaces")
-    if "/" in sample_id or "\\" in sample_id or sample_id in (".", "..") or ".." in sample_id:
-        raise ManifestError(f"id {sample_id!r}{loc} is unsafe as a file name (path separator or '..')")
-    if "\x00" in sample_id or sample_id.startswith("-"):
-        raise ManifestError(f"id {sample_id!r}{loc} is unsafe as a file name")
+        raise bad("it is empty or has leading/trailing spaces")
+    if "/" in sample_id or "\\" in sample_id or ".." in sample_id or sample_id == ".":
+        raise bad("it contains a path separator or '..'")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in sample_id):
+        raise bad("it contains a control character (newline, tab, ...)")
+    if sample_id.startswith("-"):
+        raise bad("it starts with '-' (would read as an option to command-line tools)")
+    if len(sample_id.encode("utf-8")) > MAX_ID_BYTES:
+        raise bad(f"it is longer than {MAX_ID_BYTES} bytes (file names are limited to 255)")
     return sample_id
 
 

@@ -506,3 +506,21 @@ def test_bad_pth_reason_is_one_short_line(tmp_path: Path, monkeypatch: pytest.Mo
     redo = [line for line in log.splitlines() if "[REDO] clip0" in line]
     assert len(redo) == 1 and redo[0].endswith("was not an allowed global by default)")
     assert "Re-running" not in log and "weights_only" not in log
+
+
+def test_training_dataset_reads_fingerprinted_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extra str key is ignored by the trainer's loader (the contract's three tensors are read)."""
+    from wavflow.train.dataset import FeatureShapes, TrainRow, find_feature_problems, load_features
+
+    ds = write_dataset(tmp_path, videos=False, n=2)
+    monkeypatch.setattr(extract, "build_encoders", lambda *a, **k: FakeEncoders(need_video=False))
+    result = extract.run_extraction(config(tmp_path, ds, "t2a"))
+    df = read_out_csv(result.csv_path)
+    shapes = FeatureShapes(clip=(16, 1024), sync=(40, 768), text=(77, 1024))
+    rows = [TrainRow(r.id, Path(r.audio_path), Path(r.features_path), False, r.text_exist == "1", 0, i)
+            for i, r in enumerate(df.itertuples())]
+    assert SOURCE_KEY in torch.load(rows[0].features_path, weights_only=True)
+    assert find_feature_problems(rows, shapes, show_progress=False) == {}
+    feats = load_features(rows[0], shapes)
+    assert set(feats) == {"clip_features", "sync_features", "text_features"}
+    torch.testing.assert_close(feats["text_features"], torch.full((77, 1024), float(len("a dog barks, twice"))))

@@ -95,10 +95,13 @@ def test_bad_csv_rows_are_reported_together(tmp_path):
     assert str(other) in msg and "data.on_bad_row=error" in msg
     assert not (tmp_path / "out" / "exp" / "checkpoint_latest.pth").exists()
 
-    tr = Trainer(make_config(tmp_path, [str(csv), str(other)], data__on_bad_row="skip"))
+    with pytest.raises(ManifestError) as err:  # other.csv lost its only row: never silently dropped
+        Trainer(make_config(tmp_path, [str(csv), str(other)], data__on_bad_row="skip"))
+    assert f"training CSV {other}: all 1 row(s) failed the check" in str(err.value)
+    tr = Trainer(make_config(tmp_path, str(csv), data__on_bad_row="skip"))
     assert sorted(r.sample_id for r in tr.dataset.rows) == ["dup_0", "t2a_1", "v2a_2", "vt2a_0", "vt2a_3"]
     log = (tmp_path / "out" / "exp" / "training.log").read_text()
-    assert log.count("skipping ") == 7 and "(id 'shape')" in log
+    assert log.count("skipping ") == 6 and "(id 'shape')" in log
 
     missing_col = tmp_path / "nocol.csv"
     missing_col.write_text("id,audio_path\nx,y\n")
@@ -180,3 +183,50 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     assert ckpt["global_step"] >= 1 and ckpt["epoch"] == ckpt["global_step"] // 8
     assert ckpt["batch_in_epoch"] == ckpt["global_step"] % 8
     assert "Stopped by SIGTERM" in log.read_text()
+
+
+def test_features_extracted_for_other_clip_lengths_stop_with_a_data_hint(tmp_path):
+    # VT2A features of 2 s clips (clip 16, sync 40) against data.* expecting 8/16: every video
+    # row fails the same way. Before the fix they were skipped and a T2A-only model trained.
+    vt_csv = make_dataset(tmp_path / "vt", modes=("vt2a", "v2a"))
+    t2a_csv = make_dataset(tmp_path / "t2a", modes=("t2a", "t2a"))
+    t2a_csv.write_text(t2a_csv.read_text().replace("t2a_0,", "tt_0,").replace("t2a_1,", "tt_1,"))
+    for pth in (tmp_path / "vt" / "features").glob("v*.pth"):
+        feats = torch.load(pth)
+        feats["clip_features"] = torch.zeros(16, 32)
+        feats["sync_features"] = torch.zeros(40, 24)
+        torch.save(feats, pth)
+    with pytest.raises(ManifestError) as err:
+        Trainer(make_config(tmp_path, [str(t2a_csv), str(vt_csv)]))
+    msg = str(err.value)
+    assert f"training CSV {vt_csv}" in msg and "Set data.clip_seq_len=16 data.sync_seq_len=40" in msg
+    assert "every clip_features tensor has shape (16, 32), expected (8, 32)" in msg
+    assert not (tmp_path / "out" / "exp" / "checkpoint_latest.pth").exists()
+
+    # One stream mis-shaped on every row that carries it, while other rows survive: also a stop.
+    mixed = make_dataset(tmp_path / "mixed", modes=("vt2a", "t2a"))
+    pth = tmp_path / "mixed" / "features" / "vt2a_0.pth"
+    feats = torch.load(pth)
+    feats["sync_features"] = torch.zeros(40, 24)
+    torch.save(feats, pth)
+    with pytest.raises(ManifestError, match=r"Set data\.sync_seq_len=40 "):
+        Trainer(make_config(tmp_path, str(mixed)))
+
+
+def test_step_where_every_row_failed_moves_nothing(tmp_path):
+    csv = make_dataset(tmp_path, modes=("t2a", "vt2a"))
+    trainer = Trainer(make_config(tmp_path, csv, training__epochs=1, training__weight_decay=0.1))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    ema_before = trainer.ema1.state_dict()
+    for row in trainer.dataset.rows:
+        row.audio_path.write_bytes(b"garbage")  # both rows of the only batch fail at read time
+    result = trainer.train()
+    assert (result.global_step, result.skipped_rows, result.epoch) == (0, 2, 1)
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n  # no AdamW decay/momentum step on zero grads
+    for n, v in trainer.ema1.state_dict().items():
+        assert torch.equal(v, ema_before[n]), n
+    assert not trainer.optimizer.state  # AdamW never stepped
+    log = (result.exp_dir / "training.log").read_text()
+    assert "nan" not in log.lower() and "no optimiser/EMA step" in log
+    assert f"Checkpoint saved to {result.exp_dir / 'checkpoint_latest.pth'} (epoch 1, global step 0)" in log

@@ -166,3 +166,71 @@ def test_optimizer_groups_split_like_reference(tmp_path):
     assert all(n.endswith(".bias") or tr.model.get_parameter(n).ndim == 1 for n in no_decay)
     assert groups[1]["weight_decay"] == 0.05 and groups[0]["weight_decay"] == 0.0
     assert tr.optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("training.max_steps", "abc", "training.max_steps"),  # the loader or the trainer rejects it
+        ("training.max_steps", "-1", "training.max_steps must be null or an integer >= 1"),
+        ("training.max_steps", "0", "training.max_steps must be null or an integer >= 1"),
+        ("training.batch_size", "0", "training.batch_size must be an integer >= 1"),
+        ("training.grad_accum_steps", "0", "training.grad_accum_steps must be an integer >= 1"),
+        ("training.repeat_factor", "0", "training.repeat_factor must be an integer >= 1"),
+        ("training.label_drop_prob", "1.5", "training.label_drop_prob must lie in [0, 1]"),
+        ("training.ema_decay1", "1.0", "training.ema_decay1 must lie in [0, 1)"),
+        ("training.ema_decay2", "-0.1", "training.ema_decay2 must lie in [0, 1)"),
+        ("training.experiment_id", "", "training.experiment_id=None must be a non-empty folder name"),
+        ("training.experiment_id", "../../x", "training.experiment_id='../../x' must be a non-empty folder name"),
+        ("training.experiment_id", "a/b", "training.experiment_id='a/b'"),
+    ],
+)
+def test_training_keys_are_validated_at_start_up(tmp_path, key, value, fragment):
+    from wavflow.errors import ConfigError
+    from wavflow.train.trainer import _check_training_config
+
+    from wavflow.config import load_config
+    from tests.test_train_common import overrides
+
+    with pytest.raises(ConfigError) as err:
+        cfg = load_config("train.yaml", [*overrides(tmp_path, "unused.csv"), f"{key}={value}"])  # as typed on a CLI
+        _check_training_config(cfg)
+    assert fragment in str(err.value)
+    good = make_config(tmp_path, "unused.csv", training__max_steps=3, training__experiment_id="run_1")
+    _check_training_config(good)  # the valid neighbours pass
+
+
+def test_cpu_warning_only_for_reference_presets_on_cpu():
+    from wavflow.train.trainer import cpu_reference_preset_warning
+
+    msg = cpu_reference_preset_warning("medium_16k", torch.device("cpu"))
+    assert msg is not None and "624 M parameters on CPU" in msg and "model.name=small_16k/tiny_16k" in msg
+    assert "1032 M" in (cpu_reference_preset_warning("large_44k", torch.device("cpu")) or "")
+    assert cpu_reference_preset_warning("tiny_16k", torch.device("cpu")) is None
+    assert cpu_reference_preset_warning("medium_16k", torch.device("cuda", 0)) is None
+
+
+def test_read_failure_is_warned_once_per_id_but_counted_every_time(tmp_path, caplog):
+    from wavflow.train.dataset import TrainDataset, read_train_csvs
+
+    csv = make_dataset(tmp_path, modes=("t2a", "t2a"))
+    cfg = make_config(tmp_path, csv)
+    rows, _ = read_train_csvs([str(csv)], None)
+    rows[0].audio_path.write_bytes(b"garbage")
+    ds = TrainDataset(rows, cfg.data, repeat_factor=3)
+    with caplog.at_level("WARNING", logger="wavflow.train"):
+        items = [ds[i] for i in range(len(ds))]
+    assert [it is None for it in items] == [True, False] * 3  # still skipped (and counted) each time
+    warned = [r.getMessage() for r in caplog.records if "at read time" in r.getMessage()]
+    assert len(warned) == 1 and "'t2a_0'" in warned[0]
+
+
+def test_main_reports_a_config_error_in_one_line_with_code_2(tmp_path, capsys):
+    from tests.test_train_common import overrides
+    from wavflow.train.__main__ import main
+
+    csv = make_dataset(tmp_path, modes=("t2a",))
+    code = main(overrides(tmp_path, csv, training__max_steps=-1))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["[wavflow.train] error: training.max_steps must be null or an integer >= 1, got -1"]
+    assert not (tmp_path / "out" / "exp").exists()  # stopped before any output folder was made

@@ -59,3 +59,16 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "WavFlow demo finished" in proc.stdout and "not a model that sounds right" in proc.stdout
     assert str(out / "figure.png") in proc.stdout
+
+
+def test_demo_refuses_to_reuse_stages_made_with_other_settings(tmp_path: Path):
+    from wavflow.config import load_config
+    from wavflow.demo.pipeline import StageError, _check_reuse
+
+    cfg = load_config("demo.yaml", [f"demo.out_dir={tmp_path}"])
+    _check_reuse(cfg, tmp_path)  # first run: writes the stamp
+    assert json.loads((tmp_path / "demo_settings.json").read_text())["demo.n"] == 48
+    _check_reuse(cfg, tmp_path)  # same settings: reuse is fine
+    other = load_config("demo.yaml", [f"demo.out_dir={tmp_path}", "demo.n=16", "model.name=tiny_16k"])
+    with pytest.raises(StageError, match=r"demo.n: 48 -> 16.*demo.fresh=true"):
+        _check_reuse(other, tmp_path)

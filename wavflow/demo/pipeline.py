@@ -21,6 +21,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from wavflow.errors import WavFlowError
+from wavflow.io_utils import atomic_write_text
 
 log = logging.getLogger("wavflow.demo")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +117,30 @@ def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_
     return seconds
 
 
+def _settings_stamp(cfg: DictConfig) -> dict:
+    """What the reusable stages (data, features, training run) were made with."""
+    keys = [*SHARED_KEYS, "demo.n", "demo.seed", "demo.holdout_frac", "demo.train.batch_size", "demo.train.lr"]
+    return {k: OmegaConf.select(cfg, k) for k in keys}
+
+
+def _check_reuse(cfg: DictConfig, root: Path) -> None:
+    """Refuse to mix stages made with other settings into this run (a silent reuse would)."""
+    stamp_path = root / "demo_settings.json"
+    want = _settings_stamp(cfg)
+    if stamp_path.is_file():
+        have = json.loads(stamp_path.read_text())
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise StageError(
+                f"{root} holds a demo made with other settings ({listed}). Re-run with demo.fresh=true "
+                f"to start over there, or choose another demo.out_dir / DEMO_OUT."
+            )
+        print(f"=== reusing the finished stages in {root} (demo.fresh=true starts over)", flush=True)
+    else:
+        atomic_write_text(stamp_path, json.dumps(want, indent=1) + "\n")
+
+
 def run_demo(cfg: DictConfig) -> DemoResult:
     from wavflow.demo.make_dataset import make_dataset
     from wavflow.demo.metrics import evaluate
@@ -124,6 +149,7 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     if cfg.demo.fresh and paths.root.exists():
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
+    _check_reuse(cfg, paths.root)
     logs = paths.root / "logs"
     nproc = int(cfg.demo.nproc)
     shared = _shared_overrides(cfg)
@@ -200,7 +226,7 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     from wavflow.demo.figures import plot_real_vs_generated
 
     plot_real_vs_generated(paths.data, paths.predict, paths.figure, max_clips=int(cfg.demo.figure_clips))
-    (paths.root / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+    atomic_write_text(paths.root / "timings.json", json.dumps(timings, indent=1) + "\n")
     return DemoResult(paths=paths, metrics=metrics, table=table, timings=timings)
 
 

@@ -291,7 +291,8 @@ def _check_outputs_spare_inputs(settings: ExtractSettings, rows: Sequence[Extrac
     """No file the run writes (a `<id>.pth`, empty_string.pt, the output CSV and its siblings) may
     be an input audio/video file or the input CSV. ConfigError, before any model loads."""
     paths = OutputPaths(settings.output_csv)
-    written: dict[Path, str] = {_real(settings.feature_path(r.id)): f"<pth_dir>/{r.id}.pth" for r in rows}
+    pth_dir = _real(settings.pth_dir)  # resolved once: ids are plain file names
+    written: dict[Path, str] = {pth_dir / f"{r.id}.pth": f"<pth_dir>/{r.id}.pth" for r in rows}
     written[_real(settings.empty_string_path)] = "<pth_dir>/empty_string.pt"
     for path in (paths.csv_path, paths.errors_log, paths.summary_json):
         written[_real(path)] = str(path)

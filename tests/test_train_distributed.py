@@ -78,3 +78,27 @@ def test_two_nodes_on_one_machine_train_together(tmp_path):
     assert "Weights identical on all 2 rank(s)" in log and "Training completed" in log
     ckpt = safe_torch_load(exp / "checkpoint_latest.pth")
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_exits_0(tmp_path):
+    import signal
+    import time
+
+    csv = make_dataset(tmp_path, modes=("t2a", "vt2a"))
+    args = overrides(tmp_path, csv, training__epochs=1000, training__checkpoint_freq=0, training__repeat_factor=4)
+    proc = subprocess.Popen(["bash", str(LAUNCH / "train_single_node.sh"), *args], cwd=ROOT,
+                            env=_env(NPROC_PER_NODE="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "out" / "exp" / "training.log"
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and "GlobalStep 1 " in log.read_text():
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends to the job script
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out  # before: torchrun's SignalException, exit 1
+    assert "SignalException" not in out and "Traceback" not in out
+    assert "Stopped by SIGTERM" in log.read_text()
+    assert safe_torch_load(tmp_path / "out" / "exp" / "checkpoint_latest.pth")["global_step"] >= 1

@@ -162,3 +162,63 @@ def test_job_seeds_follow_row_ids_not_order_or_batch(tmp_path, wavflow_cache_dir
         assert np.array_equal(shuffled[i], base[i])  # same batch size: bit-identical
         np.testing.assert_allclose(one_by_one[i], base[i], rtol=0, atol=5e-4)  # float rounding only
     # (different seeds giving different audio: tests/test_predict.py)
+
+
+def test_inputs_are_never_overwritten_and_video_features_from_file(tmp_path, wavflow_cache_dir):
+    """output_dir = the video folder, no id column: v0.mp4 stays byte-identical (outputs are
+    v0_wavflow.*); a row with video_exist=1 and only a features file uses its clip/sync."""
+    from tests.test_predict import random_features
+    from wavflow.generator import WavFlowGenerator, row_seed
+    from wavflow.predict import NO_VIDEO_FILE_REASON
+
+    media = tmp_path / "media"
+    media.mkdir()
+    write_video(media / "v0.mp4", seconds=1.2)
+    source_bytes = (media / "v0.mp4").read_bytes()
+    paths = save_checkpoints(tmp_path / "ckpt", tiny_cfg())
+    gen = WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg(), use_ema=False, device="cpu")
+    feats = random_features(gen, 3, True, False)
+    torch.save({"clip_features": feats.clip, "sync_features": feats.sync}, media / "feat.pth")
+    torch.save({"text_features": random_features(gen, 4, False, True).text}, media / "textonly.pth")
+    csv = media / "rows.csv"
+    csv.write_text(
+        "id,video_path,caption,video_exist,text_exist,features_path\n"
+        ",v0.mp4,dog,1,1,\n"
+        "feat,,,1,0,feat.pth\n"  # video features from the file, no video to mux
+        "nofeat,,,1,0,textonly.pth\n"  # video wanted, neither source has it
+        "novideo,,,1,0,\n"
+    )
+    csv_bytes = csv.read_bytes()
+    cfg_path = write_job_config(tmp_path / "job.yaml", ckpt=paths["full"], csv=csv, out=media, data_root=media)
+    seed = 11
+    args = job_args(cfg_path, "sampling.num_steps=2", "output.loudness_norm=false", f"inference.seed={seed}")
+    assert main(args) == 1  # two rows fail
+
+    assert (media / "v0.mp4").read_bytes() == source_bytes and csv.read_bytes() == csv_bytes
+    s = pd.read_csv(media / "summary.csv", keep_default_na=False).set_index("id")
+    assert s.index.tolist() == ["v0", "feat", "nofeat", "novideo"]
+    assert s["status"].tolist() == ["ok", "ok", "failed", "failed"]
+    assert s.loc["v0", "wav_path"] == str(media / "v0_wavflow.wav")
+    assert s.loc["v0", "mp4_path"] == str(media / "v0_wavflow.mp4")
+    assert video_packets(media / "v0_wavflow.mp4") == video_packets(media / "v0.mp4")
+    assert s.loc["feat", "mp4_path"] == "" and s.loc["feat", "reason"] == NO_VIDEO_FILE_REASON
+    assert "textonly.pth has no clip_features/sync_features" in s.loc["nofeat", "reason"]
+    assert "video_exist=1 but video_path and features_path are empty" in s.loc["novideo", "reason"]
+    expected = gen.generate_batch([feats], [row_seed(seed, "feat")], steps=2)[0].numpy()
+    got, _ = sf.read(media / "feat.wav", dtype="float32")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # the file's video features were used
+    assert sorted(p.name for p in media.glob("*.mp4")) == ["v0.mp4", "v0_wavflow.mp4"]
+
+    # Re-run: the renamed outputs exist -> skipped, the input is still untouched.
+    assert main(args) == 1
+    s = pd.read_csv(media / "summary.csv", keep_default_na=False).set_index("id")
+    assert s.loc[["v0", "feat"], "status"].tolist() == ["skipped_exists"] * 2
+    assert (media / "v0.mp4").read_bytes() == source_bytes
+
+    # A summary.csv that is the input CSV itself: refused before anything is written.
+    own = media / "summary.csv"
+    own.write_text("id,video_path,caption,video_exist,text_exist\nt,,rain,0,1\n")
+    own_bytes = own.read_bytes()
+    cfg_path = write_job_config(tmp_path / "own.yaml", ckpt=paths["full"], csv=own, out=media)
+    assert main(job_args(cfg_path, "sampling.num_steps=2")) == 2
+    assert own.read_bytes() == own_bytes and not (media / "t.wav").exists()

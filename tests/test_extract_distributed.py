@@ -85,6 +85,7 @@ def test_two_rank_vt2a_errors_merge_and_resume(
     assert df["video_exist"].tolist() == ["1"] * 3 and df["text_exist"].tolist() == ["1", "0", "1"]
     for i in range(3):
         feats = torch.load(pth / f"clip{i}.pth", weights_only=True)
+        assert isinstance(feats.pop("wavflow_source"), str)  # the input fingerprint
         assert {k: tuple(v.shape) for k, v in feats.items()} == {
             "clip_features": (16, 1024), "sync_features": (40, 768), "text_features": (77, 1024)}
     errors = read_errors(out / "train_errors.log")
@@ -130,7 +131,7 @@ def test_two_rank_t2a_through_the_launcher(tmp_path: Path, wavflow_cache_dir: Pa
     assert df["id"].tolist() == ds["good"]
     assert df["video_exist"].tolist() == ["0"] * 3 and df["text_exist"].tolist() == ["1", "0", "1"]
     for sample_id in ds["good"]:
-        assert list(torch.load(pth / f"{sample_id}.pth", weights_only=True)) == ["text_features"]
+        assert sorted(torch.load(pth / f"{sample_id}.pth", weights_only=True)) == ["text_features", "wavflow_source"]
     assert list(read_errors(out / "train_errors.log")) == ["noaudio"]
     for rank in (0, 1):
         log = (pth / f"extract_t2a_rank{rank}.log").read_text()

@@ -64,6 +64,27 @@ def atomic_write_csv(df: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line naming what went wrong, without PyTorch's multi-paragraph weights_only advice."""
+    cause = exc.__cause__ if isinstance(exc, CheckpointError) and exc.__cause__ is not None else exc
+    text = _ANSI.sub("", str(cause))
+    if "Weights only load failed" in text:
+        # keep only the WeightsUnpickler line (what was refused), drop the "how to bypass" advice
+        detail = next((line.split("WeightsUnpickler error:", 1)[1] for line in text.splitlines()
+                       if "WeightsUnpickler error:" in line), "")
+        detail = detail.strip().split(". ")[0].rstrip(".")
+        first = "holds objects a weights-only load refuses" + (f": {detail}" if detail else "")
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
 def safe_torch_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True; any failure becomes a CheckpointError naming the file."""
     path = Path(path)
@@ -73,7 +94,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for truncated / foreign files
         raise CheckpointError(
-            f"{what} {path} could not be loaded ({type(exc).__name__}: {exc}). "
+            f"{what} {path} could not be loaded ({describe_load_error(exc)}). "
             "The file is corrupt, truncated, or not a weights-only torch file."
         ) from exc
 

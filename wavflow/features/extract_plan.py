@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wavflow.errors import CheckpointError, ConfigError, ManifestError
 from wavflow.features.extract_outputs import OutputPaths
-from wavflow.io_utils import safe_torch_load
+from wavflow.io_utils import describe_load_error, safe_torch_load
 from wavflow.manifest import (
     EXTRACT_T2A_COLUMNS,
     EXTRACT_VT2A_COLUMNS,
@@ -319,25 +319,6 @@ def expected_feature_shapes(settings: ExtractSettings) -> dict[str, tuple[int, i
     return shapes
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def short_load_error(exc: BaseException) -> str:
-    """One line naming what went wrong, without PyTorch's multi-paragraph weights_only advice."""
-    cause = exc.__cause__ if isinstance(exc, CheckpointError) and exc.__cause__ is not None else exc
-    text = _ANSI.sub("", str(cause))
-    if "Weights only load failed" in text:
-        # keep only the WeightsUnpickler line (what was refused), drop the "how to bypass" advice
-        detail = next((line.split("WeightsUnpickler error:", 1)[1] for line in text.splitlines()
-                       if "WeightsUnpickler error:" in line), "")
-        detail = detail.strip().split(". ")[0].rstrip(".")
-        first = "holds objects a weights-only load refuses" + (f": {detail}" if detail else "")
-    else:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        first = lines[0] if lines else ""
-    if len(first) > 200:
-        first = first[:197] + "..."
-    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
 def feature_file_problem(path: Path, shapes: dict[str, tuple[int, int]], fingerprint: str | None = None) -> str | None:
@@ -350,7 +331,7 @@ def feature_file_problem(path: Path, shapes: dict[str, tuple[int, int]], fingerp
     try:
         data = safe_torch_load(path, what="feature file")
     except CheckpointError as exc:
-        return f"unreadable feature file ({short_load_error(exc)})"
+        return f"unreadable feature file ({describe_load_error(exc)})"
     if not isinstance(data, dict):
         return f"feature file holds a {type(data).__name__}, not a dict"
     for key, shape in shapes.items():

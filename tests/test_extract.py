@@ -155,10 +155,10 @@ def test_duration_must_match_sequence_lengths(tmp_path: Path) -> None:
     assert ExtractSettings.from_config(cfg).mode == "t2a"
 
 
-def test_bad_config_values_exit_1(tmp_path: Path, never_build: list, capsys: pytest.CaptureFixture) -> None:
+def test_bad_config_values_exit_2(tmp_path: Path, never_build: list, capsys: pytest.CaptureFixture) -> None:
     ds = write_dataset(tmp_path, videos=False, n=1)
     rc = extract.main(["--config", "extract_t2a.yaml", *overrides(tmp_path, ds, "t2a", "extraction.mode=a2t")])
-    assert rc == 1
+    assert rc == 2
     assert "extraction.mode" in capsys.readouterr().err
     assert not never_build
 
@@ -186,7 +186,7 @@ def test_fatal_csv_problems_are_reported_before_models(
     write_csv(ds["csv"], header, rows)
     rc = extract.main(["--config", "extract_vt2a.yaml", *overrides(tmp_path, ds, "vt2a")])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert expect in err
     if case != "missing_column":  # one report: the missing audio of the last row is in it too
         assert "audio_path not found" in err and str(ds["csv"]) in err
@@ -300,12 +300,12 @@ def test_failing_batch_is_retried_per_row(tmp_path: Path, monkeypatch: pytest.Mo
     assert fake.text_batches[1:4] == [["a dog barks, twice"], [""], ["rain on a roof"]]
 
 
-def test_every_row_failing_exits_2(tmp_path: Path, never_build: list) -> None:
+def test_every_row_failing_exits_1(tmp_path: Path, never_build: list) -> None:
     data = tmp_path / "data"
     csv_path = write_csv(data / "input.csv", ["id", "audio_path", "caption"], [["x", "nope.wav", "c"]])
     ds = {"csv": csv_path, "data": data}
     rc = extract.main(["--config", "extract_t2a.yaml", *overrides(tmp_path, ds, "t2a")])
-    assert rc == 2
+    assert rc == 1
     out = tmp_path / "out"
     assert read_out_csv(out / "train.csv").empty and tuple(read_out_csv(out / "train.csv").columns) == TRAIN_COLUMNS
     assert list(read_errors(out / "train_errors.log")) == ["x"]
@@ -405,7 +405,7 @@ def test_output_paths_that_hit_the_input_csv_are_rejected(
     args = overrides(tmp_path, ds, "t2a", f"output.csv_path={out_csv}")
     with pytest.raises(ConfigError, match=expect):
         ExtractSettings.from_config(load_config("extract_t2a.yaml", args, validate=False))
-    assert extract.main(["--config", "extract_t2a.yaml", *args]) == 1
+    assert extract.main(["--config", "extract_t2a.yaml", *args]) == 2
     assert expect in capsys.readouterr().err
     assert ds["csv"].read_bytes() == before, "the input CSV was modified"
     assert not never_build and not (tmp_path / "out").exists()
@@ -424,7 +424,7 @@ def test_a_planned_pth_that_is_an_input_file_is_rejected(tmp_path: Path, never_b
     settings = ExtractSettings.from_config(load_config("extract_t2a.yaml", args, validate=False))
     with pytest.raises(ConfigError, match=r"row id 'clip1': its audio_path .*clip0\.pth would be overwritten by <pth_dir>/clip0\.pth"):
         plan_rows(settings)
-    assert extract.main(["--config", "extract_t2a.yaml", *args]) == 1
+    assert extract.main(["--config", "extract_t2a.yaml", *args]) == 2
     assert (ds["data"] / "clip0.pth").read_bytes() == before
     assert not never_build
     # The input CSV itself named like a planned <id>.pth is refused too.

@@ -56,7 +56,8 @@ from wavflow.features.extract_plan import (
 from wavflow.io_utils import atomic_torch_save
 
 DEFAULT_CONFIG = "extract_vt2a.yaml"
-EXIT_OK, EXIT_FATAL, EXIT_ALL_FAILED = 0, 1, 2
+# Same meaning in every job: 2 = fatal before any work (config, CSV, weights), 1 = finished with failed rows.
+EXIT_OK, EXIT_FATAL, EXIT_ALL_FAILED = 0, 2, 1
 
 
 # ------------------------------------------------------------------ seams (tests patch these)

@@ -17,3 +17,22 @@ wavflow_gpu_count() {
 wavflow_torchrun() {
   "$WAVFLOW_PYTHON" -m torch.distributed.run "$@"
 }
+# Run torchrun with its arguments so that SIGTERM/SIGINT reach the training processes
+# (torchrun's children), not torchrun: each rank stops after its step, rank 0 writes
+# checkpoint_latest.pth, and the run exits 0 (a signalled torchrun would instead exit 1 with a
+# SignalException traceback). torchrun runs in its own session (setsid) so a terminal's Ctrl-C
+# reaches it only through this forwarding. Exits with torchrun's code.
+wavflow_torchrun_forwarding_signals() {
+  local session=() torchrun_pid rc
+  command -v setsid >/dev/null 2>&1 && session=(setsid)
+  "${session[@]}" "$WAVFLOW_PYTHON" -m torch.distributed.run "$@" &
+  torchrun_pid=$!
+  trap "pkill -TERM -P $torchrun_pid 2>/dev/null || kill -TERM $torchrun_pid 2>/dev/null || true" TERM
+  trap "pkill -INT -P $torchrun_pid 2>/dev/null || kill -INT $torchrun_pid 2>/dev/null || true" INT
+  set +e
+  while :; do
+    wait "$torchrun_pid"; rc=$?
+    kill -0 "$torchrun_pid" 2>/dev/null || break  # wait returned early because a signal was trapped
+  done
+  exit "$rc"
+}

@@ -23,17 +23,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from wavflow.demo.pipeline import REPO_ROOT, run_stage
+from wavflow.demo.pipeline import REPO_ROOT, run_stage, shared_overrides
 from wavflow.errors import WavFlowError
 from wavflow.io_utils import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("wavflow.bench")
-
-
-def _shared(cfg: DictConfig) -> list[str]:
-    from wavflow.demo.pipeline import _shared_overrides
-
-    return _shared_overrides(cfg)
 
 
 def _git_revision() -> str:
@@ -46,7 +40,7 @@ def _git_revision() -> str:
 
 def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Path, logs: Path) -> Path:
     out_csv = out / f"train_{mode}_features.csv"
-    run_stage(f"extract_{mode}", f"extract_{mode}.sh", _shared(cfg) + [
+    run_stage(f"extract_{mode}", f"extract_{mode}.sh", shared_overrides(cfg) + [
         f"data.csv_path={in_csv}", f"data.data_root={data_root}", f"output.pth_dir={out / mode}",
         f"output.csv_path={out_csv}", f"extraction.duration_sec={cfg.data.audio_duration}",
         "extraction.num_workers=0"], int(cfg.bench.nproc), logs)
@@ -56,7 +50,7 @@ def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Pat
 def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], out: Path, step: int,
               logs: Path) -> float:
     b = cfg.bench
-    return run_stage(f"train_to_{step}", "train_single_node.sh", _shared(cfg) + [
+    return run_stage(f"train_to_{step}", "train_single_node.sh", shared_overrides(cfg) + [
         f"data.train_csv=[{','.join(map(str, train_csvs))}]",
         f"training.output_dir={out}", "training.experiment_id=run",
         f"training.max_steps={step}", "training.epochs=1000000",
@@ -69,7 +63,7 @@ def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], ou
 
 
 def _predict(cfg: DictConfig, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path, tag: str) -> float:
-    return run_stage(f"predict_{tag}", "predict.sh", _shared(cfg) + [
+    return run_stage(f"predict_{tag}", "predict.sh", shared_overrides(cfg) + [
         f"data.csv_path={csv_path}", f"data.data_root={data_root}", f"model.ckpt_path={ckpt}",
         "model.use_ema=false", f"inference.cfg={cfg.bench.eval_cfg}",
         f"sampling.num_steps={cfg.sampling.num_steps}", f"output.output_dir={out}",

@@ -85,7 +85,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _shared_overrides(cfg: DictConfig) -> list[str]:
+def shared_overrides(cfg: DictConfig) -> list[str]:
     out = []
     for key in SHARED_KEYS:
         value = OmegaConf.select(cfg, key)
@@ -152,7 +152,7 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     _check_reuse(cfg, paths.root)
     logs = paths.root / "logs"
     nproc = int(cfg.demo.nproc)
-    shared = _shared_overrides(cfg)
+    shared = shared_overrides(cfg)
     timings: dict[str, float] = {}
 
     # 1. data set

@@ -2,7 +2,7 @@
 
     python -m wavflow.demo.learning_benchmark [--config PATH] [key=value ...]
 
-Both stages use the real pipeline (launchers for extraction, training and prediction). Training
+An interrupted run resumes: run the same command again. Both stages use the real pipeline (launchers for extraction, training and prediction). Training
 runs in chunks of `eval_every` steps through `training.max_steps` and resumes bit-exactly from
 `checkpoint_latest.pth`, so the curve costs no extra training. Each evaluation predicts with the
 latest weights and scores the audio; results go to `<out_dir>/<stage>/curve.json`, a PNG curve,
@@ -71,6 +71,19 @@ def _predict(cfg: DictConfig, csv_path: Path, data_root: Path, ckpt: Path, out: 
         "inference.batch_size=8"], 1, logs)
 
 
+def _resume_curve(root: Path) -> tuple[list[dict], float, float]:
+    """The evaluations an interrupted run of this stage already made (training resumes from
+    checkpoint_latest.pth, so the next chunk continues where the curve stops)."""
+    path = root / "curve.json"
+    if not path.is_file():
+        return [], 0.0, 0.0
+    curve = json.loads(path.read_text())
+    if curve:
+        log.info("resuming %s after step %d (curve.json)", root.name, curve[-1]["step"])
+        return curve, float(curve[-1]["train_seconds"]), float(curve[-1]["wall_seconds"])
+    return [], 0.0, 0.0
+
+
 # ------------------------------------------------------------------------------ memorise
 def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     """4 clips with 4 distinct classes and captions, learned by heart."""
@@ -107,8 +120,14 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     sr = int(cfg.data.target_sample_rate)
     noise = noise_baseline(4, float(cfg.data.audio_duration), sr, seed=1)
     noise_dist = float(np.mean(np.diag(nearest_reference(list(noise), ref_wavs, sample_rate=sr))))
-    curve, start, train_s, reached_at = [], time.time(), 0.0, None
+    curve, train_s, wall_before = _resume_curve(root)
+    start, reached_at = time.time() - wall_before, None
+    for point in curve:  # replay the early-stop state of the evaluations already made
+        reached_at = point if point["target_met"] and reached_at is None else (reached_at if point["target_met"] else None)
+    done = curve[-1]["step"] if curve else 0
     for step in range(int(st.eval_every), int(st.max_steps) + 1, int(st.eval_every)):
+        if step <= done:
+            continue
         train_s += _train_to(cfg, st, [feats], root / "train", step, logs)
         pred = root / "predict" / f"step_{step:06d}"
         _predict(cfg, data / "memorise_eval.csv", data, root / "train" / "run" / "checkpoint_latest.pth", pred,
@@ -151,8 +170,13 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
                  sample_rate=int(cfg.data.target_sample_rate), holdout_frac=0.25, progress=False)
     csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
     targets = cfg.bench.targets
-    curve, start, train_s, reached = [], time.time(), 0.0, None
+    curve, train_s, wall_before = _resume_curve(root)
+    start = time.time() - wall_before
+    reached = next((p for p in curve if p["target_met"]), None)
+    done = curve[-1]["step"] if curve else 0
     for step in range(int(st.eval_every), int(st.max_steps) + 1, int(st.eval_every)):
+        if step <= done or reached is not None:
+            continue
         train_s += _train_to(cfg, st, csvs, root / "train", step, logs)
         pred = root / "predict" / f"step_{step:06d}"
         _predict(cfg, data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth", pred,

@@ -126,6 +126,24 @@ def test_noise_baseline_and_nearest_reference(dataset):
     assert d[2, 1] == pytest.approx(expected, rel=1e-5)
 
 
+def test_event_distance_ignores_gain_and_background_texture(dataset):
+    clip = dataset.clips[0]
+    wave = sf.read(dataset.root / clip.audio_path, dtype="float32")[0]
+    rng = np.random.default_rng(0)
+    # the same events, 6 dB louder, over a fresh -40 dB background
+    regen = 2.0 * (wave + 0.01 * rng.standard_normal(wave.size).astype(np.float32))
+    noise = noise_baseline(1, dataset.duration, SR, seed=1)
+    raw = nearest_reference([regen, noise[0]], [wave], sample_rate=SR)[:, 0]
+    event = nearest_reference([regen, noise[0]], [wave], sample_rate=SR, dynamic_range_db=30.0)[:, 0]
+    assert event[0] < 0.25 * event[1]  # same sound: far below noise
+    assert raw[0] > 0.4 * raw[1]       # the raw distance cannot tell them apart as well
+    lm = log_mel(wave, SR)
+    rel = np.maximum(lm - lm.max(), -30.0)
+    lm2 = log_mel(regen, SR)
+    rel2 = np.maximum(lm2 - lm2.max(), -30.0)
+    assert event[0] == pytest.approx(np.sqrt(np.mean((rel - rel2) ** 2)), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------ separation
 
 

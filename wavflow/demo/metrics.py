@@ -226,7 +226,7 @@ def _fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
 
 
 def nearest_reference(generated_wavs: Sequence[Any], reference_wavs: Sequence[Any], *,
-                      sample_rate: int = 16000) -> np.ndarray:
+                      sample_rate: int = 16000, dynamic_range_db: float | None = None) -> np.ndarray:
     """(G, R) matrix of log-mel distances between generated and reference clips.
 
     Items are paths or 1-D waveforms at `sample_rate`. Every clip is cropped / zero-padded to
@@ -234,14 +234,23 @@ def nearest_reference(generated_wavs: Sequence[Any], reference_wavs: Sequence[An
     in dB (L2 norm / sqrt(number of mel bins x frames)), so 0 means identical audio. A
     generated clip much closer to one training clip than real held-out clips are suggests
     memorisation.
+
+    With `dynamic_range_db`, each log-mel is taken relative to its loudest bin and floored
+    that many dB below it: gain differences (loudness normalisation) and the texture of quiet
+    background noise no longer count, only the sound events do.
     """
     if not generated_wavs or not reference_wavs:
         raise ValueError("nearest_reference needs at least one generated and one reference clip")
     refs = [_as_wave(r, sample_rate) for r in reference_wavs]
     num = refs[0].size
-    ref_feats = np.stack([log_mel(_fit_length(r, num), sample_rate).ravel() for r in refs])
-    gen_feats = np.stack([log_mel(_fit_length(_as_wave(g, sample_rate), num), sample_rate).ravel()
-                          for g in generated_wavs])
+    def feature(wave: np.ndarray) -> np.ndarray:
+        lm = log_mel(_fit_length(wave, num), sample_rate)
+        if dynamic_range_db is not None:
+            lm = np.maximum(lm - lm.max(), -float(dynamic_range_db))
+        return lm.ravel()
+
+    ref_feats = np.stack([feature(r) for r in refs])
+    gen_feats = np.stack([feature(_as_wave(g, sample_rate)) for g in generated_wavs])
     sq = ((gen_feats**2).sum(1)[:, None] + (ref_feats**2).sum(1)[None, :]
           - 2.0 * gen_feats @ ref_feats.T)
     return np.sqrt(np.maximum(sq, 0.0) / ref_feats.shape[1])

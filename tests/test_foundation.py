@@ -263,3 +263,17 @@ def test_atomic_files_get_the_umask_mode(tmp_path: Path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_duplicate_ids_across_csvs_name_the_first_file(tmp_path: Path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("id,audio_path,caption\nx,x.wav,c\n")
+    b.write_text("id,audio_path,caption\ny,y.wav,c\nx,x.wav,c\n")
+    seen: dict = {}
+    reports = []
+    for path in (a, b):
+        report = ManifestReport(path)
+        check_ids(read_manifest(path, ("id", "audio_path", "caption")), report, seen=seen)
+        reports.append(report)
+    assert not reports[0].problems
+    assert [str(p) for p in reports[1].problems] == [f"line 3 (id 'x'): duplicate id (first in {a} line 2)"]

@@ -81,7 +81,7 @@ def test_bad_csv_rows_are_reported_together(tmp_path):
         Trainer(make_config(tmp_path, [str(csv), str(other)], data__on_bad_row="error"))
     msg = str(err.value)
     expected = {
-        "line 7 (id 'vt2a_0')": "duplicate id (first in",
+        "line 7 (id 'vt2a_0')": "duplicate id (first on line 2)",
         "line 8 (id 'flag')": "video_exist='2' is not 0 or 1",
         "line 9 (id 'noaudio')": "audio_path not found",
         "line 10 (id 'nofeat')": "features_path not found",

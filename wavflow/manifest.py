@@ -97,9 +97,15 @@ def resolve_path(value: str, data_root: str | os.PathLike | None) -> Path:
     return p.absolute()
 
 
-def check_ids(df: pd.DataFrame, report: ManifestReport, column: str = "id") -> None:
-    """Empty, unsafe (path separators, '..') and duplicate ids."""
-    seen: dict[str, int] = {}
+def check_ids(
+    df: pd.DataFrame, report: ManifestReport, column: str = "id", seen: dict[str, tuple[Path, int]] | None = None
+) -> None:
+    """Empty, unsafe (path separators, '..') and duplicate ids.
+
+    Pass the same `seen` dict (id -> (csv path, line)) for several CSVs that form one data set
+    to find duplicates across them too.
+    """
+    seen = {} if seen is None else seen
     for idx, value in df[column].items():
         try:
             check_safe_id(value)
@@ -107,9 +113,11 @@ def check_ids(df: pd.DataFrame, report: ManifestReport, column: str = "id") -> N
             report.add(idx, value, str(exc))
             continue
         if value in seen:
-            report.add(idx, value, f"duplicate id (first on line {seen[value] + 2})")
+            where, line = seen[value]
+            place = f"line {line}" if where == report.path else f"{where} line {line}"
+            report.add(idx, value, f"duplicate id (first {'on' if where == report.path else 'in'} {place})")
         else:
-            seen[value] = int(idx)
+            seen[value] = (report.path, int(idx) + 2)
 
 
 def parse_flag(value: str) -> int | None:

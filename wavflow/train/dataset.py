@@ -21,8 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from wavflow.errors import FeatureError, ManifestError
-from wavflow.manifest import ManifestReport, check_files, check_flags, parse_flag, read_manifest, resolve_path
-from wavflow.io_utils import check_safe_id
+from wavflow.manifest import ManifestReport, check_files, check_ids, check_flags, parse_flag, read_manifest, resolve_path
 from wavflow.shapes import latent_seq_len
 
 log = logging.getLogger("wavflow.train")
@@ -79,24 +78,14 @@ def read_train_csvs(
     """
     rows: list[TrainRow] = []
     reports: list[ManifestReport] = []
-    first_seen: dict[str, tuple[str, int]] = {}
+    first_seen: dict[str, tuple[Path, int]] = {}
     for csv_index, path in enumerate(csv_paths):
         df = read_manifest(path, REQUIRED_COLUMNS)
         for col in FLAG_COLUMNS:  # spec §4: an absent flag column means "present"
             if col not in df.columns:
                 df[col] = "1"
         report = ManifestReport(Path(path))
-        for idx, value in df["id"].items():
-            try:
-                check_safe_id(value)
-            except ManifestError as exc:
-                report.add(idx, value, str(exc))
-                continue
-            if value in first_seen:
-                where, line = first_seen[value]
-                report.add(idx, value, f"duplicate id (first in {where} line {line})")
-            else:
-                first_seen[value] = (str(path), int(idx) + 2)
+        check_ids(df, report, seen=first_seen)
         check_flags(df, report, FLAG_COLUMNS)
         check_files(df, report, "audio_path", data_root)
         check_files(df, report, "features_path", data_root)

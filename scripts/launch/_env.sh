@@ -36,3 +36,18 @@ wavflow_torchrun_forwarding_signals() {
   done
   exit "$rc"
 }
+# The body of extract_t2a.sh / extract_vt2a.sh: torchrun over the extraction job in MODE.
+# extraction.mode=MODE is passed first, so a config file cannot switch the mode; an explicit
+# extraction.mode=... word on the command line still can. NPROC_PER_NODE defaults to 2 with two
+# or more GPUs, else 1.
+wavflow_extract() {
+  local mode="$1" gpus
+  shift
+  export CONFIG_PATH="${CONFIG_PATH:-$WAVFLOW_ROOT/configs/extract_$mode.yaml}"
+  if [ -z "${NPROC_PER_NODE:-}" ]; then
+    gpus="$(wavflow_gpu_count)"
+    if [ "$gpus" -ge 2 ] 2>/dev/null; then NPROC_PER_NODE=2; else NPROC_PER_NODE=1; fi
+  fi
+  echo "[wavflow] torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m wavflow.features.extract extraction.mode=$mode $* (config $CONFIG_PATH unless --config is given)" >&2
+  wavflow_torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m wavflow.features.extract "extraction.mode=$mode" "$@"
+}

@@ -68,8 +68,8 @@ def test_csv_schemas_and_relative_paths(dataset):
     t2a = pd.read_csv(root / "train_t2a.csv", keep_default_na=False)
     infer = pd.read_csv(root / "holdout_infer.csv", keep_default_na=False)
     ref = pd.read_csv(root / "holdout_reference.csv", keep_default_na=False)
-    assert list(vt2a.columns) == ["id", "audio_path", "video_path", "caption"]
-    assert list(t2a.columns) == ["id", "audio_path", "caption"]
+    assert list(vt2a.columns) == ["id", "audio_path", "video_path", "caption", "label", "onsets"]
+    assert list(t2a.columns) == ["id", "audio_path", "caption", "label", "onsets"]
     assert list(infer.columns) == ["id", "video_path", "caption", "video_exist", "text_exist"]
     assert {"id", "audio_path", "video_path", "caption", "mode", "label", "onsets"} <= set(ref.columns)
 

@@ -77,9 +77,14 @@ def test_onset_errors_and_summary_numbers():
     assert np.isnan(onset_errors([0.5], [])).all()
     summary = summarise_onsets([np.array([0.010, 0.030]), np.array([np.nan]),
                                 np.array([0.200, 0.020])], tolerance_ms=100)
-    # matched errors 10, 20, 30, 200 ms: median 25; p90 by linear interpolation 30 + 0.7*170
-    assert summary["onset_median_ms"] == pytest.approx(25.0)
-    assert summary["onset_p90_ms"] == pytest.approx(30 + 0.7 * 170)
+    # every reference onset counts, the missed one as 1000 ms: 10, 20, 30, 200, 1000 ms
+    assert summary["onset_median_ms"] == pytest.approx(30.0)
+    assert summary["onset_p90_ms"] == pytest.approx(200 + 0.6 * 800)
+    # a detection farther than 1000 ms scores as a miss, not worse
+    far = summarise_onsets([np.array([3.0])], tolerance_ms=100)
+    assert far["onset_median_ms"] == pytest.approx(1000.0)
+    silent = summarise_onsets([np.array([np.nan, np.nan])], tolerance_ms=100)
+    assert silent["onset_median_ms"] == pytest.approx(1000.0) and silent["onset_detection_rate"] == 0
     assert summary["onset_detection_rate"] == pytest.approx(3 / 5)
     assert summary["num_reference_onsets"] == 5
 
@@ -160,7 +165,7 @@ def test_real_clips_score_high_and_noise_scores_at_chance(dataset, reference):
 
     noise = m["baselines"]["white_noise"]["overall"]
     assert noise["class_accuracy"] <= 0.5  # a constant guess: near 1/6
-    assert noise["onset_detection_rate"] == 0.0 and noise["onset_median_ms"] is None
+    assert noise["onset_detection_rate"] == 0.0 and noise["onset_median_ms"] == 1000.0  # all missed
     assert m["baselines"]["real_same_ids"]["overall"]["class_accuracy"] == overall["class_accuracy"]
     rvr, nvr = m["baselines"]["frechet_real_vs_real"], m["baselines"]["frechet_noise_vs_real"]
     assert rvr * 10 < nvr

@@ -19,6 +19,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -217,6 +218,7 @@ class WavFlowGenerator:
         self.checkpoint = checkpoint
         self._encoders = encoders
         self._encoders_have_video = encoders is not None
+        self._checked_dirs: set[Path] = set()
         self.precision = str(OmegaConf.select(cfg, "inference.precision", default="auto"))
         self.sample_rate = int(cfg.data.target_sample_rate)
         self.audio_scale = float(cfg.data.audio_scale)
@@ -340,9 +342,39 @@ class WavFlowGenerator:
         if self._encoders is None or (need_video and not self._encoders_have_video):
             from wavflow.features.encoders import FeatureEncoders
 
+            from wavflow.features.encoders import encoder_identity
+
+            self._check_feature_source(encoder_identity(self.cfg.encoders), "the encoders of this run (encoders.*)")
             self._encoders = FeatureEncoders.from_config(self.cfg.encoders, need_video=need_video, device=self.device)
             self._encoders_have_video = need_video
         return self._encoders
+
+    def _check_feature_source(self, identity: str, what: str) -> None:
+        """A network that normalises its conditions (cond_norm.py) only takes features of the
+        encoders its statistics came from: other features would be normalised wrongly."""
+        norm = getattr(self.model, "cond_norm", None)
+        if norm is None:
+            return
+        from wavflow.features.report import identity_tag
+
+        want = int(norm.source_tag.item())
+        if int(identity_tag(identity)) != want:
+            raise FeatureError(
+                f"{what} make features of '{identity}', but this checkpoint normalises features of other encoders "
+                f"(statistics tag {want:013x}; its training run's feature_stats.pt names them): use the training "
+                "run's encoders.* settings or features extracted with them"
+            )
+
+    def _check_features_dir(self, folder: Path) -> None:
+        """Cached features: their folder's feature_stats.pt (written by extraction) names the encoders."""
+        if getattr(self.model, "cond_norm", None) is None or folder in self._checked_dirs:
+            return
+        from wavflow.features.report import STATS_FILENAME, FeatureStats
+
+        stats_path = folder / STATS_FILENAME
+        if stats_path.is_file():
+            self._check_feature_source(FeatureStats.load(stats_path).encoder_identity, f"the features in {folder}")
+        self._checked_dirs.add(folder)
 
     def _expect(self, name: str, t: Tensor, where: str) -> Tensor:
         m = self.model
@@ -362,6 +394,7 @@ class WavFlowGenerator:
         self, path: str | os.PathLike, *, video: bool, text: bool
     ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """Cached features (one `<id>.pth`): the requested modalities present in the file."""
+        self._check_features_dir(Path(path).absolute().parent)
         data = safe_torch_load(path, what="features file")
         if not isinstance(data, Mapping):
             raise FeatureError(f"features file {path} holds a {type(data).__name__}, not a dict of tensors")

@@ -9,9 +9,10 @@ set `data.data_root=DIR`):
 
     audio/<id>.wav          mono PCM-16 at --sample-rate, --duration seconds
     video/<id>.mp4          --size x --size, --fps, H.264 yuv420p (written for every clip)
-    train_vt2a.csv          id,audio_path,video_path,caption      train clips with video
-                            (V2A clips have an empty caption -> text_exist=0 at extraction)
-    train_t2a.csv           id,audio_path,caption                  train clips without video
+    train_vt2a.csv          id,audio_path,video_path,caption,label,onsets   train clips with video
+                            (V2A clips have an empty caption -> text_exist=0 at extraction;
+                            label/onsets feed only extraction's feature report)
+    train_t2a.csv           id,audio_path,caption,label,onsets     train clips without video
     holdout_infer.csv       id,video_path,caption,video_exist,text_exist   inference input
     holdout_reference.csv   id,audio_path,video_path,caption,mode,label,onsets (space-separated s)
     metadata.csv            one row per clip: id,split,mode,label,num_events,onsets,
@@ -246,14 +247,16 @@ def _write_manifests(info: DatasetInfo) -> None:
     root = info.root
     train = info.split("train")
     holdout = info.split("holdout")
+    # label / onsets ride along for the feature report of extraction (features/report.py);
+    # the encoders never see them.
     atomic_write_csv(pd.DataFrame(
-        [{"id": c.id, "audio_path": c.audio_path, "video_path": c.video_path, "caption": c.caption}
-         for c in train if c.has_video],
-        columns=["id", "audio_path", "video_path", "caption"]), root / "train_vt2a.csv")
+        [{"id": c.id, "audio_path": c.audio_path, "video_path": c.video_path, "caption": c.caption,
+          "label": c.label, "onsets": _fmt_times(c.onsets)} for c in train if c.has_video],
+        columns=["id", "audio_path", "video_path", "caption", "label", "onsets"]), root / "train_vt2a.csv")
     atomic_write_csv(pd.DataFrame(
-        [{"id": c.id, "audio_path": c.audio_path, "caption": c.caption}
-         for c in train if not c.has_video],
-        columns=["id", "audio_path", "caption"]), root / "train_t2a.csv")
+        [{"id": c.id, "audio_path": c.audio_path, "caption": c.caption, "label": c.label,
+          "onsets": _fmt_times(c.onsets)} for c in train if not c.has_video],
+        columns=["id", "audio_path", "caption", "label", "onsets"]), root / "train_t2a.csv")
     atomic_write_csv(pd.DataFrame(
         [{"id": c.id, "video_path": c.video_path if c.has_video else "", "caption": c.caption,
           "video_exist": int(c.has_video), "text_exist": int(c.has_text)} for c in holdout],

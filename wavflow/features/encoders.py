@@ -22,6 +22,7 @@ from torch import Tensor
 from wavflow.errors import CheckpointError, ConfigError, WeightsError
 from wavflow.features.clip import HUB_PREFIX, ClipEncoder
 from wavflow.features.synchformer import Synchformer, SynchformerConfig
+from wavflow.features.tiny_encoders import craft_tiny_clip, craft_tiny_synchformer
 from wavflow.features.weights import (
     SYNCHFORMER_FILENAME,
     SYNCHFORMER_URL,
@@ -36,17 +37,20 @@ LOCAL_CLIP_ARCH = "ViT-H-14-378-quickgelu"
 SYNC_TOKENS_PER_SEGMENT = 8
 
 # Tiny profile. Bump the version when the configs change so stale cache files are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 3
 TINY_SEED = 1234
 TINY_CLIP_ARCH = f"wavflow-tiny-clip-v{TINY_VERSION}"
 TINY_CLIP_FILENAME = f"{TINY_CLIP_ARCH}.pt"
 TINY_SYNC_FILENAME = f"wavflow-tiny-synchformer-v{TINY_VERSION}.pth"
 # Real widths (text 1024 = per-token hidden width, image embed 1024), one layer each, coarse
 # 32-px patches. The text tower keeps the real 49408-token vocabulary of the real tokenizer.
+# The weights are set by tiny_encoders.craft_tiny_clip (average pooling, no ln_pre, LayerNorm
+# after pooling: see there).
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 1024,
     "quick_gelu": True,
-    "vision_cfg": {"image_size": 384, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
+    "vision_cfg": {"image_size": 384, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32,
+                   "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 1, "mlp_ratio": 1.0},
 }
 
@@ -85,6 +89,7 @@ def ensure_tiny_clip(cache_dir: Path) -> Path:
                 model = open_clip.create_model(arch, pretrained=None)
             finally:
                 logging.disable(logging.NOTSET)
+            craft_tiny_clip(model, torch.Generator().manual_seed(TINY_SEED))
         atomic_torch_save(_half_state_dict(model), path)
     return path
 
@@ -95,6 +100,7 @@ def ensure_tiny_synchformer(cache_dir: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = Synchformer.tiny()
+            craft_tiny_synchformer(model, torch.Generator().manual_seed(TINY_SEED + 1))
         atomic_torch_save(_half_state_dict(model), path)
     return path
 
@@ -116,6 +122,18 @@ def load_synchformer(path: Path, cfg: SynchformerConfig | None = None) -> Synchf
     except RuntimeError as exc:
         raise WeightsError(f"Synchformer weights {path} do not match the model: {exc}") from exc
     return model.eval().requires_grad_(False)
+
+
+def encoder_identity(encoders_cfg: Mapping[str, Any] | Any) -> str:
+    """Names the encoders that make a feature set (stable across machines): recorded with the
+    feature statistics and, as a tag, in networks that normalise their conditions."""
+    profile = _cfg_get(encoders_cfg, "profile", "default")
+    if profile == "tiny":
+        return f"tiny-v{TINY_VERSION}"
+    pretrained = _cfg_get(encoders_cfg, "clip_pretrained")
+    clip = Path(str(pretrained)).name if pretrained else _cfg_get(encoders_cfg, "clip_model", "")
+    sync = _cfg_get(encoders_cfg, "synchformer_ckpt")
+    return f"default|clip={clip}|synchformer={Path(str(sync)).name if sync else SYNCHFORMER_FILENAME}"
 
 
 def _file_identity(path: Path) -> str:

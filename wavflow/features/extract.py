@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -321,6 +322,26 @@ def _process_rank(rows: list[ExtractRow], settings: ExtractSettings, encoders_cf
     return counts
 
 
+def _report_and_stats(cfg: DictConfig, settings: ExtractSettings, paths: OutputPaths,
+                      logger: logging.Logger) -> dict[str, Any]:
+    """Rank 0, after the merge: per-dimension statistics of every row (`feature_stats.pt` in
+    pth_dir, for data.feature_norm) and the feature-quality report (features/report.py) over the
+    merged training CSV; `label` / `onsets` columns of the input CSV feed its class and onset
+    metrics."""
+    from wavflow.features.encoders import encoder_identity
+    from wavflow.features.report import STATS_FILENAME, analyse_csv, format_report
+
+    meta = pd.read_csv(settings.input_csv, dtype=str, keep_default_na=False, na_filter=False)
+    meta = meta if {"label", "onsets"} & set(meta.columns) else None
+    max_rows = int(OmegaConf.select(cfg, "extraction.report_max_rows", default=512))
+    report, stats = analyse_csv(paths.csv_path, meta=meta, max_rows=max_rows,
+                                encoder_identity=encoder_identity(cfg.encoders), progress=False)
+    stats.save(settings.pth_dir / STATS_FILENAME)
+    for line in format_report(report).splitlines():
+        (logger.warning if line.startswith("WARNING") else logger.info)(line)
+    return report
+
+
 def run_extraction(cfg: DictConfig) -> ExtractResult:
     """Run the job in this process (one rank of torchrun, or alone). Raises WavFlowError on fatal
     problems; returns the summed counts (identical on every rank)."""
@@ -364,6 +385,7 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                 "world_size": info.world_size,
                 "seconds": round(time.time() - started, 3),
             }
+            summary["feature_report"] = _report_and_stats(cfg, settings, paths, logger) if merged.rows else None
             write_summary(paths, summary)
             logger.info(
                 "Summary: done=%d skipped=%d failed=%d -> %d CSV rows in %s; errors in %s",

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from wavflow.errors import CheckpointError
 from wavflow.io_utils import safe_torch_load
+from wavflow.model.cond_norm import state_has_cond_norm
 from wavflow.model.network import NON_PERSISTENT_BUFFERS
 from wavflow.model.presets import PRESETS
 
@@ -112,6 +113,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     few of each, the model's preset, and the preset the weights look like.
     """
     sd = {k: v for k, v in state_dict.items() if k not in NON_PERSISTENT_BUFFERS}
+    if state_has_cond_norm(sd) and getattr(model, "cond_norm", False) is None:
+        # weights trained with feature normalisation carry its statistics (cond_norm.py)
+        model.attach_condition_norm()
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from wavflow.errors import ConfigError
+from wavflow.model.cond_norm import ConditionNorm
 from wavflow.model.layers import (
     ChannelLastConv1d,
     ConvMLP,
@@ -111,6 +112,15 @@ class WavFlowNet(nn.Module):
         self.register_buffer("clip_rot", torch.empty(0), persistent=False)
         self.update_seq_lengths(latent_seq_len, clip_seq_len, sync_seq_len)
         self.initialize_weights()
+        # Optional feature normalisation (cond_norm.py); None keeps the reference layout.
+        self.cond_norm: Optional[ConditionNorm] = None
+
+    def attach_condition_norm(self) -> ConditionNorm:
+        """Add the (identity until set) condition normalisation; its keys come last."""
+        if self.cond_norm is None:
+            device = self.empty_clip_feat.device
+            self.cond_norm = ConditionNorm(self.clip_dim, self.sync_dim, self.text_dim).to(device)
+        return self.cond_norm
 
     # ----------------------------------------------------------------------------- set-up
     def initialize_weights(self) -> None:
@@ -174,6 +184,8 @@ class WavFlowNet(nn.Module):
         _check_shape("text_f", text_f, (None, self.text_seq_len, self.text_dim))
 
     def _preprocess(self, clip_f: torch.Tensor, sync_f: torch.Tensor, text_f: torch.Tensor) -> Conditions:
+        if self.cond_norm is not None:  # every input alike: features and empty tokens
+            clip_f, sync_f, text_f = self.cond_norm(clip_f, sync_f, text_f)
         bs = sync_f.shape[0]
         # Per-frame position embedding, shared by all segments; reshape (not view-only
         # semantics) so expand()ed stride-0 empty sequences pass.

@@ -37,7 +37,10 @@ from wavflow.config import save_config
 from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError
 from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
+from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
+from wavflow.model.cond_norm import state_has_cond_norm
+from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.model.checkpoint import load_weights
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
@@ -278,6 +281,11 @@ class Trainer:
         self.model = build_model_from_config(
             cfg, empty_string_feat=empty_string, gradient_checkpointing=bool(tr.gradient_checkpointing)
         ).to(self.device)
+        norm_stats, norm_why = resolve_feature_norm(cfg.data.feature_norm, [r.features_path.parent for r in rows])
+        self.logger.info("Feature normalisation: %s", norm_why)
+        if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
+            self.model.attach_condition_norm().set_statistics(
+                norm_stats.streams, identity_tag(norm_stats.encoder_identity))
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(self.model, float(tr.weight_decay)), lr=1e-3, betas=(0.9, 0.95)
@@ -398,7 +406,14 @@ class Trainer:
             )
 
     def _load_full(self, ckpt: dict[str, Any], *, model_only: bool, source: str) -> None:
-        load_weights(self.model, ckpt["model"], source=source)
+        has_norm, want_norm = state_has_cond_norm(ckpt["model"]), self.model.cond_norm is not None
+        if has_norm != want_norm:
+            raise ConfigError(
+                f"{source} was trained {'with' if has_norm else 'without'} feature normalisation, but "
+                f"data.feature_norm={self.cfg.data.feature_norm} now resolves to {'on' if want_norm else 'off'}: "
+                f"set data.feature_norm={str(has_norm).lower()} to continue it"
+            )
+        load_weights(self.model, ckpt["model"], source=source)  # the checkpoint's statistics win
         for ema, key in ((self.ema1, "model_ema1"), (self.ema2, "model_ema2")):
             if key in ckpt:
                 ema.load_state_dict(ckpt[key], source=f"{source} [{key}]")

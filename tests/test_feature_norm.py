@@ -1,0 +1,145 @@
+"""Feature normalisation: statistics files, the network's frozen cond_norm, training and predict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_train_common import SHAPES, make_config, make_dataset
+from wavflow.errors import ConfigError, FeatureError
+from wavflow.features.report import STATS_FILENAME, FeatureStats, analyse_csv, identity_tag
+from wavflow.io_utils import safe_torch_load
+from wavflow.model import build_model
+from wavflow.model.checkpoint import load_weights
+from wavflow.train.feature_norm import resolve_feature_norm
+from wavflow.train.trainer import run_training
+
+SMALL = dict(latent_seq_len=16, **SHAPES)
+
+
+def _stats(identity: str, seed: int = 0) -> FeatureStats:
+    g = torch.Generator().manual_seed(seed)
+    stats = FeatureStats(identity)
+    for name, dim in (("clip_features", SHAPES["clip_dim"]), ("sync_features", SHAPES["sync_dim"]),
+                      ("text_features", SHAPES["text_dim"])):
+        stats.streams[name] = {"mean": torch.randn(dim, generator=g), "std": torch.rand(dim, generator=g) + 0.5}
+        stats.tokens[name], stats.rows[name] = 10, 2
+    return stats
+
+
+def _conds(bs: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(bs, SHAPES["clip_seq_len"], SHAPES["clip_dim"], generator=g),
+            torch.randn(bs, SHAPES["sync_seq_len"], SHAPES["sync_dim"], generator=g),
+            torch.randn(bs, SHAPES["text_seq_len"], SHAPES["text_dim"], generator=g))
+
+
+def test_network_normalises_every_input_and_equals_prenormalised_features():
+    torch.manual_seed(0)
+    plain = build_model("tiny_16k", **SMALL)
+    normed = build_model("tiny_16k", **SMALL)
+    normed.load_state_dict(plain.state_dict())
+    stats = _stats("tiny-v3")
+    normed.attach_condition_norm().set_statistics(stats.streams, identity_tag("tiny-v3"))
+    clip, sync, text = _conds()
+    z = lambda x, n: (x - stats.streams[n]["mean"]) / stats.streams[n]["std"]  # noqa: E731
+    a = normed.preprocess_conditions(clip, sync, text)
+    b = plain.preprocess_conditions(z(clip, "clip_features"), z(sync, "sync_features"), z(text, "text_features"))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    # the empty tokens go through the same transform (training substitutes them before preprocessing)
+    ea, eb = normed.get_empty_conditions(2), plain.get_empty_conditions(2)
+    assert not torch.allclose(ea.text_c, eb.text_c)
+    e = normed.preprocess_conditions(normed.empty_clip_sequence(2), normed.empty_sync_sequence(2),
+                                     normed.empty_string_sequence(2))
+    for x, y in zip(ea, e):
+        torch.testing.assert_close(x, y)
+
+
+def test_cond_norm_keys_only_when_enabled_and_flat_state_dicts_restore_it():
+    plain = build_model("tiny_16k", **SMALL)
+    assert not any(k.startswith("cond_norm.") for k in plain.state_dict())
+    normed = build_model("tiny_16k", **SMALL)
+    normed.attach_condition_norm().set_statistics(_stats("tiny-v3").streams, identity_tag("tiny-v3"))
+    sd = normed.state_dict()
+    assert list(sd)[-7:] == [f"cond_norm.{k}" for k in ("clip_mean", "clip_std", "sync_mean", "sync_std",
+                                                         "text_mean", "text_std", "source_tag")]
+    fresh = build_model("tiny_16k", **SMALL)
+    load_weights(fresh, sd)  # a flat (EMA) state dict brings its normalisation along
+    assert fresh.cond_norm is not None
+    torch.testing.assert_close(fresh.cond_norm.text_std, normed.cond_norm.text_std)
+    assert int(fresh.cond_norm.source_tag.item()) == int(identity_tag("tiny-v3"))
+    assert not any(p.requires_grad for p in fresh.cond_norm.parameters())
+
+
+def test_resolve_feature_norm_modes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert resolve_feature_norm("auto", [a])[0] is None  # no statistics: off, says why
+    assert "has no feature_stats.pt" in resolve_feature_norm("auto", [a])[1]
+    with pytest.raises(ConfigError, match="data.feature_norm=true but .*feature_stats.pt does not exist"):
+        resolve_feature_norm(True, [a])
+    _stats("tiny-v3", 1).save(a / STATS_FILENAME)
+    _stats("tiny-v3", 2).save(b / STATS_FILENAME)
+    stats, why = resolve_feature_norm("auto", [a, b, a])
+    assert stats is not None and why.startswith("on")
+    # pooled statistics = statistics of the pooled tokens (equal token counts here)
+    m1, m2 = _stats("tiny-v3", 1).streams["clip_features"], _stats("tiny-v3", 2).streams["clip_features"]
+    torch.testing.assert_close(stats.streams["clip_features"]["mean"], (m1["mean"] + m2["mean"]) / 2)
+    var = (m1["std"] ** 2 + m1["mean"] ** 2 + m2["std"] ** 2 + m2["mean"] ** 2) / 2 - ((m1["mean"] + m2["mean"]) / 2) ** 2
+    torch.testing.assert_close(stats.streams["clip_features"]["std"], var.sqrt())
+    assert resolve_feature_norm("false", [a])[0] is None
+    _stats("default|clip=x|synchformer=y").save(b / STATS_FILENAME)
+    with pytest.raises(Exception, match="different encoders"):
+        resolve_feature_norm("auto", [a, b])
+    stats, why = resolve_feature_norm("auto", [b])  # real encoders: off unless asked for
+    assert stats is None and "not the built-in tiny encoders" in why
+    assert resolve_feature_norm("true", [b])[0] is not None
+    with pytest.raises(ConfigError, match="data.feature_norm must be"):
+        resolve_feature_norm("sometimes", [b])
+
+
+def test_statistics_of_a_csv_match_numpy(tmp_path):
+    csv = make_dataset(tmp_path)
+    _, stats = analyse_csv(csv, progress=False, encoder_identity="tiny-v3")
+    rows = [safe_torch_load(tmp_path / "features" / f"{m}_{i}.pth") for i, m in enumerate(("vt2a", "t2a", "v2a", "vt2a"))]
+    text = torch.cat([rows[i]["text_features"] for i in (0, 1, 3)])  # v2a rows have no text condition
+    torch.testing.assert_close(stats.streams["text_features"]["mean"], text.mean(0))
+    torch.testing.assert_close(stats.streams["text_features"]["std"], text.std(0, unbiased=False))
+    clip = torch.cat([rows[i]["clip_features"] for i in (0, 2, 3)])
+    torch.testing.assert_close(stats.streams["clip_features"]["mean"], clip.mean(0))
+    assert stats.rows == {"text_features": 3, "clip_features": 3, "sync_features": 3}
+
+
+def test_training_records_the_normalisation_and_resume_checks_it(tmp_path):
+    csv = make_dataset(tmp_path)
+    _, stats = analyse_csv(csv, progress=False, encoder_identity="tiny-v3")
+    stats.save(tmp_path / "features" / STATS_FILENAME)
+    res = run_training(make_config(tmp_path, csv, training__max_steps=2))
+    ckpt = safe_torch_load(res.exp_dir / "checkpoint_latest.pth")
+    for key in ("model", "model_ema1", "model_ema2"):
+        torch.testing.assert_close(ckpt[key]["cond_norm.sync_mean"], stats.streams["sync_features"]["mean"])
+    assert "Feature normalisation: on" in (res.exp_dir / "training.log").read_text()
+    with pytest.raises(ConfigError, match="trained with feature normalisation.*data.feature_norm=true"):
+        run_training(make_config(tmp_path, csv, training__max_steps=3, data__feature_norm=False))
+    off = run_training(make_config(tmp_path / "off", csv, training__max_steps=1, data__feature_norm=False))
+    assert not any(k.startswith("cond_norm") for k in safe_torch_load(off.exp_dir / "checkpoint_latest.pth")["model"])
+
+
+def test_generator_refuses_features_of_other_encoders(tmp_path):
+    from wavflow.generator import WavFlowGenerator
+
+    csv = make_dataset(tmp_path)
+    _, stats = analyse_csv(csv, progress=False, encoder_identity="tiny-v3")
+    stats.save(tmp_path / "features" / STATS_FILENAME)
+    res = run_training(make_config(tmp_path, csv, training__max_steps=1))
+    gen = WavFlowGenerator.from_checkpoint(res.exp_dir / "checkpoint_latest.pth", device="cpu")
+    assert gen.model.cond_norm is not None
+    feats = tmp_path / "features" / "vt2a_0.pth"
+    gen.load_features(feats, video=True, text=True)  # same encoders: fine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.pth").write_bytes(feats.read_bytes())
+    FeatureStats("default|clip=a|synchformer=b").save(other / STATS_FILENAME)
+    with pytest.raises(FeatureError, match=r"features in .*other make features of 'default\|clip=a"):
+        gen.load_features(other / "x.pth", video=True, text=True)

@@ -1,0 +1,63 @@
+"""Optional per-dimension normalisation of the condition features (docs/encoders.md).
+
+`(x - mean) / std` per feature dimension of each stream, with statistics computed at extraction
+over the training rows. It lives inside the network (frozen parameters, like
+`empty_string_feat`), so full checkpoints, EMA state dicts and `ema_epoch_N.pth` files all carry
+it, and training, training samples and prediction apply the same transform to every input of
+`preprocess_conditions`, the learned empty tokens included. Networks without it (the reference
+presets, reference checkpoints) have exactly the reference state-dict layout and numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+PREFIX = "cond_norm."
+STREAM_KEYS = {"clip": "clip_features", "sync": "sync_features", "text": "text_features"}
+# std floor relative to the stream's RMS std: near-constant dimensions are not blown up.
+REL_STD_FLOOR = 1e-2
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+class ConditionNorm(nn.Module):
+    """Frozen mean/std per stream and the 52-bit tag of the encoders that made the statistics."""
+
+    def __init__(self, clip_dim: int, sync_dim: int, text_dim: int) -> None:
+        super().__init__()
+        for short, dim in (("clip", clip_dim), ("sync", sync_dim), ("text", text_dim)):
+            setattr(self, f"{short}_mean", _frozen(torch.zeros(dim)))
+            setattr(self, f"{short}_std", _frozen(torch.ones(dim)))
+        self.source_tag = _frozen(torch.zeros(1, dtype=torch.float64))
+
+    @torch.no_grad()
+    def set_statistics(self, streams: Mapping[str, Mapping[str, Tensor]], tag: float) -> None:
+        """`streams`: {"clip_features": {"mean", "std"}, ...}; a stream without statistics
+        (e.g. no video rows) stays the identity."""
+        for short, name in STREAM_KEYS.items():
+            if name not in streams:
+                continue
+            mean, std = getattr(self, f"{short}_mean"), getattr(self, f"{short}_std")
+            m, s = streams[name]["mean"].float(), streams[name]["std"].float()
+            if m.shape != mean.shape:
+                raise ValueError(f"statistics of {name} have {tuple(m.shape)} dims, the model takes {tuple(mean.shape)}")
+            floor = REL_STD_FLOOR * float(s.pow(2).mean().sqrt()) + 1e-12
+            mean.copy_(m)
+            std.copy_(s.clamp_min(floor))
+        self.source_tag.fill_(tag)
+
+    def forward(self, clip_f: Tensor, sync_f: Tensor, text_f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return (
+            (clip_f - self.clip_mean.to(clip_f.dtype)) / self.clip_std.to(clip_f.dtype),
+            (sync_f - self.sync_mean.to(sync_f.dtype)) / self.sync_std.to(sync_f.dtype),
+            (text_f - self.text_mean.to(text_f.dtype)) / self.text_std.to(text_f.dtype),
+        )
+
+
+def state_has_cond_norm(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(PREFIX) for k in state_dict)

@@ -119,7 +119,8 @@ def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_
 
 def _settings_stamp(cfg: DictConfig) -> dict:
     """What the reusable stages (data, features, training run) were made with."""
-    keys = [*SHARED_KEYS, "demo.n", "demo.seed", "demo.holdout_frac", "demo.train.batch_size", "demo.train.lr"]
+    keys = [*SHARED_KEYS, "demo.n", "demo.seed", "demo.holdout_frac", "demo.v2a_frac", "demo.t2a_frac",
+            "demo.train.batch_size", "demo.train.lr"]
     return {k: OmegaConf.select(cfg, k) for k in keys}
 
 
@@ -161,7 +162,8 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     if not events.is_file():
         print(f"=== [data] making {cfg.demo.n} clips in {paths.data}", flush=True)
         make_dataset(paths.data, n=int(cfg.demo.n), seed=int(cfg.demo.seed), duration=float(cfg.data.audio_duration),
-                     sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(cfg.demo.holdout_frac))
+                     sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(cfg.demo.holdout_frac),
+                     no_caption_frac=float(cfg.demo.v2a_frac), no_video_frac=float(cfg.demo.t2a_frac))
     timings["data"] = time.time() - start
 
     # 2. features: VT2A rows (with video) and T2A rows (caption only), each its own extraction

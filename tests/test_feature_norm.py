@@ -119,6 +119,11 @@ def test_training_records_the_normalisation_and_resume_checks_it(tmp_path):
     ckpt = safe_torch_load(res.exp_dir / "checkpoint_latest.pth")
     for key in ("model", "model_ema1", "model_ema2"):
         torch.testing.assert_close(ckpt[key]["cond_norm.sync_mean"], stats.streams["sync_features"]["mean"])
+    # the learned empty tokens started at the means (zero after normalisation) and moved from there
+    start = run_training(make_config(tmp_path / "zero", csv, training__max_steps=1, training__lr=1e-12))
+    zero = safe_torch_load(start.exp_dir / "checkpoint_latest.pth")["model"]
+    torch.testing.assert_close(zero["empty_clip_feat"][0], stats.streams["clip_features"]["mean"])
+    torch.testing.assert_close(zero["empty_sync_feat"][0], stats.streams["sync_features"]["mean"])
     assert "Feature normalisation: on" in (res.exp_dir / "training.log").read_text()
     with pytest.raises(ConfigError, match="trained with feature normalisation.*data.feature_norm=true"):
         run_training(make_config(tmp_path, csv, training__max_steps=3, data__feature_norm=False))

@@ -62,7 +62,7 @@ def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], ou
         f"training.repeat_factor={stage_cfg.repeat_factor}", "training.ema_warmup=true",
         "training.log_freq=50", "training.gen_train_freq=0", "training.checkpoint_freq=0",
         "training.checkpoint_save_epoch=0", "training.ema_checkpoint_save_epoch=0",
-        f"training.seed={b.seed}"], int(b.nproc), logs)
+        f"training.seed={b.seed}", *[str(w) for w in b.train_extra]], int(b.nproc), logs)
 
 
 def _predict(cfg: DictConfig, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path, tag: str,
@@ -255,7 +255,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"git_revision": _git_revision(), "config": {
         "model": cfg.model.name, "duration": cfg.data.audio_duration, "precision": cfg.bench.precision,
         "batch_size": cfg.bench.batch_size, "lr": cfg.bench.lr, "sampling_steps": cfg.sampling.num_steps,
-        "cfg": cfg.bench.eval_cfg}, "stages": {}}
+        "cfg": cfg.bench.eval_cfg, "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
     runners = {"memorise": run_memorise, "generalise": run_generalise}
     for stage in cfg.bench.stages:
         if stage not in runners:

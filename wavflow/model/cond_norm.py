@@ -59,5 +59,15 @@ class ConditionNorm(nn.Module):
         )
 
 
+@torch.no_grad()
+def centre_empty_tokens(model: nn.Module) -> None:
+    """Fresh runs: start the learned empty clip/sync tokens at the streams' means, i.e. at zero
+    after normalisation, where the reference starts them (zeros) without it. Otherwise a row
+    without video would feed the network -mean/std, an input far off the features' range."""
+    norm = model.cond_norm
+    model.empty_clip_feat.copy_(norm.clip_mean.expand_as(model.empty_clip_feat))
+    model.empty_sync_feat.copy_(norm.sync_mean.expand_as(model.empty_sync_feat))
+
+
 def state_has_cond_norm(state_dict: Mapping[str, Tensor]) -> bool:
     return any(k.startswith(PREFIX) for k in state_dict)

@@ -39,7 +39,7 @@ from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestE
 from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
-from wavflow.model.cond_norm import state_has_cond_norm
+from wavflow.model.cond_norm import centre_empty_tokens, state_has_cond_norm
 from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.model.checkpoint import load_weights
 from wavflow.train.checkpointing import (
@@ -286,6 +286,7 @@ class Trainer:
         if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
             self.model.attach_condition_norm().set_statistics(
                 norm_stats.streams, identity_tag(norm_stats.encoder_identity))
+            centre_empty_tokens(self.model)  # a resumed run loads its own values over these
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(self.model, float(tr.weight_decay)), lr=1e-3, betas=(0.9, 0.95)

@@ -42,7 +42,11 @@ def test_network_normalises_every_input_and_equals_prenormalised_features():
     stats = _stats("tiny-v3")
     normed.attach_condition_norm().set_statistics(stats.streams, identity_tag("tiny-v3"))
     clip, sync, text = _conds()
-    z = lambda x, n: (x - stats.streams[n]["mean"]) / stats.streams[n]["std"]  # noqa: E731
+
+    def z(x, n):  # z-score per dimension, rescaled to the stream's RMS std
+        std = stats.streams[n]["std"]
+        return (x - stats.streams[n]["mean"]) / std * std.pow(2).mean().sqrt()
+
     a = normed.preprocess_conditions(clip, sync, text)
     b = plain.preprocess_conditions(z(clip, "clip_features"), z(sync, "sync_features"), z(text, "text_features"))
     for x, y in zip(a, b):
@@ -68,6 +72,11 @@ def test_cond_norm_keys_only_when_enabled_and_flat_state_dicts_restore_it():
     load_weights(fresh, sd)  # a flat (EMA) state dict brings its normalisation along
     assert fresh.cond_norm is not None
     torch.testing.assert_close(fresh.cond_norm.text_std, normed.cond_norm.text_std)
+    # a dimension with (near) zero spread is floored at 1 % of the stream's RMS std, not blown up
+    flat = _stats("tiny-v3")
+    flat.streams["sync_features"]["std"][0] = 0.0
+    normed.cond_norm.set_statistics(flat.streams, 0.0)
+    assert float(normed.cond_norm.sync_std[0]) == pytest.approx(0.01, rel=1e-5)
     assert int(fresh.cond_norm.source_tag.item()) == int(identity_tag("tiny-v3"))
     assert not any(p.requires_grad for p in fresh.cond_norm.parameters())
 

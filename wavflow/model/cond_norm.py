@@ -1,7 +1,8 @@
 """Optional per-dimension normalisation of the condition features (docs/encoders.md).
 
-`(x - mean) / std` per feature dimension of each stream, with statistics computed at extraction
-over the training rows. It lives inside the network (frozen parameters, like
+`(x - mean) / std * rms(std)` per feature dimension of each stream (z-scores rescaled to the
+stream's own RMS spread), with statistics computed at extraction over the training rows. It
+lives inside the network (frozen parameters, like
 `empty_string_feat`), so full checkpoints, EMA state dicts and `ema_epoch_N.pth` files all carry
 it, and training, training samples and prediction apply the same transform to every input of
 `preprocess_conditions`, the learned empty tokens included. Networks without it (the reference
@@ -46,9 +47,13 @@ class ConditionNorm(nn.Module):
             m, s = streams[name]["mean"].float(), streams[name]["std"].float()
             if m.shape != mean.shape:
                 raise ValueError(f"statistics of {name} have {tuple(m.shape)} dims, the model takes {tuple(mean.shape)}")
-            floor = REL_STD_FLOOR * float(s.pow(2).mean().sqrt()) + 1e-12
+            spread = float(s.pow(2).mean().sqrt()) + 1e-12  # the stream's RMS std
+            # (x - mean) / std per dimension, times the stream's RMS std: every dimension gets the
+            # same spread, and the stream keeps its overall scale (unit-norm CLIP tokens stay
+            # ~unit-norm), so the pooled clip/text conditions do not swamp the timestep embedding
+            # in the global condition as plain z-scores (30x larger for 1024-d unit vectors) do.
             mean.copy_(m)
-            std.copy_(s.clamp_min(floor))
+            std.copy_(s.clamp_min(REL_STD_FLOOR * spread) / spread)
         self.source_tag.fill_(tag)
 
     def forward(self, clip_f: Tensor, sync_f: Tensor, text_f: Tensor) -> tuple[Tensor, Tensor, Tensor]:

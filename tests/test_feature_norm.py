@@ -43,9 +43,10 @@ def test_network_normalises_every_input_and_equals_prenormalised_features():
     normed.attach_condition_norm().set_statistics(stats.streams, identity_tag("tiny-v3"))
     clip, sync, text = _conds()
 
-    def z(x, n):  # z-score per dimension, rescaled to the stream's RMS std
+    def z(x, n):  # z-score per dimension; clip and text rescaled to the stream's RMS std
         std = stats.streams[n]["std"]
-        return (x - stats.streams[n]["mean"]) / std * std.pow(2).mean().sqrt()
+        keep = std.pow(2).mean().sqrt() if n != "sync_features" else 1.0
+        return (x - stats.streams[n]["mean"]) / std * keep
 
     a = normed.preprocess_conditions(clip, sync, text)
     b = plain.preprocess_conditions(z(clip, "clip_features"), z(sync, "sync_features"), z(text, "text_features"))
@@ -74,9 +75,9 @@ def test_cond_norm_keys_only_when_enabled_and_flat_state_dicts_restore_it():
     torch.testing.assert_close(fresh.cond_norm.text_std, normed.cond_norm.text_std)
     # a dimension with (near) zero spread is floored at 1 % of the stream's RMS std, not blown up
     flat = _stats("tiny-v3")
-    flat.streams["sync_features"]["std"][0] = 0.0
+    flat.streams["clip_features"]["std"][0] = 0.0
     normed.cond_norm.set_statistics(flat.streams, 0.0)
-    assert float(normed.cond_norm.sync_std[0]) == pytest.approx(0.01, rel=1e-5)
+    assert float(normed.cond_norm.clip_std[0]) == pytest.approx(0.01, rel=1e-5)
     assert int(fresh.cond_norm.source_tag.item()) == int(identity_tag("tiny-v3"))
     assert not any(p.requires_grad for p in fresh.cond_norm.parameters())
 

@@ -1,7 +1,7 @@
 """Optional per-dimension normalisation of the condition features (docs/encoders.md).
 
-`(x - mean) / std * rms(std)` per feature dimension of each stream (z-scores rescaled to the
-stream's own RMS spread), with statistics computed at extraction over the training rows. It
+`(x - mean) / std` per feature dimension of each stream (for CLIP frames and text rescaled to
+the stream's own RMS std), with statistics computed at extraction over the training rows. It
 lives inside the network (frozen parameters, like
 `empty_string_feat`), so full checkpoints, EMA state dicts and `ema_epoch_N.pth` files all carry
 it, and training, training samples and prediction apply the same transform to every input of
@@ -20,6 +20,7 @@ PREFIX = "cond_norm."
 STREAM_KEYS = {"clip": "clip_features", "sync": "sync_features", "text": "text_features"}
 # std floor relative to the stream's RMS std: near-constant dimensions are not blown up.
 REL_STD_FLOOR = 1e-2
+KEEP_SCALE = ("clip", "text")  # streams rescaled to their own RMS std after z-scoring
 
 
 def _frozen(t: Tensor) -> nn.Parameter:
@@ -48,12 +49,14 @@ class ConditionNorm(nn.Module):
             if m.shape != mean.shape:
                 raise ValueError(f"statistics of {name} have {tuple(m.shape)} dims, the model takes {tuple(mean.shape)}")
             spread = float(s.pow(2).mean().sqrt()) + 1e-12  # the stream's RMS std
-            # (x - mean) / std per dimension, times the stream's RMS std: every dimension gets the
-            # same spread, and the stream keeps its overall scale (unit-norm CLIP tokens stay
-            # ~unit-norm), so the pooled clip/text conditions do not swamp the timestep embedding
-            # in the global condition as plain z-scores (30x larger for 1024-d unit vectors) do.
+            # Per dimension (x - mean) / std. CLIP frames and text are pooled into the global
+            # condition beside the timestep embedding: they keep their stream's overall scale
+            # (times the RMS std), since plain z-scores (~30x larger for 1024-d unit vectors)
+            # swamp it. Synchformer features modulate each audio token: plain z-scores
+            # (docs/benchmarks.md has the ablation).
+            keep = spread if short in KEEP_SCALE else 1.0
             mean.copy_(m)
-            std.copy_(s.clamp_min(REL_STD_FLOOR * spread) / spread)
+            std.copy_(s.clamp_min(REL_STD_FLOOR * spread) / keep)
         self.source_tag.fill_(tag)
 
     def forward(self, clip_f: Tensor, sync_f: Tensor, text_f: Tensor) -> tuple[Tensor, Tensor, Tensor]:

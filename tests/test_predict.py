@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,11 @@ def random_features(gen: WavFlowGenerator, seed: int, video: bool, text: bool) -
 
 def test_output_names_unique_safe_and_seeds_stable():
     assert unique_names(["a", "a", "a_1", "../evil", "", "x y"]) == ["a", "a_2", "a_1", "evil", "row", "x_y"]
-    assert row_seed(7, "a") == row_seed(7, "a") and row_seed(7, "a") != row_seed(8, "a") != row_seed(7, "b")
-    assert 0 <= row_seed(14159265, "clip") < 2**32
+    # The documented formula (crc32 of "<seed>/<id>"), pinned to values: a re-run and a reordered
+    # CSV give each id the same seed, and a change of the formula shows up here.
+    assert row_seed(7, "a") == zlib.crc32(b"7/a") == 4140581796
+    assert row_seed(14159265, "clip") == zlib.crc32(b"14159265/clip")
+    assert len({row_seed(7, "a"), row_seed(8, "a"), row_seed(7, "b")}) == 3
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -268,7 +272,7 @@ def test_loudness_normalised_to_target_and_silence_is_safe(gen, tmp_path):
 # ------------------------------------------------------------------------ job config
 
 
-def test_heun_sampler_and_job_config_errors(gen, tmp_path):
+def test_heun_sampler_and_job_config_errors(gen, tmp_path, caplog):
     out = gen.generate_batch([random_features(gen, 40, False, True)], [1], steps=2, method="heun")
     assert out.shape == (1, SR) and torch.isfinite(out).all()
     with pytest.raises(ConfigError, match="sampling.method must be one of"):
@@ -279,11 +283,20 @@ def test_heun_sampler_and_job_config_errors(gen, tmp_path):
         check_infer_config(tiny_cfg("data.csv_path=x.csv"))
     with pytest.raises(ConfigError, match=r"inference.batch_size must be an integer >= 1, got 0"):
         check_infer_config(tiny_cfg("data.csv_path=x.csv", "model.ckpt_path=c.pth", "inference.batch_size=0"))
-    # A config / checkpoint error stops the job before any row: exit code 2.
-    args = [*TINY_OVERRIDES, f"data.csv_path={tmp_path / 'none.csv'}", "model.ckpt_path=c.pth",
-            f"output.output_dir={tmp_path / 'out'}"]
-    assert main(["--config", "infer.yaml", *args]) == 2
+    # A config error stops the job before any row: exit code 2.
     assert main(["--config", "infer.yaml", "--bogus"]) == 2
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,video_path,caption,video_exist,text_exist\nr0,,a dog barks,false,true\n")
+    # ... and so does a checkpoint error, on a CSV that is fine: missing, then corrupt.
+    for ckpt, said in ((tmp_path / "none.pth", "not found"), (tmp_path / "bad.pth", "could not be loaded")):
+        if ckpt.name == "bad.pth":
+            ckpt.write_bytes(b"not a torch file")
+        caplog.clear()
+        args = [*TINY_OVERRIDES, f"data.csv_path={csv}", f"model.ckpt_path={ckpt}",
+                f"output.output_dir={tmp_path / 'out'}"]
+        with caplog.at_level(logging.ERROR, logger="wavflow.predict"):
+            assert main(["--config", "infer.yaml", *args]) == 2
+        assert any(str(ckpt) in r.getMessage() and said in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_checkpoints_of_a_real_short_training_run_load(tmp_path, caplog):

@@ -230,3 +230,20 @@ def test_step_where_every_row_failed_moves_nothing(tmp_path):
     log = (result.exp_dir / "training.log").read_text()
     assert "nan" not in log.lower() and "no optimiser/EMA step" in log
     assert f"Checkpoint saved to {result.exp_dir / 'checkpoint_latest.pth'} (epoch 1, global step 0)" in log
+
+
+def test_rerun_at_max_steps_trains_nothing_and_exits_0(tmp_path):
+    """A finished run's command, run again, must not train past training.max_steps."""
+    from wavflow.train.__main__ import main
+
+    csv = make_dataset(tmp_path)
+    args = overrides(tmp_path, csv, training__max_steps=2)
+    assert main(args) == 0
+    latest = tmp_path / "out" / "exp" / "checkpoint_latest.pth"
+    before = latest.read_bytes()
+    for _ in range(2):
+        assert main(args) == 0
+        assert safe_torch_load(latest)["global_step"] == 2
+    assert latest.read_bytes() == before  # not even rewritten
+    log = (tmp_path / "out" / "exp" / "training.log").read_text()
+    assert log.count("training.max_steps=2 already reached (global step 2") == 2

@@ -616,8 +616,10 @@ class Trainer:
             t = torch.tensor([flag], device=self.device if self.info.backend == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = float(t.item())
-        if flag > 0:
-            return True
+        return flag > 0 or self._budget_spent()
+
+    def _budget_spent(self) -> bool:
+        """training.max_steps reached (the same answer on every rank: global_step is shared)."""
         max_steps = self.tr.max_steps
         return max_steps is not None and self.global_step >= int(max_steps)
 
@@ -627,6 +629,16 @@ class Trainer:
         epochs = int(tr.epochs)
         start = time.time()
         stopped = False
+        if self._budget_spent():
+            # Checked before any step: a re-run of a finished run must not train past its budget.
+            if self.is_main:
+                self.logger.info(
+                    "training.max_steps=%d already reached (global step %d in %s): nothing to train. "
+                    "Raise training.max_steps to continue this run.",
+                    int(tr.max_steps), self.global_step, self.latest_path,
+                )
+            self.tb.close()
+            return TrainResult(self.exp_dir, self.epoch, self.global_step, True, 0)
         self._install_signal_handlers()
         try:
             while self.epoch < epochs and not stopped:

@@ -220,7 +220,7 @@ def test_adaptive_recovers_x1_and_gaussian_map(shift):
 
 
 def test_reference_unshifted_adaptive_is_wrong_under_shift():
-    """Spec §10.2: the reference integrates v(shift(t)) in t without dt_s/dt. Under shift 3
+    """docs/method.md §10.2: the reference integrates v(shift(t)) in t without dt_s/dt. Under shift 3
     that lands far from the exact Gaussian map; ours (with the Jacobian) does not."""
     x0 = _rand(2, 5, 4, seed=1)
     target = MU + SIGMA * x0

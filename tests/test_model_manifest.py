@@ -1,4 +1,4 @@
-"""The reference presets reproduce formats/wavflow_*.json key for key (built on `meta`)."""
+"""The reference presets reproduce tests/data/wavflow_*.json key for key (built on `meta`)."""
 
 from __future__ import annotations
 

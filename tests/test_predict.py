@@ -177,7 +177,7 @@ def test_same_seed_same_audio_across_batch_sizes_and_orders(gen):
 
 
 def _reference_euler(model, x0, conds, cfg, steps, scale=3.0):
-    """Euler on x-predictions written from spec §3 / §2.11: the reference ode_wrapper, i.e. two
+    """Euler on x-predictions written from docs/method.md §3 / §2.11: the reference ode_wrapper, i.e. two
     separate forward passes, the empty conditions computed on batch 1 and broadcast."""
     b = x0.shape[0]
     cond = model.preprocess_conditions(*conds)

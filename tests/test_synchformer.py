@@ -1,4 +1,4 @@
-"""Synchformer: layout vs formats/synchformer.json, attention numerics, block order, loading."""
+"""Synchformer: layout vs tests/data/synchformer.json, attention numerics, block order, loading."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_load_state_dict_keeps_only_vfeat_keys(tiny: Synchformer) -> None:
 
 
 def _reference_divided_attention(attn: DividedAttention, x: torch.Tensor, mode: str, f: int, p: int) -> torch.Tensor:
-    """Loop-based re-statement of spec §7.5 (independent of the module's reshapes)."""
+    """Loop-based re-statement of docs/method.md §7.5 (independent of the module's reshapes)."""
     b, n, dim = x.shape
     h = attn.num_heads
     d = dim // h

@@ -1,11 +1,11 @@
-"""The Python inference API: load a checkpoint once, generate many clips (spec §5, §2.11, §3).
+"""The Python inference API: load a checkpoint once, generate many clips (docs/method.md §5, §2.11, §3).
 
     gen = WavFlowGenerator.from_checkpoint("runs/exp/checkpoint_latest.pth")
     wave, sr = gen.generate(video="clip.mp4", text="a dog barks", cfg=4.5, seed=0)
 
 `wavflow.predict` (the CSV job) is built on `encode_row` + `generate_batch`.
 
-Fixes over the reference, on purpose (DESIGN.md §4): the initial noise of every item comes
+Fixes over the reference, on purpose (docs/design.md §4): the initial noise of every item comes
 from its own `torch.Generator` (drawn on CPU, then moved), so a clip does not depend on the
 batch size or on the rows around it; everything runs on CPU too; a checkpoint whose recorded
 config disagrees with the inference config is an error instead of silent garbage.

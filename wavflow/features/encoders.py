@@ -31,7 +31,7 @@ from wavflow.features.weights import (
 from wavflow.io_utils import atomic_torch_save, atomic_write_text, safe_torch_load, sanitize_filename
 
 PROFILES = ("default", "tiny")
-# Architecture used for a local open_clip file when `clip_model` is a hub id (spec §6.3).
+# Architecture used for a local open_clip file when `clip_model` is a hub id (docs/method.md §6.3).
 LOCAL_CLIP_ARCH = "ViT-H-14-378-quickgelu"
 SYNC_TOKENS_PER_SEGMENT = 8
 
@@ -236,7 +236,7 @@ class FeatureEncoders:
         return self.cache_dir / "empty_string" / f"{label}-{digest}.pth"
 
     def empty_string_feature(self) -> Tensor:
-        """(77, text_dim): the caption pipeline on "" (per-token normalised, DESIGN.md §4),
+        """(77, text_dim): the caption pipeline on "" (per-token normalised, docs/design.md §4),
         cached on disk per CLIP model and in memory."""
         if self._empty is None:
             path = self.empty_string_cache_path()

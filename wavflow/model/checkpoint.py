@@ -1,6 +1,6 @@
-"""Loading network weights from training checkpoints or flat (EMA) state dicts (spec §2.13, §5).
+"""Loading network weights from training checkpoints or flat (EMA) state dicts (docs/method.md §2.13, §5).
 
-Accepted inputs (DESIGN.md §3):
+Accepted inputs (docs/design.md §3):
 - a full checkpoint dict with `model` (live weights) and `model_ema1` / `model_ema2`
   ({param name: tensor}), plus `epoch`, `global_step`, optimizer state, ...;
 - a flat state dict such as `ema_epoch_<N>.pth`.

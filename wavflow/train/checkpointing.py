@@ -1,6 +1,6 @@
 """Checkpoint files of a training run: what they hold, RNG states, loading with clear errors.
 
-Layout (DESIGN.md §3): the reference keys `model`, `optimizer`, `epoch`, `global_step`,
+Layout (docs/design.md §3): the reference keys `model`, `optimizer`, `epoch`, `global_step`,
 `model_ema1`, `model_ema2` plus what exact resume needs: `batch_in_epoch`, `sampler_epoch`,
 `rng` (one entry per global rank), `lr`, `config` (YAML text), `format`. Everything is plain
 tensors / dicts / lists / numbers / strings, so `torch.load(weights_only=True)` reads it.

@@ -1,4 +1,4 @@
-"""Training data: read + validate the training CSV(s), and the Dataset / collate (spec §4).
+"""Training data: read + validate the training CSV(s), and the Dataset / collate (docs/method.md §4).
 
 Rows: `id,audio_path,features_path,video_exist,text_exist` (flags default to 1 when the column
 is absent). Every problem found up front (missing files, bad flags, duplicate ids across all
@@ -81,7 +81,7 @@ def read_train_csvs(
     first_seen: dict[str, tuple[Path, int]] = {}
     for csv_index, path in enumerate(csv_paths):
         df = read_manifest(path, REQUIRED_COLUMNS)
-        for col in FLAG_COLUMNS:  # spec §4: an absent flag column means "present"
+        for col in FLAG_COLUMNS:  # docs/method.md §4: an absent flag column means "present"
             if col not in df.columns:
                 df[col] = "1"
         report = ManifestReport(Path(path))

@@ -1,4 +1,4 @@
-"""The training loop (spec §8): DDP, AdamW, EMA, exact resume, samples, logging.
+"""The training loop (docs/method.md §8): DDP, AdamW, EMA, exact resume, samples, logging.
 
 `run_training(cfg)` works as a plain process (world size 1) and under torchrun. Everything
 random in the optimisation comes from one generator per process, seeded with
@@ -459,7 +459,7 @@ class Trainer:
             ckpt = self.checkpoint_dict(rng)
             for name in names:
                 path = atomic_torch_save(ckpt, self.exp_dir / name)
-                # spec §8.5: the display epoch; mid-epoch saves name the epoch in progress
+                # docs/method.md §8.5: the display epoch; mid-epoch saves name the epoch in progress
                 display = self.epoch if self.batch_in_epoch == 0 else self.epoch + 1
                 where = "" if self.batch_in_epoch == 0 else f", {self.batch_in_epoch} batch(es) into it"
                 self.logger.info(
@@ -742,7 +742,7 @@ class Trainer:
             self.logger.warning("%d row(s) failed at read time this epoch and were skipped", total)
 
     def _end_of_epoch(self, epochs: int) -> None:
-        """Spec §8.6, in order: latest checkpoint, samples, epoch checkpoint, EMA checkpoint."""
+        """docs/method.md §8.6, in order: latest checkpoint, samples, epoch checkpoint, EMA checkpoint."""
         tr = self.tr
         display_epoch = self.epoch + 1
         last = display_epoch == epochs

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from wavflow.errors import FeatureError, ManifestError
+from wavflow.errors import CheckpointError, FeatureError, ManifestError
+from wavflow.io_utils import safe_torch_load
 from wavflow.manifest import ManifestReport, check_files, check_ids, check_flags, parse_flag, read_manifest, resolve_path
 from wavflow.shapes import latent_seq_len
 
@@ -125,10 +126,10 @@ def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tenso
 
     FeatureError naming the file when it cannot be read or a needed tensor is wrong.
     """
-    try:
-        feats = torch.load(row.features_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) could not be loaded: {exc}") from exc
+    try:  # the project's one-line safe loader: never PyTorch's multi-line advice text
+        feats = safe_torch_load(row.features_path, what=f"features file (id {row.sample_id!r})")
+    except CheckpointError as exc:
+        raise FeatureError(str(exc)) from exc
     if not isinstance(feats, Mapping):
         raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) does not hold a dict")
     out: dict[str, torch.Tensor] = {}

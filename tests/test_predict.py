@@ -129,6 +129,23 @@ def test_checkpoint_kinds_load_the_right_weights(ckpts, caplog):
     assert WavFlowGenerator.from_checkpoint(paths["flat"], config=cfg, device="cpu").checkpoint.global_step is None
 
 
+def test_ckpt_path_may_be_a_run_directory(ckpts, tmp_path, caplog):
+    """A run directory stands for its checkpoint_latest.pth (said in the log); a directory without
+    one is an error naming the files to give instead, not "checkpoint not found"."""
+    paths, cfg = ckpts
+    run_dir = paths["full"].parent
+    with caplog.at_level(logging.INFO):
+        g = WavFlowGenerator.from_checkpoint(run_dir, config=cfg, use_ema=False, device="cpu")
+    assert g.checkpoint.path == str(run_dir / "checkpoint_latest.pth")
+    assert any("is a run directory: using its checkpoint_latest.pth" in r.getMessage() for r in caplog.records)
+    live = torch.load(paths["full"], weights_only=True)["model"]
+    assert all(torch.equal(g.model.state_dict()[k], v) for k, v in live.items())
+    (tmp_path / "ema_epoch_3.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is a directory without checkpoint_latest.pth; give checkpoint_latest.pth, "
+                       r"checkpoint_epoch_N.pth or ema_epoch_N.pth inside it \(found: ema_epoch_3.pth\)"):
+        WavFlowGenerator.from_checkpoint(tmp_path, config=cfg, device="cpu")
+
+
 def test_checkpoint_config_mismatch_is_an_error_naming_key_and_values(tmp_path, ckpts):
     _, cfg = ckpts
     trained = tiny_cfg("data.audio_duration=2.0", "data.clip_seq_len=16", "data.sync_seq_len=40")

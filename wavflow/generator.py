@@ -246,7 +246,7 @@ class WavFlowGenerator:
         must agree (ConfigError naming the key, unless inference.allow_config_mismatch=true).
         """
         from wavflow.model import build_model_from_config
-        from wavflow.model.checkpoint import load_weights, state_dict_from_checkpoint
+        from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path, state_dict_from_checkpoint
 
         explicit = config is not None
         if isinstance(config, DictConfig):
@@ -257,6 +257,7 @@ class WavFlowGenerator:
                 apply_overrides(cfg, overrides)
         else:
             cfg = load_config(config if config is not None else DEFAULT_INFER_CONFIG, overrides)
+        path = resolve_checkpoint_path(path)  # a run directory stands for its checkpoint_latest.pth
         ckpt = safe_torch_load(path, what="model checkpoint")
         if not isinstance(ckpt, Mapping):
             raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")

@@ -38,7 +38,7 @@ from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init
 from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError
 from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
 from wavflow.model import build_model_from_config
-from wavflow.model.checkpoint import load_weights
+from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
     LATEST_NAME,
@@ -383,7 +383,7 @@ class Trainer:
         if self.latest_path.exists():
             self.logger.warning("training.resume=false: ignoring (and later overwriting) %s", self.latest_path)
         if ck.initial_load_path:
-            path = Path(str(ck.initial_load_path)).expanduser()
+            path = resolve_checkpoint_path(str(ck.initial_load_path), key="checkpoint.initial_load_path")
             if not path.is_file():
                 raise CheckpointError(f"checkpoint.initial_load_path {path} does not exist")
             ckpt = load_initial_checkpoint(path)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from wavflow.config import save_config
 from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError
+from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError, WavFlowError
 from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
@@ -64,6 +64,7 @@ from wavflow.train.dataset import (
 from wavflow.train.ema import ParamEMA
 from wavflow.train.logging_utils import TensorBoard, close_logging, setup_logging
 from wavflow.train.lr_schedule import SCHEDULES, apply_lr, base_lr, lr_at
+from wavflow.train.run_dir import RunLock, release_run_locks, remove_stale_temporaries
 from wavflow.train.samples import generate_training_sample
 from wavflow.train.step import (
     StepNoise,
@@ -258,6 +259,8 @@ class Trainer:
         cpu_warning = cpu_reference_preset_warning(str(cfg.model.name), self.device)
         if cpu_warning and self.is_main:
             self.logger.warning(cpu_warning)
+        self.latest_path = self.exp_dir / LATEST_NAME
+        resuming = self._agree_on_start()
 
         rows = self._prepare_rows()
         if self.is_main:
@@ -266,8 +269,6 @@ class Trainer:
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, drop_last=False, seed=0
         )
-        self.latest_path = self.exp_dir / LATEST_NAME
-        resuming = bool(tr.resume) and self.latest_path.exists()
 
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(self.seed)
@@ -328,6 +329,55 @@ class Trainer:
         self.last_batch: dict[str, Any] | None = None
         self.skipped_rows = 0
 
+    # ------------------------------------------------------------------- start-up agreement
+    def _agree_on_start(self) -> bool:
+        """Rank 0 takes the folder's lock, removes stale temporaries and decides between resume
+        and a fresh start; every rank follows that one decision (never its own view of the disk)."""
+        decision: dict[str, Any] = {}
+        failure: WavFlowError | None = None
+        if self.is_main:
+            try:
+                RunLock(self.exp_dir).acquire()  # held until run_training ends or the process dies
+                for path in remove_stale_temporaries(self.exp_dir):
+                    self.logger.warning("Removed %s, left by an interrupted checkpoint write", path)
+                decision = {"resume": bool(self.tr.resume) and self.latest_path.exists()}
+            except WavFlowError as exc:
+                failure, decision = exc, {"error": f"{type(exc).__name__}: {exc}"}
+        if self.info.is_distributed:
+            box = [decision]
+            dist.broadcast_object_list(box, src=0)
+            decision = box[0]
+        if failure is not None:
+            raise failure
+        if "error" in decision:
+            raise ConfigError(f"rank 0 stopped the run: {decision['error']}")
+        return bool(decision["resume"])
+
+    def _check_same_resume_point(self, mine: dict[str, Any], failure: WavFlowError | None) -> None:
+        """Every rank must have read the same checkpoint (step, position, weights digest)."""
+        if not self.info.is_distributed:
+            if failure is not None:
+                raise failure
+            return
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        if failure is not None and self.is_main:
+            raise failure
+        if "error" in gathered[0]:
+            raise CheckpointError(f"rank 0 could not load {self.latest_path}: {gathered[0]['error']}")
+        for rank, got in enumerate(gathered):
+            if got != gathered[0]:
+                seen = got.get("error") or (
+                    f"global step {got['global_step']}, epoch {got['epoch']}, batch {got['batch_in_epoch']}, "
+                    f"weights sha1 {got['digest'][:12]}"
+                )
+                ref = gathered[0]
+                raise CheckpointError(
+                    f"rank {rank} does not see the checkpoint rank 0 resumes from ({self.latest_path}: rank 0 read "
+                    f"global step {ref['global_step']}, weights sha1 {ref['digest'][:12]}; rank {rank}: {seen}). "
+                    "training.output_dir must be on a file system shared by all nodes (see TRAINING.md)"
+                )
+
     # ------------------------------------------------------------------------------ data
     def _prepare_rows(self) -> list[TrainRow]:
         data = self.cfg.data
@@ -373,8 +423,17 @@ class Trainer:
     def _load_start_state(self, resuming: bool) -> None:
         ck = self.cfg.checkpoint
         if resuming:
-            ckpt = load_latest_checkpoint(self.latest_path)
-            self._load_full(ckpt, model_only=False, source=str(self.latest_path))
+            failure: WavFlowError | None = None
+            try:
+                ckpt = load_latest_checkpoint(self.latest_path)
+                self._load_full(ckpt, model_only=False, source=str(self.latest_path))
+                mine: dict[str, Any] = {
+                    "global_step": self.global_step, "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch, "digest": self.weights_digest(),
+                }
+            except WavFlowError as exc:
+                failure, mine = exc, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            self._check_same_resume_point(mine, failure)
             self.logger.info(
                 "Resumed from %s: %d completed epoch(s), global step %d, batch %d of epoch %d",
                 self.latest_path, self.epoch, self.global_step, self.batch_in_epoch, self.epoch + 1,
@@ -783,5 +842,6 @@ def run_training(cfg: DictConfig, info: DistInfo | None = None) -> TrainResult:
         return Trainer(cfg, info).train()
     finally:
         close_logging()
+        release_run_locks()
         if own:
             cleanup(info)

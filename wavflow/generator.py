@@ -85,11 +85,29 @@ def effective_precision(device: torch.device, precision: str) -> str:
     return precision
 
 
+@contextlib.contextmanager
+def tf32_scope(device: torch.device) -> Iterator[None]:
+    """TF32 matmul / cuDNN on CUDA (as the reference runs) for the duration of one call only;
+    the caller's process-wide flags are restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none."""
-    if effective_precision(device, precision) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none. On CUDA
+    also TF32, scoped to the call (`tf32_scope`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(tf32_scope(device))
+    if effective_precision(device, precision) != "fp32":
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    return stack
 
 
 def _config_from_checkpoint(ckpt: Mapping[str, Any]) -> Optional[DictConfig]:
@@ -221,9 +239,6 @@ class WavFlowGenerator:
         self.sample_rate = int(cfg.data.target_sample_rate)
         self.audio_scale = float(cfg.data.audio_scale)
         self.duration = float(cfg.data.audio_duration)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     # ------------------------------------------------------------------------ loading
     @classmethod

@@ -80,11 +80,12 @@ def ensure_tiny_clip(cache_dir: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             # open_clip logs a "no pretrained weights" warning for this intended random init
-            logging.disable(logging.WARNING)
+            previous = logging.root.manager.disable  # the caller's setting, restored below
+            logging.disable(max(previous, logging.WARNING))
             try:
                 model = open_clip.create_model(arch, pretrained=None)
             finally:
-                logging.disable(logging.NOTSET)
+                logging.disable(previous)
         atomic_torch_save(_half_state_dict(model), path)
     return path
 

@@ -474,7 +474,14 @@ class Trainer:
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         rng = ckpt.get("rng")
         if isinstance(rng, list) and len(rng) == self.world_size:
-            restore_rng(rng[self.rank], self.generator)
+            skipped = restore_rng(rng[self.rank], self.generator)
+            if any(s.startswith("the training generator") for s in skipped):
+                self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
+            if skipped and self.is_main:
+                self.logger.warning(
+                    "%s comes from another kind of machine: not restored: %s; reseeded where needed. "
+                    "Training continues, but not bit-identically to an uninterrupted run", source, "; ".join(skipped),
+                )
         else:
             if rng is not None:
                 self.logger.warning(

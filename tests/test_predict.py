@@ -431,3 +431,17 @@ def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"ManifestError: CSV {csv} has a header but no rows" in m for m in messages)
     assert any(m.startswith("device: cpu, precision: fp32") for m in messages)
+
+
+def test_rows_without_id_or_video_are_named_and_seeded_by_position(tmp_path):
+    """The documented exception (README, "Each row's starting noise"): such a row's name, and so
+    its seed, is its position; moving it in the CSV changes its audio."""
+    from wavflow.predict import read_rows
+
+    header = "video_path,caption,video_exist,text_exist\n"
+    a, b = ",rain on a roof,0,1\n", ",a dog barks,0,1\n"
+    (tmp_path / "ab.csv").write_text(header + a + b)
+    (tmp_path / "ba.csv").write_text(header + b + a)
+    ab, ba = read_rows(tmp_path / "ab.csv", None), read_rows(tmp_path / "ba.csv", None)
+    assert [r.name for r in ab] == [r.name for r in ba] == ["row_00000", "row_00001"]
+    assert ab[0].caption == ba[1].caption == "rain on a roof"  # same row, other name, other seed

@@ -114,3 +114,56 @@ def test_ranks_that_read_another_checkpoint_stop_the_run_with_one_clear_line(tmp
     said = "global step 2" if view == "later" else "CheckpointError: resume checkpoint not found"
     assert said in out, out[-3000:]
     assert "Training completed" not in (tmp_path / "out" / "exp" / "training.log").read_text()
+
+
+@pytest.mark.parametrize("n, world", [(12, 2), (13, 2), (5, 3), (4, 1), (7, 4)])
+def test_rest_of_epoch_sampler_is_distributed_samplers_order(n, world):
+    from torch.utils.data import DistributedSampler
+
+    from wavflow.train.trainer import RestOfEpochSampler
+
+    for rank in range(world):
+        ds = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, drop_last=False, seed=0)
+        ds.set_epoch(3)
+        full = list(ds)
+        assert list(RestOfEpochSampler(n, epoch=3, consumed=0, rank=rank, world_size=world)) == full
+        skip = 2 * world  # two samples per rank trained: the rest of the same rank's order
+        rest = RestOfEpochSampler(n, epoch=3, consumed=skip, rank=rank, world_size=world)
+        assert list(rest) == full[2:] and len(rest) == len(full) - 2
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_mid_epoch_resume_on_one_rank_at_the_exact_sample(tmp_path, monkeypatch):
+    """2 ranks train 2 of 3 steps of epoch 1 (8 of 12 samples), then 1 rank resumes: it must
+    train exactly the epoch's 4 remaining samples, in the global order, then epoch 2 whole."""
+    import torch
+
+    from tests.test_train_common import overrides
+    from wavflow.io_utils import safe_torch_load
+    from wavflow.train.dataset import TrainDataset
+    from wavflow.train.trainer import run_training
+
+    csv = make_dataset(tmp_path)
+    common = dict(training__repeat_factor=3, training__max_steps=2)  # 12 samples, batch 2
+    env = dict(os.environ, WAVFLOW_PYTHON=sys.executable, OMP_NUM_THREADS="1", NPROC_PER_NODE="2")
+    env.pop("CONFIG_PATH", None)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "launch" / "train_single_node.sh"),
+                           *overrides(tmp_path, csv, **common)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latest = tmp_path / "out" / "exp" / "checkpoint_latest.pth"
+    ckpt = safe_torch_load(latest)
+    assert (ckpt["epoch"], ckpt["global_step"], ckpt["batch_in_epoch"], ckpt["samples_in_epoch"]) == (0, 2, 2, 8)
+
+    seen: list[int] = []
+    original = TrainDataset.__getitem__
+    monkeypatch.setattr(TrainDataset, "__getitem__", lambda self, i: seen.append(i) or original(self, i))
+    try:
+        result = run_training(make_config(tmp_path, csv, training__repeat_factor=3))
+    finally:
+        release_run_locks()
+    assert (result.epoch, result.global_step) == (2, 2 + 2 + 6)
+    order = [torch.randperm(12, generator=torch.Generator().manual_seed(epoch)).tolist() for epoch in (0, 1)]
+    assert seen == order[0][8:] + order[1]
+    log = (tmp_path / "out" / "exp" / "training.log").read_text()
+    assert "stopped mid-epoch after 8 sample(s) of epoch 1 on 2 rank(s); this run (1 rank(s))" in log

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import math
 import random
 import signal
@@ -87,17 +86,36 @@ class TrainResult:
     skipped_rows: int  # rows that failed at read time (all ranks, all epochs of this run)
 
 
-class _SkipSampler(Sampler):
-    """The base sampler's order without its first `skip` indices (mid-epoch resume)."""
+class RestOfEpochSampler(Sampler):
+    """This rank's share of an epoch's global sample order after its first `consumed` samples.
 
-    def __init__(self, base: Sampler, skip: int) -> None:
-        self.base, self.skip = base, skip
+    The global order is DistributedSampler's (shuffle=True, drop_last=False): `randperm(n)`
+    seeded with `seed + epoch`, padded by repeating its start to a multiple of the world size.
+    Its rest is dealt round-robin to this run's ranks, so a mid-epoch resume continues at the
+    exact sample where the checkpoint was written, whatever the world size was then. With an
+    unchanged world size it yields exactly what DistributedSampler would still have yielded.
+    """
+
+    def __init__(self, n: int, *, epoch: int, consumed: int, rank: int, world_size: int, seed: int = 0) -> None:
+        self.n, self.epoch, self.consumed = n, epoch, consumed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        rest = perm[self.consumed:]
+        pad = (-len(rest)) % self.world_size if rest else 0
+        if pad:
+            rest += (perm * math.ceil(pad / len(perm)))[:pad]  # DistributedSampler's wrap-around
+        return rest[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.base), self.skip, None)
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+        rest = max(0, self.n - self.consumed)
+        return math.ceil(rest / self.world_size)
 
 
 def _seed_worker(base_seed: int, worker_id: int) -> None:
@@ -297,7 +315,8 @@ class Trainer:
 
         self.epoch = 0  # completed epochs = the epoch in progress
         self.global_step = 0
-        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained (this rank)
+        self.samples_in_epoch = 0  # samples of the epoch's global order already trained (all ranks)
         self._load_start_state(resuming)
 
         if self.info.is_distributed:
@@ -397,11 +416,13 @@ class Trainer:
                 problems = found
         return select_rows(rows, reports, problems, str(data.on_bad_row))
 
-    def _epoch_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+    def _rest_of_epoch(self, epoch: int) -> RestOfEpochSampler:
+        return RestOfEpochSampler(len(self.dataset), epoch=epoch, consumed=self.samples_in_epoch,
+                                  rank=self.rank, world_size=self.world_size, seed=self.sampler.seed)
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
-        sampler: Sampler = self.sampler
-        if skip_batches:
-            sampler = _SkipSampler(self.sampler, skip_batches * int(self.tr.batch_size))
+        sampler: Sampler = self._rest_of_epoch(epoch) if self.samples_in_epoch else self.sampler
         base_seed = (self.seed * 1_000 + self.rank * 100_003 + epoch * 7) % 2**62
         workers = int(self.tr.num_workers)
         return DataLoader(
@@ -472,6 +493,16 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        saved_world = int(ckpt.get("world_size", self.world_size))
+        # Older checkpoints: every rank had trained batch_in_epoch full batches.
+        self.samples_in_epoch = int(ckpt.get(
+            "samples_in_epoch", self.batch_in_epoch * int(self.tr.batch_size) * saved_world))
+        if self.samples_in_epoch and saved_world != self.world_size and self.is_main:
+            self.logger.warning(
+                "%s stopped mid-epoch after %d sample(s) of epoch %d on %d rank(s); this run (%d rank(s)) "
+                "trains the epoch's remaining samples in the same global order, none repeated or skipped",
+                source, self.samples_in_epoch, self.epoch + 1, saved_world, self.world_size,
+            )
         rng = ckpt.get("rng")
         if isinstance(rng, list) and len(rng) == self.world_size:
             skipped = restore_rng(rng[self.rank], self.generator)
@@ -489,8 +520,6 @@ class Trainer:
                     "but not bit-identically)", source, len(rng), self.world_size,
                 )
             self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
-            if self.batch_in_epoch:
-                self.logger.warning("%s stopped mid-epoch; the rest of epoch %d is replayed", source, self.epoch + 1)
 
     def checkpoint_dict(self, rng_states: list[Any]) -> dict[str, Any]:
         return {
@@ -501,6 +530,7 @@ class Trainer:
             "model_ema1": self.ema1.state_dict(),
             "model_ema2": self.ema2.state_dict(),
             "batch_in_epoch": self.batch_in_epoch,
+            "samples_in_epoch": self.samples_in_epoch,
             "sampler_epoch": self.epoch,
             "rng": rng_states,
             "lr": {"base": float(self.lr_base), "last": float(self.last_lr)},
@@ -732,7 +762,10 @@ class Trainer:
         tr = self.tr
         epoch = self.epoch
         num_batches = self.num_batches()
-        skip = min(self.batch_in_epoch, num_batches)
+        batch_size = int(tr.batch_size)
+        consumed = self.samples_in_epoch  # global samples of this epoch trained before a resume
+        # Batches this rank counts as done: all but those left for the rest of the global order.
+        skip = num_batches - math.ceil(len(self._rest_of_epoch(epoch)) / batch_size) if consumed else 0
         if self.is_main:
             self.logger.info("Starting epoch %d", epoch + 1)
         epoch_start = last_log = time.time()
@@ -743,7 +776,7 @@ class Trainer:
         data_iter_step = skip
         pending: list[dict[str, Any]] = []
         bar = tqdm(total=num_batches, initial=skip, desc=f"epoch {epoch + 1}", disable=not self.is_main, leave=False)
-        for batch in self._epoch_loader(epoch, skip):
+        for batch in self._epoch_loader(epoch):
             failed += int(batch.get("num_failed", 0))
             if "audio_tokens" in batch:
                 self.last_batch = batch
@@ -753,6 +786,7 @@ class Trainer:
             stats = self.optimizer_update(pending, lr_epoch=data_iter_step / num_batches + epoch)
             data_iter_step += len(pending)
             self.batch_in_epoch = data_iter_step
+            self.samples_in_epoch = consumed + (data_iter_step - skip) * batch_size * self.world_size
             bar.update(len(pending))
             pending = []
             rows_since_log += stats["rows"]
@@ -814,6 +848,7 @@ class Trainer:
         last = display_epoch == epochs
         self.epoch = display_epoch
         self.batch_in_epoch = 0
+        self.samples_in_epoch = 0
         if int(tr.checkpoint_freq) > 0 and (display_epoch % int(tr.checkpoint_freq) == 0 or last):
             self.save_checkpoints([LATEST_NAME])
         if int(tr.gen_train_freq) > 0 and (display_epoch % int(tr.gen_train_freq) == 0 or last):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -484,7 +485,7 @@ def test_bad_pth_reason_is_one_short_line(tmp_path: Path, monkeypatch: pytest.Mo
     settings = ExtractSettings.from_config(config(tmp_path, ds, "t2a"))
     path = tmp_path / "x.pth"
     torch.save({"text_features": torch.zeros(77, 1024), "obj": _NotAllowed()}, path)
-    with pytest.raises(Exception) as raw:  # what PyTorch says: several paragraphs of advice
+    with pytest.raises(pickle.UnpicklingError) as raw:  # what PyTorch says: several paragraphs of advice
         torch.load(path, weights_only=True)
     assert "weights_only" in str(raw.value) and "\n" in str(raw.value)
     reason = feature_file_problem(path, expected_feature_shapes(settings), "f")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchdiffeq import odeint
 
+from wavflow.model import build_model
 from wavflow.model.flow import (
     adaptive_sample,
     cfg_denoiser,
@@ -219,7 +220,7 @@ def test_adaptive_recovers_x1_and_gaussian_map(shift):
 
 
 def test_reference_unshifted_adaptive_is_wrong_under_shift():
-    """Spec §10.2: the reference integrates v(shift(t)) in t without dt_s/dt. Under shift 3
+    """docs/method.md §10.2: the reference integrates v(shift(t)) in t without dt_s/dt. Under shift 3
     that lands far from the exact Gaussian map; ours (with the Jacobian) does not."""
     x0 = _rand(2, 5, 4, seed=1)
     target = MU + SIGMA * x0
@@ -328,9 +329,8 @@ def test_cfg_interval_off_outside(cfg_setup):
 def test_cfg_with_real_network_conditions():
     """Batched CFG on the real WavFlowNet `Conditions` (expand-view empty conditions) equals the
     reference two-pass ode_wrapper, and both differ from the conditional prediction."""
-    model_mod = pytest.importorskip("wavflow.model")
     torch.manual_seed(0)
-    net = model_mod.build_model("tiny_16k", latent_seq_len=4, clip_seq_len=8, sync_seq_len=8,
+    net = build_model("tiny_16k", latent_seq_len=4, clip_seq_len=8, sync_seq_len=8,
                                 text_seq_len=5)
     with torch.no_grad():
         for p in net.parameters():  # a fresh model outputs exactly 0: give it random weights

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from wavflow import config as config_mod
 from wavflow.config import load_config, parse_cli, save_config
@@ -103,7 +104,7 @@ def _leaves(tree: dict, prefix: str = ""):
 def test_plus_override_adds_key_and_struct_blocks_typos():
     cfg = load_config("base.yaml", ["+data.note=hello"])
     assert cfg.data.note == "hello"
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigAttributeError, match="not_a_key"):
         _ = cfg.data.not_a_key
 
 

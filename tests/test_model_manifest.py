@@ -1,4 +1,4 @@
-"""The reference presets reproduce formats/wavflow_*.json key for key (built on `meta`)."""
+"""The reference presets reproduce tests/data/wavflow_*.json key for key (built on `meta`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import torch
 from wavflow.errors import ConfigError
 from wavflow.model import NON_PERSISTENT_BUFFERS, PRESETS, build_model
 
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
-if not FORMATS.is_dir():  # checkouts outside the shared workspace
-    FORMATS = Path("/work/shared/formats")
+FORMATS = Path(__file__).resolve().parent / "data"  # checked-in reference layouts (tests/data/README.md)
 
 
 def _meta_model(name: str, **kw):
@@ -26,10 +24,7 @@ def _manifest(model) -> list[tuple[str, list[int], str]]:
 
 
 def _reference(file: str) -> dict:
-    path = FORMATS / file
-    if not path.is_file():
-        pytest.skip(f"reference layout {path} not available")
-    return json.loads(path.read_text())
+    return json.loads((FORMATS / file).read_text())  # a missing file is a failure, never a skip
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Numerics of the WavFlow network against formulas written out here (spec §2, §9)."""
+"""Numerics of the WavFlow network against formulas written out here (docs/method.md §2, §9)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,11 @@ def random_features(gen: WavFlowGenerator, seed: int, video: bool, text: bool) -
 
 def test_output_names_unique_safe_and_seeds_stable():
     assert unique_names(["a", "a", "a_1", "../evil", "", "x y"]) == ["a", "a_2", "a_1", "evil", "row", "x_y"]
-    assert row_seed(7, "a") == row_seed(7, "a") and row_seed(7, "a") != row_seed(8, "a") != row_seed(7, "b")
-    assert 0 <= row_seed(14159265, "clip") < 2**32
+    # The documented formula (crc32 of "<seed>/<id>"), pinned to values: a re-run and a reordered
+    # CSV give each id the same seed, and a change of the formula shows up here.
+    assert row_seed(7, "a") == zlib.crc32(b"7/a") == 4140581796
+    assert row_seed(14159265, "clip") == zlib.crc32(b"14159265/clip")
+    assert len({row_seed(7, "a"), row_seed(8, "a"), row_seed(7, "b")}) == 3
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -123,6 +127,23 @@ def test_checkpoint_kinds_load_the_right_weights(ckpts, caplog):
         else:
             assert warned == []
     assert WavFlowGenerator.from_checkpoint(paths["flat"], config=cfg, device="cpu").checkpoint.global_step is None
+
+
+def test_ckpt_path_may_be_a_run_directory(ckpts, tmp_path, caplog):
+    """A run directory stands for its checkpoint_latest.pth (said in the log); a directory without
+    one is an error naming the files to give instead, not "checkpoint not found"."""
+    paths, cfg = ckpts
+    run_dir = paths["full"].parent
+    with caplog.at_level(logging.INFO):
+        g = WavFlowGenerator.from_checkpoint(run_dir, config=cfg, use_ema=False, device="cpu")
+    assert g.checkpoint.path == str(run_dir / "checkpoint_latest.pth")
+    assert any("is a run directory: using its checkpoint_latest.pth" in r.getMessage() for r in caplog.records)
+    live = torch.load(paths["full"], weights_only=True)["model"]
+    assert all(torch.equal(g.model.state_dict()[k], v) for k, v in live.items())
+    (tmp_path / "ema_epoch_3.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is a directory without checkpoint_latest.pth; give checkpoint_latest.pth, "
+                       r"checkpoint_epoch_N.pth or ema_epoch_N.pth inside it \(found: ema_epoch_3.pth\)"):
+        WavFlowGenerator.from_checkpoint(tmp_path, config=cfg, device="cpu")
 
 
 def test_checkpoint_config_mismatch_is_an_error_naming_key_and_values(tmp_path, ckpts):
@@ -173,7 +194,7 @@ def test_same_seed_same_audio_across_batch_sizes_and_orders(gen):
 
 
 def _reference_euler(model, x0, conds, cfg, steps, scale=3.0):
-    """Euler on x-predictions written from spec §3 / §2.11: the reference ode_wrapper, i.e. two
+    """Euler on x-predictions written from docs/method.md §3 / §2.11: the reference ode_wrapper, i.e. two
     separate forward passes, the empty conditions computed on batch 1 and broadcast."""
     b = x0.shape[0]
     cond = model.preprocess_conditions(*conds)
@@ -268,7 +289,7 @@ def test_loudness_normalised_to_target_and_silence_is_safe(gen, tmp_path):
 # ------------------------------------------------------------------------ job config
 
 
-def test_heun_sampler_and_job_config_errors(gen, tmp_path):
+def test_heun_sampler_and_job_config_errors(gen, tmp_path, caplog):
     out = gen.generate_batch([random_features(gen, 40, False, True)], [1], steps=2, method="heun")
     assert out.shape == (1, SR) and torch.isfinite(out).all()
     with pytest.raises(ConfigError, match="sampling.method must be one of"):
@@ -279,11 +300,20 @@ def test_heun_sampler_and_job_config_errors(gen, tmp_path):
         check_infer_config(tiny_cfg("data.csv_path=x.csv"))
     with pytest.raises(ConfigError, match=r"inference.batch_size must be an integer >= 1, got 0"):
         check_infer_config(tiny_cfg("data.csv_path=x.csv", "model.ckpt_path=c.pth", "inference.batch_size=0"))
-    # A config / checkpoint error stops the job before any row: exit code 2.
-    args = [*TINY_OVERRIDES, f"data.csv_path={tmp_path / 'none.csv'}", "model.ckpt_path=c.pth",
-            f"output.output_dir={tmp_path / 'out'}"]
-    assert main(["--config", "infer.yaml", *args]) == 2
+    # A config error stops the job before any row: exit code 2.
     assert main(["--config", "infer.yaml", "--bogus"]) == 2
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,video_path,caption,video_exist,text_exist\nr0,,a dog barks,false,true\n")
+    # ... and so does a checkpoint error, on a CSV that is fine: missing, then corrupt.
+    for ckpt, said in ((tmp_path / "none.pth", "not found"), (tmp_path / "bad.pth", "could not be loaded")):
+        if ckpt.name == "bad.pth":
+            ckpt.write_bytes(b"not a torch file")
+        caplog.clear()
+        args = [*TINY_OVERRIDES, f"data.csv_path={csv}", f"model.ckpt_path={ckpt}",
+                f"output.output_dir={tmp_path / 'out'}"]
+        with caplog.at_level(logging.ERROR, logger="wavflow.predict"):
+            assert main(["--config", "infer.yaml", *args]) == 2
+        assert any(str(ckpt) in r.getMessage() and said in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_checkpoints_of_a_real_short_training_run_load(tmp_path, caplog):
@@ -401,3 +431,17 @@ def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"ManifestError: CSV {csv} has a header but no rows" in m for m in messages)
     assert any(m.startswith("device: cpu, precision: fp32") for m in messages)
+
+
+def test_rows_without_id_or_video_are_named_and_seeded_by_position(tmp_path):
+    """The documented exception (README, "Each row's starting noise"): such a row's name, and so
+    its seed, is its position; moving it in the CSV changes its audio."""
+    from wavflow.predict import read_rows
+
+    header = "video_path,caption,video_exist,text_exist\n"
+    a, b = ",rain on a roof,0,1\n", ",a dog barks,0,1\n"
+    (tmp_path / "ab.csv").write_text(header + a + b)
+    (tmp_path / "ba.csv").write_text(header + b + a)
+    ab, ba = read_rows(tmp_path / "ab.csv", None), read_rows(tmp_path / "ba.csv", None)
+    assert [r.name for r in ab] == [r.name for r in ba] == ["row_00000", "row_00001"]
+    assert ab[0].caption == ba[1].caption == "rain on a roof"  # same row, other name, other seed

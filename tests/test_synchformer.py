@@ -1,4 +1,4 @@
-"""Synchformer: layout vs formats/synchformer.json, attention numerics, block order, loading."""
+"""Synchformer: layout vs tests/data/synchformer.json, attention numerics, block order, loading."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ import torch
 
 from wavflow.features.synchformer import DividedAttention, Synchformer, SynchformerConfig
 
-FORMAT = Path(__file__).resolve().parents[2] / "shared" / "formats" / "synchformer.json"
-FORMAT = FORMAT if FORMAT.is_file() else Path("/work/shared/formats/synchformer.json")
+FORMAT = Path(__file__).resolve().parent / "data" / "synchformer.json"  # checked in (tests/data/README.md)
 
 
 @pytest.fixture(scope="module")
 def reference_layout() -> dict:
-    if not FORMAT.is_file():
-        pytest.skip(f"reference layout {FORMAT} not available")
-    return json.loads(FORMAT.read_text())
+    return json.loads(FORMAT.read_text())  # a missing file is a failure, never a skip
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +104,7 @@ def test_load_state_dict_keeps_only_vfeat_keys(tiny: Synchformer) -> None:
 
 
 def _reference_divided_attention(attn: DividedAttention, x: torch.Tensor, mode: str, f: int, p: int) -> torch.Tensor:
-    """Loop-based re-statement of spec §7.5 (independent of the module's reshapes)."""
+    """Loop-based re-statement of docs/method.md §7.5 (independent of the module's reshapes)."""
     b, n, dim = x.shape
     h = attn.num_heads
     d = dim // h

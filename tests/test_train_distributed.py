@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ LAUNCH = ROOT / "scripts" / "launch"
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NNODES", "NODE_RANK", "MASTER_PORT", "CONFIG_PATH")}
-    env.update(OMP_NUM_THREADS="1", WAVFLOW_PYTHON=str(ROOT / ".venv" / "bin" / "python"), **extra)
+    env.update(OMP_NUM_THREADS="1", WAVFLOW_PYTHON=sys.executable, **extra)
     return env
 
 

@@ -230,3 +230,44 @@ def test_step_where_every_row_failed_moves_nothing(tmp_path):
     log = (result.exp_dir / "training.log").read_text()
     assert "nan" not in log.lower() and "no optimiser/EMA step" in log
     assert f"Checkpoint saved to {result.exp_dir / 'checkpoint_latest.pth'} (epoch 1, global step 0)" in log
+
+
+def test_rerun_at_max_steps_trains_nothing_and_exits_0(tmp_path):
+    """A finished run's command, run again, must not train past training.max_steps."""
+    from wavflow.train.__main__ import main
+
+    csv = make_dataset(tmp_path)
+    args = overrides(tmp_path, csv, training__max_steps=2)
+    assert main(args) == 0
+    latest = tmp_path / "out" / "exp" / "checkpoint_latest.pth"
+    before = latest.read_bytes()
+    for _ in range(2):
+        assert main(args) == 0
+        assert safe_torch_load(latest)["global_step"] == 2
+    assert latest.read_bytes() == before  # not even rewritten
+    log = (tmp_path / "out" / "exp" / "training.log").read_text()
+    assert log.count("training.max_steps=2 already reached (global step 2") == 2
+
+
+def test_resume_of_a_cuda_run_on_cpu_restores_what_applies_and_says_what_not(tmp_path):
+    """A checkpoint written on CUDA (its generator state is a 16-byte Philox state, plus a CUDA
+    global state) resumes on CPU with one warning line instead of a raw RuntimeError."""
+    csv = make_dataset(tmp_path)
+    part = run_training(make_config(tmp_path, csv, training__max_steps=1))
+    path = part.exp_dir / "checkpoint_latest.pth"
+    ckpt = safe_torch_load(path)
+    cpu_state = ckpt["rng"][0]
+    ckpt["rng"][0] = {**cpu_state, "generator": torch.arange(16, dtype=torch.uint8), "generator_device": "cuda:0",
+                      "cuda": torch.arange(16, dtype=torch.uint8)}
+    torch.save(ckpt, path)
+    rest = run_training(make_config(tmp_path, csv))
+    assert (rest.epoch, rest.global_step, rest.stopped_early) == (2, 4, False)
+    log = (rest.exp_dir / "training.log").read_text()
+    assert (f"{path} comes from another kind of machine: not restored: the training generator (saved on cuda, "
+            "this run uses cpu); the CUDA global RNG (no CUDA here); reseeded where needed. Training continues, "
+            "but not bit-identically to an uninterrupted run") in log
+    # what applies is restored: the CPU global RNG continues from the saved state
+    from wavflow.train.checkpointing import restore_rng
+
+    g = torch.Generator()
+    assert restore_rng(cpu_state, g) == [] and torch.equal(torch.get_rng_state(), cpu_state["torch"])

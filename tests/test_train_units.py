@@ -234,3 +234,23 @@ def test_main_reports_a_config_error_in_one_line_with_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["[wavflow.train] error: training.max_steps must be null or an integer >= 1, got -1"]
     assert not (tmp_path / "out" / "exp").exists()  # stopped before any output folder was made
+
+
+class _Hostile:
+    """Not on the weights-only allow-list: loading it would run arbitrary code."""
+
+
+def test_hostile_feature_file_is_refused_with_one_clean_line(tmp_path: Path):
+    from wavflow.errors import FeatureError
+    from wavflow.train.dataset import FeatureShapes, TrainRow, load_features
+
+    path = tmp_path / "evil.pth"
+    torch.save({"text_features": torch.zeros(8, 32), "payload": _Hostile()}, path)
+    row = TrainRow("evil", tmp_path / "evil.wav", path, False, True, 0, 0)
+    shapes = FeatureShapes(clip=(8, 32), sync=(16, 24), text=(8, 32))
+    with pytest.raises(FeatureError) as info:
+        load_features(row, shapes)
+    text = str(info.value)
+    assert "\n" not in text and "\x1b" not in text, text
+    assert "weights_only=False" not in text and "Weights only load failed" not in text, text
+    assert str(path) in text and "'evil'" in text and "_Hostile" in text, text

@@ -1,7 +1,7 @@
 """Audio I/O and the waveform pipeline: read any audio, mono, resample, amplitude lifting,
 patchify/unpatchify, atomic wav writing and loudness normalisation.
 
-Spec: METHOD.md §4 (the training audio pipeline, steps 1-10) and §5 (the save step).
+Spec: docs/method.md §4 (the training audio pipeline, steps 1-10) and §5 (the save step).
 Reading goes through soundfile (wav/flac/ogg/mp3/...); containers (mp4, mkv, ...) and files
 soundfile cannot open are decoded with PyAV. Resampling uses torchaudio.
 """
@@ -27,11 +27,11 @@ from wavflow.shapes import latent_seq_len
 # Suffixes soundfile cannot read: decode the audio stream with PyAV straight away.
 CONTAINER_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".mov", ".m4a", ".aac", ".avi"})
 
-RMS_TARGET = 0.33  # spec §4 step 5
-MIN_RMS_FOR_PEAK_SCALE = 0.3  # spec §4 step 6
-SILENCE_RMS = 1e-8  # below this the RMS normalisation is skipped (spec §4 step 5)
-LOUDNESS_FLOOR_LUFS = -70.0  # spec §5: quieter clips are not gain-normalised
-PEAK_LIMIT = 0.99  # spec §5: peak after normalisation when it went above 1
+RMS_TARGET = 0.33  # docs/method.md §4 step 5
+MIN_RMS_FOR_PEAK_SCALE = 0.3  # docs/method.md §4 step 6
+SILENCE_RMS = 1e-8  # below this the RMS normalisation is skipped (docs/method.md §4 step 5)
+LOUDNESS_FLOOR_LUFS = -70.0  # docs/method.md §5: quieter clips are not gain-normalised
+PEAK_LIMIT = 0.99  # docs/method.md §5: peak after normalisation when it went above 1
 
 
 # ----------------------------------------------------------------------------- reading
@@ -76,7 +76,7 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
 
 
 def load_audio(path: str | os.PathLike, target_sr: int) -> Tensor:
-    """Read `path` as mono float32 (T,) at `target_sr` (spec §4 steps 1-4).
+    """Read `path` as mono float32 (T,) at `target_sr` (docs/method.md §4 steps 1-4).
 
     Channels are averaged; a differing rate is resampled with `torchaudio.transforms.Resample`
     (default parameters, as the reference does). Raises `AudioError` naming the file when it
@@ -129,7 +129,7 @@ def amplitude_lift(
     rms_target: float = RMS_TARGET,
     min_rms_for_peak_scale: float = MIN_RMS_FOR_PEAK_SCALE,
 ) -> Tensor:
-    """Spec §4 steps 5-7 on the whole clip (before any crop).
+    """docs/method.md §4 steps 5-7 on the whole clip (before any crop).
 
     5. rms = sqrt(mean(w^2)); if rms > 1e-8: w = w * 0.33 / rms.
     6. rms2, peak = sqrt(mean(w^2)), max|w|; if peak > 1 with s = 1/peak and rms2*s > 0.3:
@@ -230,7 +230,7 @@ def write_wav(path: str | os.PathLike, wave: Tensor | np.ndarray, sample_rate: i
 def loudness_normalize(
     wave: Tensor | np.ndarray, sample_rate: int, target_lufs: float = -23.0
 ) -> tuple[Tensor | np.ndarray, float]:
-    """Spec §5 save step 2: BS.1770 integrated loudness gain to `target_lufs`, then peak limit.
+    """docs/method.md §5 save step 2: BS.1770 integrated loudness gain to `target_lufs`, then peak limit.
 
     Returns (wave, measured LUFS) with `wave` of the input's kind (Tensor or ndarray). If the
     measured loudness is not finite or is <= -70 LUFS (silence), or the clip is shorter than

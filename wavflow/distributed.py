@@ -6,8 +6,11 @@ the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +34,28 @@ class DistInfo:
         return self.backend is not None
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have Linux send `sig` to this process when its parent exits (False where unsupported).
+
+    Used by the torchrun guard and by every rank under torchrun, so that killing a launcher
+    (even with SIGKILL) never leaves torchrun or its ranks running on their own.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the torchrun process group if there is one; choose the device.
 
     `device`: "auto" (cuda:LOCAL_RANK when CUDA exists, else cpu), "cpu", or "cuda".
     """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: stop when torchrun is gone
+        die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,11 +1,11 @@
-"""The Python inference API: load a checkpoint once, generate many clips (spec §5, §2.11, §3).
+"""The Python inference API: load a checkpoint once, generate many clips (docs/method.md §5, §2.11, §3).
 
     gen = WavFlowGenerator.from_checkpoint("runs/exp/checkpoint_latest.pth")
     wave, sr = gen.generate(video="clip.mp4", text="a dog barks", cfg=4.5, seed=0)
 
 `wavflow.predict` (the CSV job) is built on `encode_row` + `generate_batch`.
 
-Fixes over the reference, on purpose (DESIGN.md §4): the initial noise of every item comes
+Fixes over the reference, on purpose (docs/design.md §4): the initial noise of every item comes
 from its own `torch.Generator` (drawn on CPU, then moved), so a clip does not depend on the
 batch size or on the rows around it; everything runs on CPU too; a checkpoint whose recorded
 config disagrees with the inference config is an error instead of silent garbage.
@@ -86,11 +86,29 @@ def effective_precision(device: torch.device, precision: str) -> str:
     return precision
 
 
+@contextlib.contextmanager
+def tf32_scope(device: torch.device) -> Iterator[None]:
+    """TF32 matmul / cuDNN on CUDA (as the reference runs) for the duration of one call only;
+    the caller's process-wide flags are restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none."""
-    if effective_precision(device, precision) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none. On CUDA
+    also TF32, scoped to the call (`tf32_scope`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(tf32_scope(device))
+    if effective_precision(device, precision) != "fp32":
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    return stack
 
 
 def _config_from_checkpoint(ckpt: Mapping[str, Any]) -> Optional[DictConfig]:
@@ -223,9 +241,6 @@ class WavFlowGenerator:
         self.sample_rate = int(cfg.data.target_sample_rate)
         self.audio_scale = float(cfg.data.audio_scale)
         self.duration = float(cfg.data.audio_duration)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     # ------------------------------------------------------------------------ loading
     @classmethod
@@ -248,7 +263,7 @@ class WavFlowGenerator:
         must agree (ConfigError naming the key, unless inference.allow_config_mismatch=true).
         """
         from wavflow.model import build_model_from_config
-        from wavflow.model.checkpoint import load_weights, state_dict_from_checkpoint
+        from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path, state_dict_from_checkpoint
 
         explicit = config is not None
         if isinstance(config, DictConfig):
@@ -259,6 +274,7 @@ class WavFlowGenerator:
                 apply_overrides(cfg, overrides)
         else:
             cfg = load_config(config if config is not None else DEFAULT_INFER_CONFIG, overrides)
+        path = resolve_checkpoint_path(path)  # a run directory stands for its checkpoint_latest.pth
         ckpt = safe_torch_load(path, what="model checkpoint")
         if not isinstance(ckpt, Mapping):
             raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")

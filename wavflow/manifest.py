@@ -1,6 +1,6 @@
 """CSV manifests: read, check columns/ids/flags/paths, and report every bad row at once.
 
-The schemas (DESIGN.md §3):
+The schemas (docs/design.md §3):
 - extraction input: `id,audio_path,caption` (T2A) or `id,audio_path,video_path,caption` (VT2A)
 - training input (= extraction output): `id,audio_path,features_path,video_exist,text_exist`
 - inference input: `video_path,caption,video_exist,text_exist` (+ optional `id`, `features_path`)

@@ -1,4 +1,4 @@
-"""The inference job: CSV of videos/captions -> generated wavs (+ mp4s) and summary.csv (spec §5).
+"""The inference job: CSV of videos/captions -> generated wavs (+ mp4s) and summary.csv (docs/method.md §5).
 
     python -m wavflow.predict [--config PATH] [--gpu N] [key=value ...]
 
@@ -84,7 +84,7 @@ class InferRow:
 
 
 def _raw_name(row: pd.Series, idx: int) -> str:
-    """id, else the video stem, else row_<idx:05d> (spec §5)."""
+    """id, else the video stem, else row_<idx:05d> (docs/method.md §5)."""
     rid = str(row.get("id", "")).strip()
     if rid and rid.lower() != "nan":
         return rid

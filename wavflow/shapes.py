@@ -1,4 +1,4 @@
-"""Derived lengths shared by data, model, extraction and inference (spec §1, §6.3)."""
+"""Derived lengths shared by data, model, extraction and inference (docs/method.md §1, §6.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Video decoding at fixed frame rates, CLIP / Synchformer frame transforms, audio muxing (spec §6.2).
+"""Video decoding at fixed frame rates, CLIP / Synchformer frame transforms, audio muxing (docs/method.md §6.2).
 
 Frame selection runs through ffmpeg's own ``fps`` filter (PyAV filter graphs), exactly as the
 reference's torio ``StreamingMediaDecoder`` did with ``frame_rate=8`` / ``25``:
@@ -212,7 +212,7 @@ def decode_video(
     clip_size: int = CLIP_SIZE,
     sync_size: int = SYNC_SIZE,
 ) -> VideoFrames:
-    """Decode the first `duration_sec` of `path` into CLIP and Synchformer frames (spec §6.2).
+    """Decode the first `duration_sec` of `path` into CLIP and Synchformer frames (docs/method.md §6.2).
 
     Returns ``clip`` (int(clip_fps*dur), 3, clip_size, clip_size) in [0, 1] and ``sync``
     (int(sync_fps*dur), 3, sync_size, sync_size) in [-1, 1]. Raises `VideoError` naming the file
@@ -297,7 +297,7 @@ def sync_segments(
 ) -> torch.Tensor:
     """(T, 3, H, W) -> (S, segment_len, 3, H, W), segment i = frames [stride*i, stride*i+len).
 
-    S = (T - segment_len) // stride + 1 (24 for 200 frames), spec §6.3 step 1.
+    S = (T - segment_len) // stride + 1 (24 for 200 frames), docs/method.md §6.3 step 1.
     """
     if sync_frames.dim() != 4:
         raise VideoError(f"sync frames must be (T, 3, H, W), got shape {tuple(sync_frames.shape)}")

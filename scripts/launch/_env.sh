@@ -13,19 +13,21 @@ export PYTHONPATH="$WAVFLOW_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 wavflow_gpu_count() {
   "$WAVFLOW_PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0
 }
-# torchrun from the same environment.
+# torchrun from the same environment, through wavflow.torchrun_guard: it dies with this launcher
+# (and its ranks with it), and exits with the job's code (2 fatal, 1 rows failed, 0 ok) instead
+# of torchrun's 1 for any failure.
 wavflow_torchrun() {
-  "$WAVFLOW_PYTHON" -m torch.distributed.run "$@"
+  "$WAVFLOW_PYTHON" -m wavflow.torchrun_guard "$@"
 }
 # Run torchrun with its arguments so that SIGTERM/SIGINT reach the training processes
 # (torchrun's children), not torchrun: each rank stops after its step, rank 0 writes
 # checkpoint_latest.pth, and the run exits 0 (a signalled torchrun would instead exit 1 with a
-# SignalException traceback). torchrun runs in its own session (setsid) so a terminal's Ctrl-C
-# reaches it only through this forwarding. Exits with torchrun's code.
+# SignalException traceback). torchrun runs in its own session (--own-session) so a terminal's
+# Ctrl-C reaches it only through this forwarding; it still dies with this launcher (see
+# wavflow/torchrun_guard.py). Exits with the job's code.
 wavflow_torchrun_forwarding_signals() {
-  local session=() torchrun_pid rc
-  command -v setsid >/dev/null 2>&1 && session=(setsid)
-  "${session[@]}" "$WAVFLOW_PYTHON" -m torch.distributed.run "$@" &
+  local torchrun_pid rc
+  "$WAVFLOW_PYTHON" -m wavflow.torchrun_guard --own-session "$@" &
   torchrun_pid=$!
   trap "pkill -TERM -P $torchrun_pid 2>/dev/null || kill -TERM $torchrun_pid 2>/dev/null || true" TERM
   trap "pkill -INT -P $torchrun_pid 2>/dev/null || kill -INT $torchrun_pid 2>/dev/null || true" INT

@@ -1,4 +1,4 @@
-"""open_clip wrapper: per-token text features and per-frame image features (spec §6.3-§6.4)."""
+"""open_clip wrapper: per-token text features and per-frame image features (docs/method.md §6.3-§6.4)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from wavflow.errors import WeightsError
 from wavflow.features.weights import hf_offline, resolve_hub_files
 
-# OpenAI CLIP normalisation, applied to frames in [0, 1] (spec §6.2).
+# OpenAI CLIP normalisation, applied to frames in [0, 1] (docs/method.md §6.2).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HUB_PREFIX = "hf-hub:"
@@ -87,7 +87,7 @@ class ClipEncoder(nn.Module):
 
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """Patched encode_text: per-token hidden states after ln_final, L2-normalised per token,
-        no pooling and no text projection (spec §6.4). (B, 77) -> (B, 77, width)."""
+        no pooling and no text projection (docs/method.md §6.4). (B, 77) -> (B, 77, width)."""
         m = self.model
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens.to(self.device)).to(cast_dtype)

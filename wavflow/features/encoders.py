@@ -32,7 +32,7 @@ from wavflow.features.weights import (
 from wavflow.io_utils import atomic_torch_save, atomic_write_text, safe_torch_load, sanitize_filename
 
 PROFILES = ("default", "tiny")
-# Architecture used for a local open_clip file when `clip_model` is a hub id (spec §6.3).
+# Architecture used for a local open_clip file when `clip_model` is a hub id (docs/method.md §6.3).
 LOCAL_CLIP_ARCH = "ViT-H-14-378-quickgelu"
 SYNC_TOKENS_PER_SEGMENT = 8
 
@@ -84,11 +84,12 @@ def ensure_tiny_clip(cache_dir: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             # open_clip logs a "no pretrained weights" warning for this intended random init
-            logging.disable(logging.WARNING)
+            previous = logging.root.manager.disable  # the caller's setting, restored below
+            logging.disable(max(previous, logging.WARNING))
             try:
                 model = open_clip.create_model(arch, pretrained=None)
             finally:
-                logging.disable(logging.NOTSET)
+                logging.disable(previous)
             craft_tiny_clip(model, torch.Generator().manual_seed(TINY_SEED))
         atomic_torch_save(_half_state_dict(model), path)
     return path
@@ -254,7 +255,7 @@ class FeatureEncoders:
         return self.cache_dir / "empty_string" / f"{label}-{digest}.pth"
 
     def empty_string_feature(self) -> Tensor:
-        """(77, text_dim): the caption pipeline on "" (per-token normalised, DESIGN.md §4),
+        """(77, text_dim): the caption pipeline on "" (per-token normalised, docs/design.md §4),
         cached on disk per CLIP model and in memory."""
         if self._empty is None:
             path = self.empty_string_cache_path()

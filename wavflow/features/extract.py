@@ -22,8 +22,9 @@ Usually launched by `scripts/launch/extract_t2a.sh` / `extract_vt2a.sh` under to
    `<stem>_summary.json`.
 
 Exit codes: 0 = the run finished and the output CSV has at least one row (failed rows are in
-the error log); 1 = fatal problem (bad config, bad CSV, missing weights...), nothing merged;
-2 = the run finished but every row failed (the CSV has only a header).
+the error log); 2 = fatal problem (bad config, bad CSV, missing weights...), nothing merged;
+1 = the run finished but every row failed (the CSV has only a header). The launchers keep
+these codes (wavflow/torchrun_guard.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from wavflow.config import load_config, parse_cli
-from wavflow.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, shard_indices
+from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_indices
 from wavflow.errors import FeatureError, VideoError, WavFlowError
 from wavflow.features.extract_outputs import OutputPaths, RankOutputs, merge_outputs, write_summary
 from wavflow.features.extract_plan import (
@@ -391,6 +392,8 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                 "Summary: done=%d skipped=%d failed=%d -> %d CSV rows in %s; errors in %s",
                 done, skipped, failed, merged.rows, paths.csv_path, paths.errors_log,
             )
+        # Wait for rank 0's merge: a rank leaving with code 1 makes torchrun stop the others.
+        barrier(info)
         rows = done + skipped
         if rows == 0:
             logger.error("every row failed: see %s", paths.errors_log)

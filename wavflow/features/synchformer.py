@@ -1,6 +1,6 @@
 """Synchformer visual feature extractor (MotionFormer, divided space-time attention).
 
-Numerics follow spec/METHOD.md §7; the state-dict layout equals formats/synchformer.json
+Numerics follow docs/method.md §7; the state-dict layout equals tests/data/synchformer.json
 (238 `vfeat_extractor.*` keys), so MMAudio's public `synchformer_state_dict.pth` loads as is.
 Input (B, S, 16, 3, 224, 224) in [-1, 1] -> output (B, S, 8, 768).
 """

@@ -1,6 +1,6 @@
-"""Loading network weights from training checkpoints or flat (EMA) state dicts (spec §2.13, §5).
+"""Loading network weights from training checkpoints or flat (EMA) state dicts (docs/method.md §2.13, §5).
 
-Accepted inputs (DESIGN.md §3):
+Accepted inputs (docs/design.md §3):
 - a full checkpoint dict with `model` (live weights) and `model_ema1` / `model_ema2`
   ({param name: tensor}), plus `epoch`, `global_step`, optimizer state, ...;
 - a flat state dict such as `ema_epoch_<N>.pth`.
@@ -9,8 +9,10 @@ Neither needs the non-persistent buffers (`latent_rot`, `clip_rot`, `t_embed.fre
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -21,6 +23,8 @@ from wavflow.io_utils import safe_torch_load
 from wavflow.model.cond_norm import state_has_cond_norm
 from wavflow.model.network import NON_PERSISTENT_BUFFERS
 from wavflow.model.presets import PRESETS
+
+_log = logging.getLogger("wavflow.checkpoint")
 
 _MAX_LISTED = 5
 _FULL_KEYS = ("model", "model_ema1")
@@ -137,12 +141,36 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     model.load_state_dict(sd, strict=True)
 
 
+RUN_DIR_CHECKPOINT = "checkpoint_latest.pth"
+
+
+def resolve_checkpoint_path(path: str | os.PathLike, *, key: str = "model.ckpt_path") -> Path:
+    """A checkpoint file, or a training run directory standing for its checkpoint_latest.pth.
+
+    A directory without that file is a CheckpointError naming the files it could be given instead.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    latest = path / RUN_DIR_CHECKPOINT
+    if latest.is_file():
+        _log.info("%s=%s is a run directory: using its %s", key, path, RUN_DIR_CHECKPOINT)
+        return latest
+    found = sorted(p.name for p in path.glob("*.pth"))[:5]
+    raise CheckpointError(
+        f"{key}={path} is a directory without {RUN_DIR_CHECKPOINT}; give checkpoint_latest.pth, "
+        f"checkpoint_epoch_N.pth or ema_epoch_N.pth inside it"
+        + (f" (found: {', '.join(found)})" if found else " (it holds no .pth file)")
+    )
+
+
 def load_checkpoint_file(model: nn.Module, path: str | os.PathLike, use_ema: bool) -> dict[str, Any]:
     """Load weights from `path` (full checkpoint or flat state dict) into `model`.
 
     Returns metadata: path, source (which weights), kind ("full" / "flat"), and epoch /
     global_step when the checkpoint records them (else None).
     """
+    path = resolve_checkpoint_path(path)
     ckpt = safe_torch_load(path, what="model checkpoint")
     sd, source = state_dict_from_checkpoint(ckpt, use_ema, where=f"checkpoint {path}")
     load_weights(model, sd, source=f"checkpoint {path} [{source}]")

@@ -1,6 +1,6 @@
 """Flow matching: time sampling, interpolant, losses, ODE samplers and classifier-free guidance.
 
-Spec: METHOD.md §3 (flow matching) and §2.11 (ode_wrapper / CFG). Time convention: t=0 is
+Spec: docs/method.md §3 (flow matching) and §2.11 (ode_wrapper / CFG). Time convention: t=0 is
 noise (x0), t=1 is data (x1). Nothing here imports the network: samplers take any callable
 `fn(t, x) -> model output` (t a 0-d tensor), and `cfg_denoiser` only needs an object with
 `predict_flow(x, t_vec, conditions)`.
@@ -21,7 +21,7 @@ SAMPLING_METHODS = ("euler", "heun", "adaptive")
 # torchdiffeq solvers with step-size control (they accept the `step_t` option).
 _ADAPTIVE_RK_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
-# Clamp of (1 - t) in the x-prediction -> velocity conversion and in the x/v loss (spec §3).
+# Clamp of (1 - t) in the x-prediction -> velocity conversion and in the x/v loss (docs/method.md §3).
 ONE_MINUS_T_MIN = 1e-6
 
 
@@ -91,7 +91,7 @@ def flow_loss(
     loss_type: str,
     min_sigma: float = 0.0,
 ) -> Tensor:
-    """Per-sample flow-matching loss, shape (B,) (spec §3 table; the trainer takes the mean).
+    """Per-sample flow-matching loss, shape (B,) (docs/method.md §3 table; the trainer takes the mean).
 
     x/x: mean((pred - x1)^2).
     x/v: with c = clamp(1 - t_s, 1e-6), mean(((pred - xt)/c - (x1 - xt)/c)^2); the two
@@ -218,7 +218,7 @@ def adaptive_sample(
     min_sigma=0 the last stage is evaluated at t=1 like the reference (harmless in practice:
     an x-prediction there is ~x, and only the error estimate uses that stage).
 
-    Correct under noise_shift (fixes reference quirk §10.2): the solver integrates in the
+    Correct under noise_shift (fixes the reference quirk of docs/method.md §10.2): the solver integrates in the
     unshifted time t, and the model lives in t_s = shift(t), so by the chain rule
         dx/dt = dx/dt_s * dt_s/dt = v(t_s, x) * shift / (t + shift*(1 - t))^2.
     This is the same ODE as integrating dx/dt_s = v(t_s, x) directly over t_s, written in t
@@ -303,7 +303,7 @@ def cfg_denoiser(
     cfg_interval: tuple[float, float] | Sequence[float] | None = None,
     batched: bool = True,
 ) -> PredictionFn:
-    """Classifier-free-guided model output as `fn(t, x)` for the samplers (spec §2.11).
+    """Classifier-free-guided model output as `fn(t, x)` for the samplers (docs/method.md §2.11).
 
     - `t_vec = t * ones(B, dtype=x.dtype, device=x.device)`; `model.predict_flow(x, t_vec, c)`.
     - cfg <= 1: the conditional prediction only (one forward pass, no unconditional pass).

@@ -1,7 +1,7 @@
-"""Building blocks of the WavFlow network (spec §0, §2.2–§2.8).
+"""Building blocks of the WavFlow network (docs/method.md §0, §2.2–§2.8).
 
 Module and attribute names are part of the checkpoint format: they produce the reference
-state-dict keys (`formats/wavflow_*.json`), so do not rename them.
+state-dict keys (`tests/data/wavflow_*.json`), so do not rename them.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class ConvMLP(nn.Module):
 
 
 def timestep_frequencies(freq_dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """freqs[i] = 1 / 10000**(2i/freq_dim), as pow then reciprocal (spec §2.3, [exact])."""
+    """freqs[i] = 1 / 10000**(2i/freq_dim), as pow then reciprocal (docs/method.md §2.3, [exact])."""
     exponents = torch.arange(0, freq_dim, 2, dtype=torch.float32) / freq_dim
     freqs = 1.0 / torch.pow(10000, exponents)
     return (10000 / max_period) * freqs
@@ -108,7 +108,7 @@ def compute_rope_rotations(
     """(1, length, dim/2, 2, 2) table of [[cos a, -sin a], [sin a, cos a]], a = pos * f_i."""
     with _no_cuda_autocast():
         pos = torch.arange(length, dtype=torch.float32, device=device)
-        # Spec §2.4: the power of the negative exponent. (1 / pow(theta, +e), as t_embed does,
+        # docs/method.md §2.4: the power of the negative exponent. (1 / pow(theta, +e), as t_embed does,
         # differs by 1 ulp in 12 of the 32 entries; keep the two formulas distinct.)
         freqs = torch.pow(theta, -(torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
         freqs *= freq_scaling
@@ -143,7 +143,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"hidden dim {dim} with {num_heads} heads must give head width {HEAD_DIM}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        # eps=None on purpose: it resolves to finfo(dtype).eps at run time (spec §2.5, quirk #7).
+        # eps=None on purpose: it resolves to finfo(dtype).eps at run time (docs/method.md §2.5, quirk #7).
         self.q_norm = nn.RMSNorm(dim // num_heads)
         self.k_norm = nn.RMSNorm(dim // num_heads)
 
@@ -166,7 +166,7 @@ Modulation = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torc
 
 
 class MMDitSingleBlock(nn.Module):
-    """One adaLN transformer stream (spec §2.6); pre_only keeps only norm1 + attention inputs."""
+    """One adaLN transformer stream (docs/method.md §2.6); pre_only keeps only norm1 + attention inputs."""
 
     def __init__(
         self,
@@ -221,7 +221,7 @@ class MMDitSingleBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """MM-DiT joint attention over [latent, clip, text] (spec §2.7)."""
+    """MM-DiT joint attention over [latent, clip, text] (docs/method.md §2.7)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, pre_only: bool = False) -> None:
         super().__init__()
@@ -254,7 +254,7 @@ class JointBlock(nn.Module):
 
 
 class FinalBlock(nn.Module):
-    """adaLN (shift, scale) then a k=7 channel-last conv to the patch width (spec §2.8)."""
+    """adaLN (shift, scale) then a k=7 channel-last conv to the patch width (docs/method.md §2.8)."""
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""WavFlowNet: the MM-DiT over raw-waveform patches (spec §2) and its factory."""
+"""WavFlowNet: the MM-DiT over raw-waveform patches (docs/method.md §2) and its factory."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class WavFlowNet(nn.Module):
         self.clip_dim, self.sync_dim, self.text_dim = clip_dim, sync_dim, text_dim
         self.gradient_checkpointing = gradient_checkpointing
 
-        # Direct parameters first: PyTorch lists them before the children (spec §2.1).
+        # Direct parameters first: PyTorch lists them before the children (docs/method.md §2.1).
         self.sync_pos_emb = nn.Parameter(torch.zeros((1, 1, SYNC_TOKENS_PER_SEGMENT, sync_dim)))
         if empty_string_feat is None:
             empty_string_feat = torch.zeros((text_seq_len, text_dim))
@@ -124,7 +124,7 @@ class WavFlowNet(nn.Module):
 
     # ----------------------------------------------------------------------------- set-up
     def initialize_weights(self) -> None:
-        """Spec §2.12: xavier Linear, N(0, .02) t_embed, zeroed adaLN/final/learned constants."""
+        """docs/method.md §2.12: xavier Linear, N(0, .02) t_embed, zeroed adaLN/final/learned constants."""
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -200,7 +200,7 @@ class WavFlowNet(nn.Module):
         return Conditions(clip_f, sync_f, text_f, clip_c, text_c)
 
     def preprocess_conditions(self, clip_f: torch.Tensor, sync_f: torch.Tensor, text_f: torch.Tensor) -> Conditions:
-        """Project the three condition streams, upsample sync to N, pool clip/text (spec §2.9)."""
+        """Project the three condition streams, upsample sync to N, pool clip/text (docs/method.md §2.9)."""
         self._check_conditions(clip_f, sync_f, text_f)
         if not clip_f.shape[0] == sync_f.shape[0] == text_f.shape[0]:
             raise ValueError(
@@ -209,7 +209,7 @@ class WavFlowNet(nn.Module):
         return self._preprocess(clip_f, sync_f, text_f)
 
     def get_empty_conditions(self, bs: int, negative_text_features: Optional[torch.Tensor] = None) -> Conditions:
-        """Conditions of the empty tokens, computed on batch 1 and broadcast to bs (spec §2.11)."""
+        """Conditions of the empty tokens, computed on batch 1 and broadcast to bs (docs/method.md §2.11)."""
         if negative_text_features is not None:
             _check_shape("negative_text_features", negative_text_features, (bs, self.text_seq_len, self.text_dim))
             text = negative_text_features
@@ -233,7 +233,7 @@ class WavFlowNet(nn.Module):
         return fn(*args)
 
     def predict_flow(self, x: torch.Tensor, t: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        """Network output for patches x (B, N, latent_dim) at flow time t (B,) (spec §2.10)."""
+        """Network output for patches x (B, N, latent_dim) at flow time t (B,) (docs/method.md §2.10)."""
         _check_shape("x", x, (None, self.latent_seq_len, self.latent_dim))
         _check_shape("t", t, (x.shape[0],))
         clip_f, sync_f, text_f, clip_c, text_c = conditions

@@ -1,6 +1,6 @@
-"""Network presets (spec §1).
+"""Network presets (docs/method.md §1).
 
-The four reference presets reproduce `formats/wavflow_*.json` and pin the condition lengths and
+The four reference presets reproduce `tests/data/wavflow_*.json` and pin the condition lengths and
 widths their checkpoints were trained with. The CPU-sized presets keep the same structure
 (joint blocks with a pre-only last one, then fused blocks, head width 64) and take condition
 lengths and widths from the data config.

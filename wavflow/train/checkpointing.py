@@ -1,6 +1,6 @@
 """Checkpoint files of a training run: what they hold, RNG states, loading with clear errors.
 
-Layout (DESIGN.md §3): the reference keys `model`, `optimizer`, `epoch`, `global_step`,
+Layout (docs/design.md §3): the reference keys `model`, `optimizer`, `epoch`, `global_step`,
 `model_ema1`, `model_ema2` plus what exact resume needs: `batch_in_epoch`, `sampler_epoch`,
 `rng` (one entry per global rank), `lr`, `config` (YAML text), `format`. Everything is plain
 tensors / dicts / lists / numbers / strings, so `torch.load(weights_only=True)` reads it.
@@ -57,9 +57,20 @@ def capture_rng(generator: torch.Generator) -> dict[str, Any]:
     return state
 
 
-def restore_rng(state: Mapping[str, Any], generator: torch.Generator) -> None:
-    """Inverse of `capture_rng`."""
-    generator.set_state(state["generator"])
+def restore_rng(state: Mapping[str, Any], generator: torch.Generator) -> list[str]:
+    """Inverse of `capture_rng`, as far as this machine allows; returns what was NOT restored.
+
+    A run moved between machine kinds (written on CUDA, resumed on CPU, or the reverse) cannot
+    take over the training generator's state (a CUDA Philox state is not a CPU Mersenne-Twister
+    state) nor a CUDA global state without CUDA; those are left alone and named in the result,
+    so the caller can reseed and say so. Everything else is restored.
+    """
+    skipped: list[str] = []
+    saved_kind = torch.device(str(state.get("generator_device", "cpu"))).type
+    if saved_kind == generator.device.type:
+        generator.set_state(state["generator"])
+    else:
+        skipped.append(f"the training generator (saved on {saved_kind}, this run uses {generator.device.type})")
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
@@ -67,8 +78,12 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator) -> None:
     np.random.set_state(
         (npy["kind"], npy["keys"].numpy().astype(np.uint32), int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached_gaussian"]))
     )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            skipped.append("the CUDA global RNG (no CUDA here)")
+    return skipped
 
 
 # ------------------------------------------------------------------------------- model IO

@@ -1,4 +1,4 @@
-"""Training data: read + validate the training CSV(s), and the Dataset / collate (spec §4).
+"""Training data: read + validate the training CSV(s), and the Dataset / collate (docs/method.md §4).
 
 Rows: `id,audio_path,features_path,video_exist,text_exist` (flags default to 1 when the column
 is absent). Every problem found up front (missing files, bad flags, duplicate ids across all
@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from wavflow.errors import FeatureError, ManifestError
+from wavflow.errors import CheckpointError, FeatureError, ManifestError
+from wavflow.io_utils import safe_torch_load
 from wavflow.manifest import ManifestReport, check_files, check_ids, check_flags, parse_flag, read_manifest, resolve_path
 from wavflow.shapes import latent_seq_len
 
@@ -81,7 +82,7 @@ def read_train_csvs(
     first_seen: dict[str, tuple[Path, int]] = {}
     for csv_index, path in enumerate(csv_paths):
         df = read_manifest(path, REQUIRED_COLUMNS)
-        for col in FLAG_COLUMNS:  # spec §4: an absent flag column means "present"
+        for col in FLAG_COLUMNS:  # docs/method.md §4: an absent flag column means "present"
             if col not in df.columns:
                 df[col] = "1"
         report = ManifestReport(Path(path))
@@ -125,10 +126,10 @@ def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tenso
 
     FeatureError naming the file when it cannot be read or a needed tensor is wrong.
     """
-    try:
-        feats = torch.load(row.features_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) could not be loaded: {exc}") from exc
+    try:  # the project's one-line safe loader: never PyTorch's multi-line advice text
+        feats = safe_torch_load(row.features_path, what=f"features file (id {row.sample_id!r})")
+    except CheckpointError as exc:
+        raise FeatureError(str(exc)) from exc
     if not isinstance(feats, Mapping):
         raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) does not hold a dict")
     out: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""Exponential moving averages of the parameters (spec §8.3 step 9).
+"""Exponential moving averages of the parameters (docs/method.md §8.3 step 9).
 
 `e <- e + w (p - e)` with `w = 1 - decay`, once per optimiser step, over every named
 parameter (the frozen `empty_string_feat` included), kept on the training device.

@@ -1,4 +1,4 @@
-"""Learning rate: base value and the warm-up + constant/cosine/step schedule (spec §8.4)."""
+"""Learning rate: base value and the warm-up + constant/cosine/step schedule (docs/method.md §8.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audio samples during training (spec §8.7, with DESIGN.md §4's fixes): sample 0 of the last
+"""Audio samples during training (docs/method.md §8.7, with docs/design.md §4's fixes): sample 0 of the last
 batch, learned empty tokens for its missing modalities, and a generator of its own so the
 training randomness is untouched."""
 

@@ -1,4 +1,4 @@
-"""The math of one training micro-step (spec §8.3 steps 2-6), separate from the loop.
+"""The math of one training micro-step (docs/method.md §8.3 steps 2-6), separate from the loop.
 
 Randomness is drawn from the trainer's own generator, in the reference order:
 t (randn(B) -> logit-normal), x0 (normal_ like x1), rand(B) for the video drop,
@@ -88,7 +88,7 @@ def flow_matching_loss(
     noise_shift: float,
     min_sigma: float,
 ) -> StepOutput:
-    """Interpolate, run the network at t_s, and take the configured loss (spec §3)."""
+    """Interpolate, run the network at t_s, and take the configured loss (docs/method.md §3)."""
     t_s = shift_time(noise.t, noise_shift)
     xt = interpolate(noise.x0, x1, t_s, min_sigma)
     pred = forward(xt, clip_f, sync_f, text_f, t_s)

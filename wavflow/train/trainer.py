@@ -1,4 +1,4 @@
-"""The training loop (spec §8): DDP, AdamW, EMA, exact resume, samples, logging.
+"""The training loop (docs/method.md §8): DDP, AdamW, EMA, exact resume, samples, logging.
 
 `run_training(cfg)` works as a plain process (world size 1) and under torchrun. Everything
 random in the optimisation comes from one generator per process, seeded with
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import math
 import random
 import signal
@@ -35,13 +34,13 @@ from tqdm import tqdm
 
 from wavflow.config import save_config
 from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError
+from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError, WavFlowError
 from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
+from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.model.cond_norm import centre_empty_tokens, state_has_cond_norm
 from wavflow.train.feature_norm import resolve_feature_norm
-from wavflow.model.checkpoint import load_weights
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
     LATEST_NAME,
@@ -67,6 +66,7 @@ from wavflow.train.dataset import (
 from wavflow.train.ema import ParamEMA
 from wavflow.train.logging_utils import TensorBoard, close_logging, setup_logging
 from wavflow.train.lr_schedule import SCHEDULES, apply_lr, base_lr, lr_at
+from wavflow.train.run_dir import RunLock, release_run_locks, remove_stale_temporaries
 from wavflow.train.samples import generate_training_sample
 from wavflow.train.step import (
     StepNoise,
@@ -89,17 +89,36 @@ class TrainResult:
     skipped_rows: int  # rows that failed at read time (all ranks, all epochs of this run)
 
 
-class _SkipSampler(Sampler):
-    """The base sampler's order without its first `skip` indices (mid-epoch resume)."""
+class RestOfEpochSampler(Sampler):
+    """This rank's share of an epoch's global sample order after its first `consumed` samples.
 
-    def __init__(self, base: Sampler, skip: int) -> None:
-        self.base, self.skip = base, skip
+    The global order is DistributedSampler's (shuffle=True, drop_last=False): `randperm(n)`
+    seeded with `seed + epoch`, padded by repeating its start to a multiple of the world size.
+    Its rest is dealt round-robin to this run's ranks, so a mid-epoch resume continues at the
+    exact sample where the checkpoint was written, whatever the world size was then. With an
+    unchanged world size it yields exactly what DistributedSampler would still have yielded.
+    """
+
+    def __init__(self, n: int, *, epoch: int, consumed: int, rank: int, world_size: int, seed: int = 0) -> None:
+        self.n, self.epoch, self.consumed = n, epoch, consumed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        rest = perm[self.consumed:]
+        pad = (-len(rest)) % self.world_size if rest else 0
+        if pad:
+            rest += (perm * math.ceil(pad / len(perm)))[:pad]  # DistributedSampler's wrap-around
+        return rest[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.base), self.skip, None)
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+        rest = max(0, self.n - self.consumed)
+        return math.ceil(rest / self.world_size)
 
 
 def _seed_worker(base_seed: int, worker_id: int) -> None:
@@ -261,6 +280,8 @@ class Trainer:
         cpu_warning = cpu_reference_preset_warning(str(cfg.model.name), self.device)
         if cpu_warning and self.is_main:
             self.logger.warning(cpu_warning)
+        self.latest_path = self.exp_dir / LATEST_NAME
+        resuming = self._agree_on_start()
 
         rows = self._prepare_rows()
         if self.is_main:
@@ -269,8 +290,6 @@ class Trainer:
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, drop_last=False, seed=0
         )
-        self.latest_path = self.exp_dir / LATEST_NAME
-        resuming = bool(tr.resume) and self.latest_path.exists()
 
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(self.seed)
@@ -305,7 +324,8 @@ class Trainer:
 
         self.epoch = 0  # completed epochs = the epoch in progress
         self.global_step = 0
-        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained (this rank)
+        self.samples_in_epoch = 0  # samples of the epoch's global order already trained (all ranks)
         self._load_start_state(resuming)
 
         if self.info.is_distributed:
@@ -337,6 +357,55 @@ class Trainer:
         self.last_batch: dict[str, Any] | None = None
         self.skipped_rows = 0
 
+    # ------------------------------------------------------------------- start-up agreement
+    def _agree_on_start(self) -> bool:
+        """Rank 0 takes the folder's lock, removes stale temporaries and decides between resume
+        and a fresh start; every rank follows that one decision (never its own view of the disk)."""
+        decision: dict[str, Any] = {}
+        failure: WavFlowError | None = None
+        if self.is_main:
+            try:
+                RunLock(self.exp_dir).acquire()  # held until run_training ends or the process dies
+                for path in remove_stale_temporaries(self.exp_dir):
+                    self.logger.warning("Removed %s, left by an interrupted checkpoint write", path)
+                decision = {"resume": bool(self.tr.resume) and self.latest_path.exists()}
+            except WavFlowError as exc:
+                failure, decision = exc, {"error": f"{type(exc).__name__}: {exc}"}
+        if self.info.is_distributed:
+            box = [decision]
+            dist.broadcast_object_list(box, src=0)
+            decision = box[0]
+        if failure is not None:
+            raise failure
+        if "error" in decision:
+            raise ConfigError(f"rank 0 stopped the run: {decision['error']}")
+        return bool(decision["resume"])
+
+    def _check_same_resume_point(self, mine: dict[str, Any], failure: WavFlowError | None) -> None:
+        """Every rank must have read the same checkpoint (step, position, weights digest)."""
+        if not self.info.is_distributed:
+            if failure is not None:
+                raise failure
+            return
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        if failure is not None and self.is_main:
+            raise failure
+        if "error" in gathered[0]:
+            raise CheckpointError(f"rank 0 could not load {self.latest_path}: {gathered[0]['error']}")
+        for rank, got in enumerate(gathered):
+            if got != gathered[0]:
+                seen = got.get("error") or (
+                    f"global step {got['global_step']}, epoch {got['epoch']}, batch {got['batch_in_epoch']}, "
+                    f"weights sha1 {got['digest'][:12]}"
+                )
+                ref = gathered[0]
+                raise CheckpointError(
+                    f"rank {rank} does not see the checkpoint rank 0 resumes from ({self.latest_path}: rank 0 read "
+                    f"global step {ref['global_step']}, weights sha1 {ref['digest'][:12]}; rank {rank}: {seen}). "
+                    "training.output_dir must be on a file system shared by all nodes (see TRAINING.md)"
+                )
+
     # ------------------------------------------------------------------------------ data
     def _prepare_rows(self) -> list[TrainRow]:
         data = self.cfg.data
@@ -356,11 +425,13 @@ class Trainer:
                 problems = found
         return select_rows(rows, reports, problems, str(data.on_bad_row))
 
-    def _epoch_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+    def _rest_of_epoch(self, epoch: int) -> RestOfEpochSampler:
+        return RestOfEpochSampler(len(self.dataset), epoch=epoch, consumed=self.samples_in_epoch,
+                                  rank=self.rank, world_size=self.world_size, seed=self.sampler.seed)
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
-        sampler: Sampler = self.sampler
-        if skip_batches:
-            sampler = _SkipSampler(self.sampler, skip_batches * int(self.tr.batch_size))
+        sampler: Sampler = self._rest_of_epoch(epoch) if self.samples_in_epoch else self.sampler
         base_seed = (self.seed * 1_000 + self.rank * 100_003 + epoch * 7) % 2**62
         workers = int(self.tr.num_workers)
         return DataLoader(
@@ -382,8 +453,17 @@ class Trainer:
     def _load_start_state(self, resuming: bool) -> None:
         ck = self.cfg.checkpoint
         if resuming:
-            ckpt = load_latest_checkpoint(self.latest_path)
-            self._load_full(ckpt, model_only=False, source=str(self.latest_path))
+            failure: WavFlowError | None = None
+            try:
+                ckpt = load_latest_checkpoint(self.latest_path)
+                self._load_full(ckpt, model_only=False, source=str(self.latest_path))
+                mine: dict[str, Any] = {
+                    "global_step": self.global_step, "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch, "digest": self.weights_digest(),
+                }
+            except WavFlowError as exc:
+                failure, mine = exc, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            self._check_same_resume_point(mine, failure)
             self.logger.info(
                 "Resumed from %s: %d completed epoch(s), global step %d, batch %d of epoch %d",
                 self.latest_path, self.epoch, self.global_step, self.batch_in_epoch, self.epoch + 1,
@@ -392,7 +472,7 @@ class Trainer:
         if self.latest_path.exists():
             self.logger.warning("training.resume=false: ignoring (and later overwriting) %s", self.latest_path)
         if ck.initial_load_path:
-            path = Path(str(ck.initial_load_path)).expanduser()
+            path = resolve_checkpoint_path(str(ck.initial_load_path), key="checkpoint.initial_load_path")
             if not path.is_file():
                 raise CheckpointError(f"checkpoint.initial_load_path {path} does not exist")
             ckpt = load_initial_checkpoint(path)
@@ -429,9 +509,26 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        saved_world = int(ckpt.get("world_size", self.world_size))
+        # Older checkpoints: every rank had trained batch_in_epoch full batches.
+        self.samples_in_epoch = int(ckpt.get(
+            "samples_in_epoch", self.batch_in_epoch * int(self.tr.batch_size) * saved_world))
+        if self.samples_in_epoch and saved_world != self.world_size and self.is_main:
+            self.logger.warning(
+                "%s stopped mid-epoch after %d sample(s) of epoch %d on %d rank(s); this run (%d rank(s)) "
+                "trains the epoch's remaining samples in the same global order, none repeated or skipped",
+                source, self.samples_in_epoch, self.epoch + 1, saved_world, self.world_size,
+            )
         rng = ckpt.get("rng")
         if isinstance(rng, list) and len(rng) == self.world_size:
-            restore_rng(rng[self.rank], self.generator)
+            skipped = restore_rng(rng[self.rank], self.generator)
+            if any(s.startswith("the training generator") for s in skipped):
+                self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
+            if skipped and self.is_main:
+                self.logger.warning(
+                    "%s comes from another kind of machine: not restored: %s; reseeded where needed. "
+                    "Training continues, but not bit-identically to an uninterrupted run", source, "; ".join(skipped),
+                )
         else:
             if rng is not None:
                 self.logger.warning(
@@ -439,8 +536,6 @@ class Trainer:
                     "but not bit-identically)", source, len(rng), self.world_size,
                 )
             self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
-            if self.batch_in_epoch:
-                self.logger.warning("%s stopped mid-epoch; the rest of epoch %d is replayed", source, self.epoch + 1)
 
     def checkpoint_dict(self, rng_states: list[Any]) -> dict[str, Any]:
         return {
@@ -451,6 +546,7 @@ class Trainer:
             "model_ema1": self.ema1.state_dict(),
             "model_ema2": self.ema2.state_dict(),
             "batch_in_epoch": self.batch_in_epoch,
+            "samples_in_epoch": self.samples_in_epoch,
             "sampler_epoch": self.epoch,
             "rng": rng_states,
             "lr": {"base": float(self.lr_base), "last": float(self.last_lr)},
@@ -475,7 +571,7 @@ class Trainer:
             ckpt = self.checkpoint_dict(rng)
             for name in names:
                 path = atomic_torch_save(ckpt, self.exp_dir / name)
-                # spec §8.5: the display epoch; mid-epoch saves name the epoch in progress
+                # docs/method.md §8.5: the display epoch; mid-epoch saves name the epoch in progress
                 display = self.epoch if self.batch_in_epoch == 0 else self.epoch + 1
                 where = "" if self.batch_in_epoch == 0 else f", {self.batch_in_epoch} batch(es) into it"
                 self.logger.info(
@@ -632,8 +728,10 @@ class Trainer:
             t = torch.tensor([flag], device=self.device if self.info.backend == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = float(t.item())
-        if flag > 0:
-            return True
+        return flag > 0 or self._budget_spent()
+
+    def _budget_spent(self) -> bool:
+        """training.max_steps reached (the same answer on every rank: global_step is shared)."""
         max_steps = self.tr.max_steps
         return max_steps is not None and self.global_step >= int(max_steps)
 
@@ -643,6 +741,16 @@ class Trainer:
         epochs = int(tr.epochs)
         start = time.time()
         stopped = False
+        if self._budget_spent():
+            # Checked before any step: a re-run of a finished run must not train past its budget.
+            if self.is_main:
+                self.logger.info(
+                    "training.max_steps=%d already reached (global step %d in %s): nothing to train. "
+                    "Raise training.max_steps to continue this run.",
+                    int(tr.max_steps), self.global_step, self.latest_path,
+                )
+            self.tb.close()
+            return TrainResult(self.exp_dir, self.epoch, self.global_step, True, 0)
         self._install_signal_handlers()
         try:
             while self.epoch < epochs and not stopped:
@@ -670,7 +778,10 @@ class Trainer:
         tr = self.tr
         epoch = self.epoch
         num_batches = self.num_batches()
-        skip = min(self.batch_in_epoch, num_batches)
+        batch_size = int(tr.batch_size)
+        consumed = self.samples_in_epoch  # global samples of this epoch trained before a resume
+        # Batches this rank counts as done: all but those left for the rest of the global order.
+        skip = num_batches - math.ceil(len(self._rest_of_epoch(epoch)) / batch_size) if consumed else 0
         if self.is_main:
             self.logger.info("Starting epoch %d", epoch + 1)
         epoch_start = last_log = time.time()
@@ -681,7 +792,7 @@ class Trainer:
         data_iter_step = skip
         pending: list[dict[str, Any]] = []
         bar = tqdm(total=num_batches, initial=skip, desc=f"epoch {epoch + 1}", disable=not self.is_main, leave=False)
-        for batch in self._epoch_loader(epoch, skip):
+        for batch in self._epoch_loader(epoch):
             failed += int(batch.get("num_failed", 0))
             if "audio_tokens" in batch:
                 self.last_batch = batch
@@ -691,6 +802,7 @@ class Trainer:
             stats = self.optimizer_update(pending, lr_epoch=data_iter_step / num_batches + epoch)
             data_iter_step += len(pending)
             self.batch_in_epoch = data_iter_step
+            self.samples_in_epoch = consumed + (data_iter_step - skip) * batch_size * self.world_size
             bar.update(len(pending))
             pending = []
             rows_since_log += stats["rows"]
@@ -746,12 +858,13 @@ class Trainer:
             self.logger.warning("%d row(s) failed at read time this epoch and were skipped", total)
 
     def _end_of_epoch(self, epochs: int) -> None:
-        """Spec §8.6, in order: latest checkpoint, samples, epoch checkpoint, EMA checkpoint."""
+        """docs/method.md §8.6, in order: latest checkpoint, samples, epoch checkpoint, EMA checkpoint."""
         tr = self.tr
         display_epoch = self.epoch + 1
         last = display_epoch == epochs
         self.epoch = display_epoch
         self.batch_in_epoch = 0
+        self.samples_in_epoch = 0
         if int(tr.checkpoint_freq) > 0 and (display_epoch % int(tr.checkpoint_freq) == 0 or last):
             self.save_checkpoints([LATEST_NAME])
         if int(tr.gen_train_freq) > 0 and (display_epoch % int(tr.gen_train_freq) == 0 or last):
@@ -787,5 +900,6 @@ def run_training(cfg: DictConfig, info: DistInfo | None = None) -> TrainResult:
         return Trainer(cfg, info).train()
     finally:
         close_logging()
+        release_run_locks()
         if own:
             cleanup(info)

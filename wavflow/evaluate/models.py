@@ -292,22 +292,18 @@ class ClapNet(nn.Module):
     @classmethod
     def from_file(cls, path: Path, amodel: str = "HTSAT-base", hf_home: str | None = None,
                   device: str = "cpu") -> "ClapNet":
-        if hf_home:
-            os.environ["HF_HOME"] = str(Path(hf_home).expanduser())
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                import laion_clap
+        with _hub_offline(hf_home):
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    import laion_clap
 
-                module = laion_clap.CLAP_Module(enable_fusion=False, amodel=amodel, device=device)
-        except Exception as exc:
-            raise WeightsError(
-                "LAION-CLAP could not be built offline: its text encoder and tokenizers "
-                f"({', '.join(CLAP_HF_REPOS)}) must be in the Hugging Face cache "
-                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}; set weights.clap_hf_home). "
-                f"On a machine with network: `hf download roberta-base`, `hf download bert-base-uncased`, "
-                f"`hf download facebook/bart-base`, then copy the cache ({type(exc).__name__}: {str(exc)[:200]})"
-            ) from exc
+                    module = laion_clap.CLAP_Module(enable_fusion=False, amodel=amodel, device=device)
+            except OSError as exc:
+                raise WeightsError(_clap_hub_message(hf_home, exc)) from exc
+        tok = module.tokenize
+        # transformers 5 quietly builds a specials-only tokenizer when the files are absent
+        if len(tok) <= len(set(tok.all_special_tokens)):
+            raise WeightsError(_clap_hub_message(hf_home, RuntimeError("roberta-base tokenizer files not found")))
         state = _load_state(path, "LAION-CLAP", unwrap=("state_dict",))
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         # newer transformers no longer keep RoBERTa's position_ids buffer in the state dict
@@ -322,6 +318,31 @@ class ClapNet(nn.Module):
 
     def text(self, captions: list[str]) -> Tensor:
         return self.module.get_text_embedding(captions, use_tensor=True)
+
+
+def _clap_hub_message(hf_home: str | None, exc: BaseException) -> str:
+    where = f"{hf_home}/hub" if hf_home else "the default Hugging Face cache ($HF_HOME/hub)"
+    return (
+        f"LAION-CLAP could not be built offline: its text encoder and tokenizer (hf id roberta-base; "
+        f"laion_clap also asks for {', '.join(CLAP_HF_REPOS[1:])}) must be in {where}. On a machine with "
+        f"network run `hf download roberta-base` (and the others) and copy the cache there, then set "
+        f"weights.clap_hf_home ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    )
+
+
+@contextlib.contextmanager
+def _hub_offline(hf_home: str | None):
+    """Hugging Face lookups read the local cache only (and `hf_home`'s, when given)."""
+    from huggingface_hub import constants
+
+    saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE)
+    constants.HF_HUB_OFFLINE = True
+    if hf_home:
+        constants.HF_HUB_CACHE = str(Path(hf_home).expanduser() / "hub")
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = saved
 
 
 # ----------------------------------------------------------------------------- registry

@@ -117,3 +117,19 @@ def test_visual_only_file_is_a_clear_error(tmp_path: Path, saved: tuple[Synchfor
         load_synchformer_av(tmp_path / "visual.pth", small_cfg())
     with pytest.raises(WeightsError, match="not found"):
         load_synchformer_av(tmp_path / "absent.pth", small_cfg())
+
+
+def test_audio_tokens_are_regrouped_per_time_step() -> None:
+    """AST's patch tokens are frequency-major (12 x 6): the aggregation must see, for each of
+    the 6 time steps, that step's 12 frequency patches. Mel frames 56..65 fall in the last
+    time patch only (patches span 16 frames at stride 10)."""
+    torch.manual_seed(0)
+    branch = SynchformerAV(small_cfg()).afeat_extractor.eval()
+    mel = torch.zeros(1, 66, 128)
+    mel[:, 56:, :] = torch.randn(1, 10, 128)
+    with torch.no_grad():
+        tokens = branch.ast.embeddings.patch_embeddings(mel)  # (1, 72, D)
+        bias_only = branch.ast.embeddings.patch_embeddings(torch.zeros_like(mel))
+    changed = (tokens - bias_only).abs().sum(-1)[0] > 0
+    grid = changed.reshape(branch.f, branch.t)  # the regrouping `AudioFeatureExtractor` applies
+    assert grid[:, -1].all() and not grid[:, :-1].any()

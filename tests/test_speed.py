@@ -145,6 +145,8 @@ def test_trainer_foreach_ema_step_is_bit_identical(tmp_path):
 
 def test_trainer_fast_options_step_matches_reference(tmp_path):
     a, b, stats = _step_pair(tmp_path, FAST)
+    assert b.optimizer.defaults["fused"] is True and b.ema1.foreach and b.ema2.foreach
+    assert all(m.conv_impl == "matmul" for m in b.model.modules() if isinstance(m, ChannelLastConv1d))
     (a1, a2), (b1, b2) = stats
     assert b1["loss"] == pytest.approx(a1["loss"], rel=1e-5)
     assert b1["grad_norm"] == pytest.approx(a1["grad_norm"], rel=1e-4)

@@ -222,3 +222,27 @@ def test_compiled_sampling_matches_eager_and_does_not_recompile():
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(first, eager, rtol=0, atol=1e-4 * float(eager.abs().max()))
     assert not torch.equal(again, first)
+
+
+@pytest.mark.slow
+def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--dtype", "fp32", "--repeats", "1",
+                "--warmup", "1", "--sample-steps", "1", "--data-batches", "1", "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    for name in ("train_step", "forward", "sampling", "sampling_reference", "data"):
+        assert "fraction_of_dense_matmul" in res["phases"][name], name
+    step = res["phases"]["train_step"]
+    assert step["flops"] > 3 * res["phases"]["forward"]["flops"] * 0.5 > 0  # fwd + bwd ~ 3x forward
+    assert res["main"]["train_step"]["seconds"] > 0 and "speedup_vs_main" in step
+    assert step["max_param_diff_vs_main"] < 1e-3  # same start, same noise, fp32: close after 2 steps
+    assert res["phases"]["sampling"]["max_abs_diff_vs_reference"] < 1e-3 * max(res["phases"]["sampling"]["output_abs_max"], 1e-3) + 1e-4
+    assert res["phases"]["data"]["samples_per_s"] > 0

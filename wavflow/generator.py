@@ -31,6 +31,7 @@ from wavflow.config import load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.io_utils import safe_torch_load
 from wavflow.shapes import latent_seq_len, target_num_samples, video_seq_lens
+from wavflow.speed import SpeedOptions, maybe_compile, sdpa_context, set_conv_impl
 
 log = logging.getLogger("wavflow.generator")
 
@@ -241,6 +242,10 @@ class WavFlowGenerator:
         self.sample_rate = int(cfg.data.target_sample_rate)
         self.audio_scale = float(cfg.data.audio_scale)
         self.duration = float(cfg.data.audio_duration)
+        # inference.{conv_impl,attention_backend,compile} (wavflow/speed.py)
+        self.speed = SpeedOptions.from_config(OmegaConf.select(cfg, "inference", default=None) or {}, "inference")
+        set_conv_impl(self.model, self.speed.conv_impl)
+        self._flow = _FlowPredictor(self.model, self.speed.compile)
 
     # ------------------------------------------------------------------------ loading
     @classmethod
@@ -524,10 +529,10 @@ class WavFlowGenerator:
 
         x0 = self.initial_noise(seeds, noise_scale)
         clip, sync, text = self._stack_conditions(items)
-        with autocast_context(self.device, self.precision):
+        with autocast_context(self.device, self.precision), sdpa_context(self.speed.attention_backend):
             cond = self.model.preprocess_conditions(clip, sync, text)
             empty = self.model.get_empty_conditions(len(items))
-            fn = cfg_denoiser(self.model, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)
+            fn = cfg_denoiser(self._flow, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)
             x1 = sample(
                 method,
                 fn,
@@ -570,6 +575,20 @@ class WavFlowGenerator:
 
             wave, _ = loudness_normalize(wave, self.sample_rate, loudness_lufs)
         return wave, self.sample_rate
+
+
+class _FlowPredictor:
+    """What the samplers call: the model's predict_flow, compiled once when asked (the same
+    shapes come back every step, so it compiles on the first call of a batch shape only)."""
+
+    def __init__(self, model: torch.nn.Module, compile_: bool) -> None:
+        self.model = model
+        self._compiled = maybe_compile(model.predict_flow, True, dynamic=False) if compile_ else None
+
+    def predict_flow(self, x: Tensor, t: Tensor, conditions: Any) -> Tensor:
+        if self._compiled is None:
+            return self.model.predict_flow(x, t, conditions)  # looked up per call (tests patch it)
+        return self._compiled(x, t, conditions)
 
 
 def _as_int(value: Any) -> Optional[int]:

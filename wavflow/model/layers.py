@@ -33,11 +33,35 @@ def swiglu_hidden_dim(hidden_dim: int, multiple_of: int = 256) -> int:
     return multiple_of * ((inner + multiple_of - 1) // multiple_of)
 
 
+def conv1d_channel_last_as_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int
+) -> torch.Tensor:
+    """Stride-1 Conv1d of (B, L, C) inputs as one GEMM (im2col): the k zero-padded shifted
+    windows (B, L_out, C*k) times weight (O, C*k). Same sums as F.conv1d, other order."""
+    k = weight.shape[-1]
+    if k == 1 and padding == 0:
+        return F.linear(x, weight[..., 0], bias)
+    b, _, c = x.shape
+    windows = F.pad(x, (0, 0, padding, padding)).unfold(1, k, 1)  # (B, L_out, C, k)
+    return F.linear(windows.reshape(b, windows.shape[1], c * k), weight.reshape(weight.shape[0], c * k), bias)
+
+
 class ChannelLastConv1d(nn.Conv1d):
-    """Conv1d on (B, L, C) inputs; a Conv1d subclass so its keys are `<name>.weight/bias`."""
+    """Conv1d on (B, L, C) inputs; a Conv1d subclass so its keys are `<name>.weight/bias`.
+
+    `conv_impl` (wavflow.speed.set_conv_impl): "native" runs F.conv1d (the reference path);
+    "matmul" the same convolution as one GEMM, faster for these short sequences on CPU."""
+
+    conv_impl = "native"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.conv_impl == "matmul" and self._matmul_ok():
+            return conv1d_channel_last_as_matmul(x, self.weight, self.bias, int(self.padding[0]))
         return super().forward(x.permute(0, 2, 1)).permute(0, 2, 1)
+
+    def _matmul_ok(self) -> bool:
+        return (self.stride == (1,) and self.dilation == (1,) and self.groups == 1
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple))
 
 
 class MLP(nn.Module):

@@ -40,6 +40,7 @@ from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.model.cond_norm import centre_empty_tokens, state_has_cond_norm
+from wavflow.speed import SpeedOptions, combined, make_adamw, sdpa_context, set_conv_impl
 from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
@@ -193,6 +194,7 @@ def _check_training_config(cfg: DictConfig) -> None:
     if tr.lr is not None and _float_key(tr, "lr") <= 0:
         raise ConfigError(f"training.lr must be > 0 (or null to use training.blr), got {tr.lr}")
     check_experiment_id(tr.experiment_id)
+    SpeedOptions.from_config(tr, "training")
 
 
 REFERENCE_PRESET_PREFIXES = ("medium_", "large_")
@@ -209,10 +211,14 @@ def cpu_reference_preset_warning(model_name: str, device: torch.device) -> str |
     )
 
 
-def _autocast(device: torch.device, precision: str) -> AbstractContextManager:
+def _autocast(device: torch.device, precision: str, attention_backend: str = "auto") -> AbstractContextManager:
+    """The forward context: bf16 autocast per training.precision, plus the SDPA backend."""
+    ctx: AbstractContextManager = nullcontext()
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16)
+    if attention_backend == "auto":
+        return ctx
+    return combined(ctx, sdpa_context(attention_backend))
 
 
 def load_empty_string_feat(path: Path, shape: tuple[int, int], what: str) -> torch.Tensor:
@@ -274,7 +280,10 @@ class Trainer:
         self.device = self.info.device
         self.exp_dir = Path(str(tr.output_dir)).expanduser().absolute() / str(tr.experiment_id)
         self.logger = setup_logging(self.exp_dir, self.is_main, self.rank)
-        self.autocast_factory = functools.partial(_autocast, self.device, str(tr.precision))
+        self.speed = SpeedOptions.from_config(tr, "training")
+        self.autocast_factory = functools.partial(
+            _autocast, self.device, str(tr.precision), self.speed.attention_backend
+        )
         self.seed = int(tr.seed)
         self.accum = int(tr.grad_accum_steps)
         cpu_warning = cpu_reference_preset_warning(str(cfg.model.name), self.device)
@@ -307,14 +316,16 @@ class Trainer:
                 norm_stats.streams, identity_tag(norm_stats.encoder_identity))
             centre_empty_tokens(self.model)  # a resumed run loads its own values over these
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            optimizer_groups(self.model, float(tr.weight_decay)), lr=1e-3, betas=(0.9, 0.95)
+        set_conv_impl(self.model, self.speed.conv_impl)
+        self.optimizer = make_adamw(
+            optimizer_groups(self.model, float(tr.weight_decay)), self.speed.optimizer_impl, lr=1e-3, betas=(0.9, 0.95)
         )
         self.eff_batch = int(tr.batch_size) * self.world_size * self.accum
         self.lr_base = base_lr(tr.lr, float(tr.blr), self.eff_batch)
         self.last_lr = self.lr_base
-        self.ema1 = ParamEMA(self.model, float(tr.ema_decay1), bool(tr.ema_warmup))
-        self.ema2 = ParamEMA(self.model, float(tr.ema_decay2), bool(tr.ema_warmup))
+        foreach_ema = self.speed.ema_impl == "foreach"
+        self.ema1 = ParamEMA(self.model, float(tr.ema_decay1), bool(tr.ema_warmup), foreach=foreach_ema)
+        self.ema2 = ParamEMA(self.model, float(tr.ema_decay2), bool(tr.ema_warmup), foreach=foreach_ema)
 
         # Per-process randomness: the training generator and the globals, per GLOBAL rank.
         self.generator = torch.Generator(self.device).manual_seed(self.seed + self.rank)

@@ -350,3 +350,34 @@ def test_cfg_with_real_network_conditions():
         cond_only = cfg_denoiser(net, cond, empty, 1.0)(t, x)
     torch.testing.assert_close(batched, two_pass, rtol=1e-4, atol=1e-5)
     assert (two_pass - cond_only).abs().max() > 1e-3
+
+
+def _counted(fn):
+    calls = [0]
+
+    def wrapped(t, x):
+        calls[0] += 1
+        return fn(t, x)
+
+    return wrapped, calls
+
+
+def test_adaptive_stops_short_of_t1_and_finishes_with_the_exact_x_step():
+    """The x-prediction velocity is singular at t=1; stopping at t_end and taking the last
+    prediction as the answer costs far fewer calls than Euler-50 and loses no accuracy."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    exact, calls = _counted(lambda t, x: x1)  # an exact x-predictor
+    out = adaptive_sample(exact, x0, rtol=1e-3, atol=1e-3, t_end=0.98)
+    assert torch.equal(out, x1) and calls[0] < 50, calls
+    # A predictor off by a state-dependent 1e-2: compare with a fine Euler solve.
+    off = lambda t, x: x1 + 1e-2 * torch.tanh(x)  # noqa: E731
+    fine = euler_sample(off, x0, num_steps=2000)
+    e50 = float((euler_sample(off, x0, num_steps=50) - fine).abs().max())
+    fn, calls = _counted(off)
+    out = adaptive_sample(fn, x0, rtol=1e-3, atol=1e-3, t_end=0.98)
+    assert float((out - fine).abs().max()) <= e50 + 1e-4 and calls[0] < 50, (calls, e50)
+    # Through the dispatcher, with the solver named; t_end must lie below the end time.
+    assert torch.equal(sample("adaptive", exact, x0, num_steps=1, adaptive={"t_end": 0.9, "method": "bosh3"}), x1)
+    with pytest.raises(ValueError, match="t_end must lie in"):
+        adaptive_sample(exact, x0, t_end=1.0)

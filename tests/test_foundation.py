@@ -278,3 +278,13 @@ def test_duplicate_ids_across_csvs_name_the_first_file(tmp_path: Path):
         reports.append(report)
     assert not reports[0].problems
     assert [str(p) for p in reports[1].problems] == [f"line 3 (id 'x'): duplicate id (first in {a} line 2)"]
+
+
+def test_adaptive_sampler_keys_are_checked():
+    cfg = load_config("infer.yaml", ["sampling.rtol=1e-2", "sampling.adaptive_solver=bosh3"])
+    assert (cfg.sampling.rtol, cfg.sampling.atol, cfg.sampling.adaptive_t_end) == (1e-2, 1e-3, 0.98)
+    for bad, said in (("sampling.rtol=0", "sampling.rtol must be a number > 0"),
+                      ("sampling.adaptive_solver=rk4", "sampling.adaptive_solver must be one of"),
+                      ("sampling.adaptive_t_end=1.0", r"sampling.adaptive_t_end must lie in \(0, 1\)")):
+        with pytest.raises(ConfigError, match=said):
+            load_config("infer.yaml", [bad])

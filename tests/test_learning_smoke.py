@@ -46,7 +46,7 @@ def _rel_err(x: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_two_examples_and_samples_land_on_them():
+def test_tiny_model_learns_two_examples_that_only_x_t_tells_apart():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

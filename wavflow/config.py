@@ -265,6 +265,24 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("sampling.noise_shift must be > 0")
     if not 0.0 <= _get(cfg, "sampling.min_sigma") < 1.0:
         raise ConfigError("sampling.min_sigma must lie in [0, 1)")
+    _check_adaptive(cfg)
+
+
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _check_adaptive(cfg: DictConfig) -> None:
+    """sampling.adaptive_solver / rtol / atol / adaptive_t_end (docs/method.md §3)."""
+    solver = _get(cfg, "sampling.adaptive_solver")
+    if solver not in ADAPTIVE_SOLVERS:
+        raise ConfigError(f"sampling.adaptive_solver must be one of {', '.join(ADAPTIVE_SOLVERS)}, got {solver!r}")
+    for key in ("sampling.rtol", "sampling.atol"):
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{key} must be a number > 0, got {value!r}")
+    t_end, top = _get(cfg, "sampling.adaptive_t_end"), 1.0 - float(_get(cfg, "sampling.min_sigma"))
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)) or not 0.0 < t_end < top:
+        raise ConfigError(f"sampling.adaptive_t_end must lie in (0, {top:g}) (below 1 - sampling.min_sigma), got {t_end!r}")
 
 
 def parse_cli(argv: Sequence[str], default_config: str) -> tuple[str, list[str]]:

@@ -246,6 +246,7 @@ class WavFlowGenerator:
         self.speed = SpeedOptions.from_config(OmegaConf.select(cfg, "inference", default=None) or {}, "inference")
         set_conv_impl(self.model, self.speed.conv_impl)
         self._flow = _FlowPredictor(self.model, self.speed.compile)
+        self.last_model_calls = 0  # network calls of the last generate_batch (the sampler's cost)
 
     # ------------------------------------------------------------------------ loading
     @classmethod
@@ -532,7 +533,13 @@ class WavFlowGenerator:
         with autocast_context(self.device, self.precision), sdpa_context(self.speed.attention_backend):
             cond = self.model.preprocess_conditions(clip, sync, text)
             empty = self.model.get_empty_conditions(len(items))
-            fn = cfg_denoiser(self._flow, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)
+            guided = cfg_denoiser(self._flow, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)
+            self.last_model_calls = 0  # calls of the guided network (one batched CFG pass = 1)
+
+            def fn(t: Tensor, x: Tensor) -> Tensor:
+                self.last_model_calls += 1
+                return guided(t, x)
+
             x1 = sample(
                 method,
                 fn,
@@ -541,6 +548,8 @@ class WavFlowGenerator:
                 shift=float(scfg.noise_shift),
                 min_sigma=float(scfg.min_sigma),
                 prediction_type=str(scfg.prediction_type),
+                adaptive={"method": str(scfg.adaptive_solver), "rtol": float(scfg.rtol), "atol": float(scfg.atol),
+                          "t_end": float(scfg.adaptive_t_end)},
             )
         audio = unpatchify(x1.float() / self.audio_scale).cpu()
         return audio[:, : self.num_samples] if trim else audio

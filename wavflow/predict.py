@@ -38,7 +38,7 @@ from wavflow.errors import ConfigError, ManifestError, WavFlowError
 
 log = logging.getLogger("wavflow.predict")
 
-SUMMARY_COLUMNS = ("id", "status", "seconds", "wav_path", "mp4_path", "reason")
+SUMMARY_COLUMNS = ("id", "status", "seconds", "model_calls", "wav_path", "mp4_path", "reason")
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped_exists"
 CLASH_SUFFIX = "_wavflow"  # output stem suffix when <name>.wav/.mp4 would overwrite an input
 NO_VIDEO_FILE_REASON = "no video file (video features from features_path): mp4 not written"
@@ -58,6 +58,7 @@ class InferRow:
     output_stem: str = ""  # file stem of the outputs when it differs from `name` (input clash)
     status: str = ""
     seconds: float = 0.0
+    model_calls: int = 0  # network calls of the sampler for this row's batch
     wav_path: str = ""
     mp4_path: str = ""
     reason: str = ""
@@ -319,6 +320,7 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
                     "id": r.name,
                     "status": r.status or STATUS_FAILED,
                     "seconds": round(r.seconds, 3),
+                    "model_calls": r.model_calls,
                     "wav_path": r.wav_path,
                     "mp4_path": r.mp4_path,
                     "reason": r.reason or ("" if r.status else "not processed (the job stopped early)"),
@@ -370,8 +372,11 @@ def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, r
             bar.update(len(chunk))
             continue
         share = (time.perf_counter() - t0) / len(chunk)
+        calls = int(getattr(gen, "last_model_calls", 0))
+        log.info("sampled %d row(s) with %s: %d model call(s)", len(chunk), cfg.sampling.method, calls)
         for row, wave in zip(chunk, waves):
             t1 = time.perf_counter()
+            row.model_calls = calls  # the batch's sampler calls (each row shared them)
             try:
                 write_outputs(gen, row, wave, out_dir, cfg)
                 row.status = STATUS_OK

@@ -165,7 +165,8 @@ def test_save_config_round_trip(tmp_path: Path):
 
 def test_every_job_config_in_configs_loads():
     for path in sorted(config_mod.CONFIG_DIR.glob("*.yaml")):
-        load_config(path)
+        # evaluate.yaml builds no generator: it is loaded as the evaluate job loads it
+        load_config(path, validate=path.name != "evaluate.yaml")
 
 
 # ---------------------------------------------------------------- io

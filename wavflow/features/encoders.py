@@ -107,14 +107,20 @@ def ensure_tiny_synchformer(cache_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_synchformer(path: Path, cfg: SynchformerConfig | None = None) -> Synchformer:
-    """Build Synchformer and load a (public or tiny) state dict file, weights-only."""
+def read_synchformer_state(path: Path) -> Mapping[str, Any]:
+    """A Synchformer state-dict file, weights-only; WeightsError naming the file otherwise."""
     try:
         state = safe_torch_load(path, what="Synchformer weights")
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from exc
     if not isinstance(state, Mapping):
         raise WeightsError(f"Synchformer weights {path} hold a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_synchformer(path: Path, cfg: SynchformerConfig | None = None) -> Synchformer:
+    """Build Synchformer and load a (public or tiny) state dict file, weights-only."""
+    state = read_synchformer_state(path)
     with torch.device("meta"):  # no random init of 122M parameters that are overwritten anyway
         model = Synchformer(cfg)
     state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}

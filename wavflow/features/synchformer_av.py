@@ -261,16 +261,11 @@ def load_synchformer_av(path: str | Any, cfg: SynchformerAVConfig | None = None)
     """
     from pathlib import Path
 
-    from wavflow.errors import CheckpointError, WeightsError
-    from wavflow.io_utils import safe_torch_load
+    from wavflow.errors import WeightsError
+    from wavflow.features.encoders import read_synchformer_state
 
     path = Path(path)
-    try:
-        state = safe_torch_load(path, what="Synchformer weights")
-    except CheckpointError as exc:
-        raise WeightsError(str(exc)) from exc
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"Synchformer weights {path} hold a {type(state).__name__}, not a state dict")
+    state = read_synchformer_state(path)
     with torch.device("meta"):  # no random init of ~230M parameters that are overwritten anyway
         model = SynchformerAV(cfg)
     target = set(model.state_dict())

@@ -398,7 +398,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
             def load() -> int:
                 rows = 0
-                for i, b in enumerate(tr._epoch_loader(0, 0)):
+                for i, b in enumerate(tr._epoch_loader(0)):
                     rows += len(b.get("id", []))
                     if i + 1 >= loader_batches:
                         break

@@ -22,7 +22,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     env = dict(os.environ, WAVFLOW_PYTHON=sys.executable, OMP_NUM_THREADS="1", DEMO_OUT=str(out),
                WAVFLOW_CACHE_DIR=str(wavflow_cache_dir))
     cmd = ["bash", str(REPO / "scripts/launch/demo.sh"), "demo.n=12", "demo.train.max_steps=6",
-           "demo.train.batch_size=4", "model.name=tiny_16k", "sampling.num_steps=2", "demo.figure_clips=2"]
+           "demo.train.batch_size=4", "demo.train.time_mean=-0.7", "model.name=tiny_16k",
+           "sampling.num_steps=2", "demo.figure_clips=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -35,6 +36,10 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     run = out / "train/demo"
     assert (run / "checkpoint_latest.pth").is_file() and (run / "config.yaml").is_file()
     assert "GlobalStep 6" in (run / "training.log").read_text()
+    from omegaconf import OmegaConf
+
+    trained = OmegaConf.load(run / "config.yaml")  # the demo's training-time distribution reached the trainer
+    assert (trained.sampling.mean, trained.sampling.scale) == (-0.7, 1.6)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # predictions for every held-out row, mp4s for rows with video

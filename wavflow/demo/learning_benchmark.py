@@ -59,6 +59,7 @@ def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], ou
         f"training.max_steps={step}", "training.epochs=1000000",
         f"training.batch_size={b.batch_size}", f"training.lr={b.lr}",
         f"training.warmup_steps={b.warmup_steps}", f"training.precision={b.precision}",
+        f"sampling.mean={b.time_mean}", f"sampling.scale={b.time_scale}",
         f"training.repeat_factor={stage_cfg.repeat_factor}", "training.ema_warmup=true",
         "training.log_freq=50", "training.gen_train_freq=0", "training.checkpoint_freq=0",
         "training.checkpoint_save_epoch=0", "training.ema_checkpoint_save_epoch=0",

@@ -120,7 +120,7 @@ def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_
 def _settings_stamp(cfg: DictConfig) -> dict:
     """What the reusable stages (data, features, training run) were made with."""
     keys = [*SHARED_KEYS, "demo.n", "demo.seed", "demo.holdout_frac", "demo.v2a_frac", "demo.t2a_frac",
-            "demo.train.batch_size", "demo.train.lr"]
+            "demo.train.batch_size", "demo.train.lr", "demo.train.time_mean", "demo.train.time_scale"]
     return {k: OmegaConf.select(cfg, k) for k in keys}
 
 
@@ -197,6 +197,8 @@ def run_demo(cfg: DictConfig) -> DemoResult:
         f"training.lr={t.lr}",
         f"training.warmup_steps={t.warmup_steps}",
         f"training.precision={t.precision}",
+        f"sampling.mean={t.time_mean}",
+        f"sampling.scale={t.time_scale}",
         "training.ema_warmup=true",
         "training.log_freq=20",
         "training.gen_train_freq=0",

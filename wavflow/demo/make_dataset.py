@@ -201,8 +201,12 @@ def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
 
 
 def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
-    """Encode RGB frames as H.264 yuv420p mp4 (mpeg4 where libx264 is missing), single-threaded
-    so the bytes do not depend on thread scheduling."""
+    """Encode RGB frames as lossless H.264 yuv420p mp4 (mpeg4 where libx264 is missing).
+
+    Lossless (qp 0) so that a seed fixes the decoded frames exactly: with a lossy rate control
+    (crf) the bytes this x264 build wrote for the same frames varied now and then from run to
+    run under CPU load, even single-threaded, and decoded frames with them. Flat shapes on a flat
+    background compress well losslessly (a few kB per second at 96 px)."""
     buf = io.BytesIO()
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(buf, mode="w", format="mp4") as container:
@@ -211,7 +215,7 @@ def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "16", "preset": "veryfast"}
+            stream.options = {"qp": "0", "preset": "veryfast"}
         else:
             stream.bit_rate = 2_000_000
         for rgb in frames:

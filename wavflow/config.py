@@ -244,11 +244,14 @@ def _read_user_file(path: Path, seen: tuple[Path, ...] = ()) -> _UserFile:
     return _UserFile(job, OmegaConf.to_container(OmegaConf.merge(merged, raw), resolve=False))
 
 
+_REFERENCE_TOP_LEVEL = ("experiment_id", "parallelism", "comm", "metrics")  # see config_reference
+
+
 def _guess_job(body: dict[str, Any]) -> str:
     """The smallest job schema holding every top-level block of `body` (a saved config.yaml)."""
     for job in ("base", "train", "infer", "extract_vt2a", "demo", "bench_learning", "evaluate"):
         fields = JOBS[job].__dataclass_fields__
-        if all(k in fields or k == "experiment_id" for k in body):
+        if all(k in fields or k in _REFERENCE_TOP_LEVEL for k in body):
             return job
     return "base"
 

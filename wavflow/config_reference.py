@@ -81,7 +81,8 @@ def rename(job: str, key: str) -> str | None:
         _report(f"reference key {key} ignored: {_NO_COUNTERPART[key]}")
         return None
     if key in _UNUSED_KEYS or f"{key}.".startswith(_UNUSED_PREFIXES):
-        _report(f"reference key {key} ignored: the reference declares it but never reads it")
+        shown = key if key in _UNUSED_KEYS or "." in key.rstrip(".") else f"{key}.*"
+        _report(f"reference key {shown} ignored: the reference declares it but never reads it")
         return None
     return key
 

@@ -153,6 +153,11 @@ def test_parse_cli(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("CONFIG_PATH", raising=False)
     assert parse_cli(["a.b=1", "--config", "x.yaml", "c=2"], "d.yaml") == ("x.yaml", ["a.b=1", "c=2"])
     assert parse_cli(["--config=y.yaml"], "d.yaml") == ("y.yaml", [])
+    # the default is the packaged file, never a same-named file in the current directory
+    assert parse_cli([], "train.yaml") == (str(config_mod.CONFIG_DIR / "train.yaml"), [])
+    with pytest.raises(ConfigError, match="sweeps are for training"):
+        parse_cli(["-m", "a=1,2"], "d.yaml")
+    assert config_mod.parse_launch(["--multirun", "a=1,2"], "d.yaml").multirun
     monkeypatch.setenv("CONFIG_PATH", "env.yaml")
     assert parse_cli([], "d.yaml") == ("env.yaml", [])
     with pytest.raises(ConfigError, match="--bogus"):

@@ -69,10 +69,11 @@ class LaunchArgs:
 def parse_launch(argv: Sequence[str], default_config: str) -> LaunchArgs:
     """Split launcher arguments into config path, overrides and the `-m`/`--multirun` flag.
 
-    `--config PATH` (or `--config=PATH`) wins over $CONFIG_PATH, which wins over the default.
+    `--config PATH` (or `--config=PATH`) wins over $CONFIG_PATH, which wins over the default,
+    configs/<default_config> (never a file of that name in the current directory).
     Every other word must be a `key=value` override.
     """
-    config = os.environ.get("CONFIG_PATH") or default_config
+    config = os.environ.get("CONFIG_PATH") or str(CONFIG_DIR / default_config)
     overrides: list[str] = []
     multirun = False
     args = list(argv)

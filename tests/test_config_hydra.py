@@ -291,7 +291,8 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path: Path):
     """`pip install .` (not editable) into a fresh venv layered on this one's site-packages:
     the console scripts run from an unrelated directory and read the packaged configs."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # no pip of its own (ensurepip would bring an old setuptools): this env's pip and setuptools serve
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
@@ -302,10 +303,14 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path: Path):
     (site / "_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # copy the sources first: building in place would leave build/ and *.egg-info in the checkout
     src = tmp_path / "src"
+    src.mkdir()
     import shutil
 
     for name in ["pyproject.toml", "setup.py", "README.md", "LICENSE", "wavflow", "configs"]:
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name)
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, src / name)
     pip = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--ignore-installed", str(src)],
                          capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stdout[-2000:] + pip.stderr[-2000:]

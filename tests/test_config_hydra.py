@@ -3,6 +3,7 @@ config files, sweeps, and an installed (non-editable) WavFlow finding its config
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -99,6 +100,17 @@ def test_quote_and_format_override_read_back_exactly():
     for key, value in values.items():
         got = OmegaConf.select(cfg, key)
         assert (OmegaConf.to_container(got) if OmegaConf.is_config(got) else got) == value
+
+
+def test_json_mapping_and_plus_on_a_schema_key():
+    """Interfaces kept from before Hydra: a JSON object for a mapping key, and +key=value on a key
+    the schema already has (it sets it)."""
+    arch = {"visual": "tiny", "ast_layers": 1, "dims": [1, 2.5], "none": None, "name": "a b, c"}
+    cfg = load_config("evaluate.yaml", ["+architectures.synchformer=" + json.dumps(arch)], validate=False)
+    assert OmegaConf.to_container(cfg.architectures.synchformer) == arch and cfg.architectures.imagebind is None
+    assert load_config("train.yaml", ["+training.lr=2e-4"], validate=False).training.lr == pytest.approx(2e-4)
+    with pytest.raises(ConfigError, match="architectures.imagebind' expects a mapping"):
+        load_config("evaluate.yaml", ["architectures.imagebind=[1,2]"], validate=False)
 
 
 def test_no_hydra_folders_and_cwd_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

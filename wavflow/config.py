@@ -20,6 +20,7 @@ ConfigErrors naming the key.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from wavflow import config_reference as reference
-from wavflow.config_schema import JOBS, STR_OR_LIST, check_str_or_list, field_type
+from wavflow.config_schema import ANY_CHECKS, JOBS, STR_OR_LIST, field_type
 from wavflow.errors import ConfigError
 from wavflow.io_utils import atomic_write_text
 
@@ -134,6 +135,8 @@ def _format_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple, ListConfig)):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, (dict, DictConfig)):  # Hydra's dict keys are bare words
+        return "{" + ",".join(f"{k}:{_format_value(v)}" for k, v in value.items()) + "}"
     return quote(str(value))
 
 
@@ -177,12 +180,25 @@ def prepare_override(job: str, item: str) -> str | None:
     if "." not in key and key in GROUPS and not prefix:
         return f"{key}={text}"  # a config group choice: model=large_44k
     declared = field_type(JOBS[job], key)
+    if prefix == "+" and declared is not None:
+        prefix = ""  # every schema key is present: +key=value on one of them sets it (as before Hydra)
     as_string = declared is str or (key in STR_OR_LIST and not text.lstrip().startswith("["))
     if as_string and text != "null" and not _is_quoted(text):
         text = quote(text)
+    elif text.lstrip().startswith("{") and not _hydra_readable(f"{prefix}{key}={text}"):
+        text = _from_json(text)  # a mapping typed as JSON ({"a": 1}): Hydra's dicts take bare keys
     elif declared is None and not _hydra_readable(f"{prefix}{key}={text}"):
         text = quote(text)  # a new key's value that Hydra's grammar cannot read stays a string
     return f"{prefix}{key}={text}"
+
+
+def _from_json(text: str) -> str:
+    """A JSON object rewritten in Hydra's syntax (exact, JSON having one reading); else unchanged."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return _format_value(value) if isinstance(value, dict) else text
 
 
 # ------------------------------------------------------------------ files
@@ -315,12 +331,12 @@ def _compose(job: str, body: dict[str, Any], hydra_overrides: list[str], typed: 
         if type(exc).__name__ == "MissingMandatoryValue":
             raise ConfigError(f"config key '{key}' has no value (configs/{job}.yaml must give one)") from None
         raise ConfigError(f"config interpolation failed at '{key}': {_one_line(exc)}") from None
-    for key in STR_OR_LIST:
+    for key, check in ANY_CHECKS.items():  # the keys OmegaConf cannot type (no Union)
         node: Any = plain
         for part in key.split("."):
             node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
         if node is not _MISSING:
-            check_str_or_list(key, node)
+            check(key, node)
     # Jobs get a plain DictConfig (locked keys), as before Hydra: they may copy and extend it.
     cfg = OmegaConf.create(plain)
     OmegaConf.set_struct(cfg, True)

@@ -6,8 +6,10 @@ a YAML file must give it. Hydra merges the files and the command line into these
 a key that is not declared, or a value of the wrong type, fails in the library with the key
 named (wavflow/config.py turns that into a one-line ConfigError).
 
-Optional[...] marks the keys that may be null. `data.train_csv` is a path or a list of paths:
-OmegaConf has no Union type, so it is declared Any and checked in `check_str_or_list`.
+Optional[...] marks the keys that may be null. `data.train_csv` (a path or a list of paths) and
+`architectures.*` (a mapping or null) would need Union types, which OmegaConf lacks (and it
+cannot set a mapping over a null Optional[Dict]): they are declared Any and checked by
+ANY_CHECKS.
 """
 
 from __future__ import annotations
@@ -355,8 +357,8 @@ class EvalWeights:
 
 @dataclass
 class EvalArchitectures:
-    imagebind: Optional[Dict[str, Any]] = MISSING
-    synchformer: Optional[Dict[str, Any]] = MISSING
+    imagebind: Any = MISSING  # a mapping or null (Optional[Dict] cannot take a dict override over null)
+    synchformer: Any = MISSING  # a mapping or null
 
 
 @dataclass
@@ -418,6 +420,12 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def check_mapping_or_null(key: str, value: Any) -> None:
+    """`architectures.*`: constructor arguments (a mapping) or null."""
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' expects a mapping (or null), got {type(value).__name__} {value!r}")
+
+
 def check_str_or_list(key: str, value: Any) -> None:
     """`data.train_csv`: null, a path, or a non-empty list of paths."""
     if value is None or isinstance(value, str):
@@ -425,3 +433,11 @@ def check_str_or_list(key: str, value: Any) -> None:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return
     raise ConfigError(f"config key '{key}' expects a path or a list of paths (or null), got {type(value).__name__} {value!r}")
+
+
+# The keys declared Any above, and the check each value must pass (wavflow/config.py runs them).
+ANY_CHECKS = {
+    "data.train_csv": check_str_or_list,
+    "architectures.imagebind": check_mapping_or_null,
+    "architectures.synchformer": check_mapping_or_null,
+}

@@ -341,3 +341,10 @@ def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path: Path):
                          "print(c.data.target_sample_rate)"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert ok.stdout.strip() == "44100", ok.stderr[-2000:]
     assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_multi_node_launcher_refuses_sweeps(tmp_path: Path):
+    proc = subprocess.run(["bash", str(REPO / "scripts/launch/train_multi_node.sh"), "-m", "training.lr=1e-4,3e-4"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=dict(os.environ, NNODES="2", NODE_RANK="0", MASTER_ADDR="localhost"))
+    assert proc.returncode == 2 and "sweeps run on one node" in proc.stderr

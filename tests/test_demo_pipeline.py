@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
-    out = tmp_path / "demo"
+    out = tmp_path / "demo run #2"  # ' #' and spaces reach every stage whole (issue 11)
     env = dict(os.environ, WAVFLOW_PYTHON=sys.executable, OMP_NUM_THREADS="1", DEMO_OUT=str(out),
                WAVFLOW_CACHE_DIR=str(wavflow_cache_dir))
     cmd = ["bash", str(REPO / "scripts/launch/demo.sh"), "demo.n=12", "demo.train.max_steps=6",

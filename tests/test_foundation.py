@@ -74,23 +74,26 @@ def test_scientific_notation_and_declared_types(tmp_path: Path):
     user = tmp_path / "u.yaml"
     user.write_text("_base_: base.yaml\nsampling:\n  min_sigma: 1e-5\n")  # a string to YAML 1.1
     assert load_config(user).sampling.min_sigma == pytest.approx(1e-5)
-    # keys with a null default are checked against the schema's _types_ block
+    # keys with a null default are typed by the schema (wavflow/config_schema.py)
     assert load_config("base.yaml", ["data.data_root=/data"]).data.data_root == "/data"
     assert load_config("base.yaml", ["data.data_root=null"]).data.data_root is None
-    with pytest.raises(ConfigError, match="data.data_root.*expects str"):
-        load_config("base.yaml", ["data.data_root=[1,2]"])
+    with pytest.raises(ConfigError, match="data.feature_norm"):
+        load_config("base.yaml", ["data.feature_norm=sometimes"])
     bad = tmp_path / "types.yaml"
     bad.write_text("_base_: base.yaml\n_types_:\n  data.data_root: int\n")
-    with pytest.raises(ConfigError, match="only the schema files"):
+    with pytest.raises(ConfigError, match="_types_ .*config_schema.py"):
         load_config(bad)
 
 
-def test_every_null_default_key_declares_its_type():
-    """A null default without a _types_ entry would accept any value unchecked."""
+def test_every_yaml_key_is_declared_in_the_schema():
+    """Every key of every job file has a declared type: composing would fail otherwise, and a
+    null default must be declared Optional (else any later value would be unchecked)."""
+    from wavflow.config_schema import JOBS, field_type
+
     for path in sorted(config_mod.CONFIG_DIR.glob("*.yaml")):
-        cfg, types = config_mod._load_tree(path)
-        nulls = [k for k, v in _leaves(OmegaConf.to_container(cfg)) if v is None]
-        assert not [k for k in nulls if k not in types], f"{path.name}: add these keys to _types_"
+        cfg = load_config(path, validate=False)
+        for key, _ in _leaves(OmegaConf.to_container(cfg)):
+            assert field_type(JOBS[path.stem], key) is not None, f"{path.name}: {key} is not in the schema"
 
 
 def _leaves(tree: dict, prefix: str = ""):
@@ -150,6 +153,11 @@ def test_parse_cli(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("CONFIG_PATH", raising=False)
     assert parse_cli(["a.b=1", "--config", "x.yaml", "c=2"], "d.yaml") == ("x.yaml", ["a.b=1", "c=2"])
     assert parse_cli(["--config=y.yaml"], "d.yaml") == ("y.yaml", [])
+    # the default is the packaged file, never a same-named file in the current directory
+    assert parse_cli([], "train.yaml") == (str(config_mod.CONFIG_DIR / "train.yaml"), [])
+    with pytest.raises(ConfigError, match="sweeps are for training"):
+        parse_cli(["-m", "a=1,2"], "d.yaml")
+    assert config_mod.parse_launch(["--multirun", "a=1,2"], "d.yaml").multirun
     monkeypatch.setenv("CONFIG_PATH", "env.yaml")
     assert parse_cli([], "d.yaml") == ("env.yaml", [])
     with pytest.raises(ConfigError, match="--bogus"):

@@ -180,7 +180,7 @@ def test_optimizer_groups_split_like_reference(tmp_path):
         ("training.label_drop_prob", "1.5", "training.label_drop_prob must lie in [0, 1]"),
         ("training.ema_decay1", "1.0", "training.ema_decay1 must lie in [0, 1)"),
         ("training.ema_decay2", "-0.1", "training.ema_decay2 must lie in [0, 1)"),
-        ("training.experiment_id", "", "training.experiment_id=None must be a non-empty folder name"),
+        ("training.experiment_id", "", "training.experiment_id='' must be a non-empty folder name"),  # exact: '' as typed
         ("training.experiment_id", "../../x", "training.experiment_id='../../x' must be a non-empty folder name"),
         ("training.experiment_id", "a/b", "training.experiment_id='a/b'"),
     ],

@@ -1,34 +1,207 @@
-"""Load, compose and validate YAML configs (OmegaConf).
+"""Load, compose and validate job configs with Hydra (docs/config.md).
 
-A config file may name parents with `_base_: other.yaml` (a string or a list; resolved beside
-the file, then in the repository's `configs/`). Parents are merged first and the child wins.
+Every job has a primary file `configs/<job>.yaml` (train, infer, extract_t2a, extract_vt2a,
+demo, bench_learning, evaluate; base.yaml holds the shared keys) and a typed schema in
+wavflow/config_schema.py. Hydra composes the file with its defaults list (config groups
+`model=...`, `encoders=...`) and the command line; OmegaConf checks keys and types against the
+schema. Hydra is used through its compose API: the working directory is left alone and no
+`outputs/` or `.hydra/` folder is written; the jobs write the resolved config.yaml themselves.
 
-The files in `configs/` are the schema: they may introduce keys. A user's own file (anywhere
-else) and command-line `key=value` overrides may only set keys that already exist, with a
-value of a compatible type; `+key=value` adds a key on purpose. Everything fails at start-up
-with a ConfigError that names the key and, for files, the file.
+Command-line values arrive exactly as typed: for a key declared `str` the text after `=` is the
+value (`training.experiment_id=007` stays '007', a path may hold ' #' or spaces), except `null`
+and a value in quotes, which Hydra reads. Other keys are read by Hydra's override grammar
+(`3e-4`, `true`, `[a,b]`, `null`) and must fit the declared type. `+key=value` adds a key.
 
-Keys whose default is null have no type to check against; a schema file declares theirs in
-a top-level `_types_` block (`training.max_steps: int`, `data.train_csv: str|list`). Null is
-always accepted.
+A user's own file (`--config PATH` outside configs/) may be written in the reference
+implementation's layout: `_base_: parent.yaml` chains (resolved beside the file, then in
+configs/) and its key names, mapped to ours (wavflow/config_reference.py). Errors are one-line
+ConfigErrors naming the key.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from wavflow import config_reference as reference
+from wavflow.config_schema import ANY_CHECKS, JOBS, STR_OR_LIST, field_type
 from wavflow.errors import ConfigError
 from wavflow.io_utils import atomic_write_text
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """configs/ of a checkout, or the copy an installed wheel carries as package data."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if (installed / "base.yaml").is_file() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
+
+
+def _register_resolvers() -> None:
+    """${wavflow.clip_seq_len:<seconds>} / ${wavflow.sync_seq_len:<seconds>}: the condition lengths
+    a clip duration gives (configs/model/tiny_16k.yaml, small_16k.yaml)."""
+    from wavflow.shapes import video_seq_lens
+
+    OmegaConf.register_new_resolver("wavflow.clip_seq_len", lambda d: video_seq_lens(float(d))[0], replace=True)
+    OmegaConf.register_new_resolver("wavflow.sync_seq_len", lambda d: video_seq_lens(float(d))[1], replace=True)
+
+
+_register_resolvers()
+GROUPS = ("model", "encoders")  # config groups: configs/<group>/<option>.yaml
 _MISSING = object()
 
 
+# ------------------------------------------------------------------ command line
+@dataclass(frozen=True)
+class LaunchArgs:
+    config: str
+    overrides: list[str]
+    multirun: bool = False
+
+
+def parse_launch(argv: Sequence[str], default_config: str) -> LaunchArgs:
+    """Split launcher arguments into config path, overrides and the `-m`/`--multirun` flag.
+
+    `--config PATH` (or `--config=PATH`) wins over $CONFIG_PATH, which wins over the default,
+    configs/<default_config> (never a file of that name in the current directory).
+    Every other word must be a `key=value` override.
+    """
+    config = os.environ.get("CONFIG_PATH") or str(CONFIG_DIR / default_config)
+    overrides: list[str] = []
+    multirun = False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a path")
+            config = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}: use --config PATH and key=value overrides")
+        else:
+            overrides.append(arg)
+        i += 1
+    return LaunchArgs(config, overrides, multirun)
+
+
+def parse_cli(argv: Sequence[str], default_config: str) -> tuple[str, list[str]]:
+    """(config path, overrides) for a job that runs one configuration (no `-m` sweeps)."""
+    args = parse_launch(argv, default_config)
+    if args.multirun:
+        raise ConfigError("-m/--multirun sweeps are for training (scripts/launch/train_single_node.sh -m ...)")
+    return args.config, args.overrides
+
+
+def job_of(default_config: str) -> str:
+    """'train.yaml' -> 'train' (the job a launcher runs)."""
+    return Path(default_config).stem
+
+
+# ------------------------------------------------------------------ exact values
+def quote(text: str) -> str:
+    """`text` as a single-quoted Hydra string that reads back exactly."""
+    # Hydra: \' is a quote; backslashes are literal except a run right before a quote (or the
+    # closing quote), which is written doubled.
+    body = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + body.replace("'", "\\'") + "'"
+
+
+def format_override(key: str, value: Any) -> str:
+    """`key=value` that reads back as `value` (str, number, bool, None, or a list of them)."""
+    return f"{key}={_format_value(value)}"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, (dict, DictConfig)):  # Hydra's dict keys are bare words
+        return "{" + ",".join(f"{k}:{_format_value(v)}" for k, v in value.items()) + "}"
+    return quote(str(value))
+
+
+def _is_quoted(text: str) -> bool:
+    t = text.strip()
+    return len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""
+
+
+def _hydra_readable(item: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_override(item)
+    except Exception:  # noqa: BLE001 - any grammar error means "not Hydra syntax"
+        return False
+    return True
+
+
+def _split(item: str) -> tuple[str, str, str]:
+    """'+a.b=3' -> ('+', 'a.b', '3')."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, _, text = item.partition("=")
+    prefix = key[: len(key) - len(key.lstrip("+"))]
+    key = key[len(prefix):].strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return prefix, key, text
+
+
+def prepare_override(job: str, item: str) -> str | None:
+    """The Hydra override for a command-line word, keeping string values exact.
+
+    None when the word sets a reference key that this project does not use (reported)."""
+    prefix, key, text = _split(item)
+    if not prefix:
+        mapped = reference.rename(job, key)
+        if mapped is None:
+            return None
+        key = mapped
+    if "." not in key and key in GROUPS and not prefix:
+        return f"{key}={text}"  # a config group choice: model=large_44k
+    declared = field_type(JOBS[job], key)
+    if prefix == "+" and declared is not None:
+        prefix = ""  # every schema key is present: +key=value on one of them sets it (as before Hydra)
+    as_string = declared is str or (key in STR_OR_LIST and not text.lstrip().startswith("["))
+    if as_string and text != "null" and not _is_quoted(text):
+        text = quote(text)
+    elif text.lstrip().startswith("{") and not _hydra_readable(f"{prefix}{key}={text}"):
+        text = _from_json(text)  # a mapping typed as JSON ({"a": 1}): Hydra's dicts take bare keys
+    elif declared is None and not _hydra_readable(f"{prefix}{key}={text}"):
+        text = quote(text)  # a new key's value that Hydra's grammar cannot read stays a string
+    return f"{prefix}{key}={text}"
+
+
+def _from_json(text: str) -> str:
+    """A JSON object rewritten in Hydra's syntax (exact, JSON having one reading); else unchanged."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return _format_value(value) if isinstance(value, dict) else text
+
+
+# ------------------------------------------------------------------ files
 def resolve_config_path(path: str | os.PathLike, relative_to: Path | None = None) -> Path:
     """Find a config file: as given, beside `relative_to`, then in configs/ (".yaml" optional)."""
     raw = Path(path)
@@ -44,185 +217,222 @@ def resolve_config_path(path: str | os.PathLike, relative_to: Path | None = None
     raise ConfigError(f"config file not found: {path} (looked in {', '.join(str(c) for c in candidates)})")
 
 
-def _is_schema_file(path: Path) -> bool:
-    return CONFIG_DIR.resolve() in path.resolve().parents
+def _primary_job(path: Path) -> str | None:
+    """'train' for configs/train.yaml (a primary file of this project), else None."""
+    if path.parent == CONFIG_DIR.resolve() and path.stem in JOBS:
+        return path.stem
+    return None
 
 
-_TYPE_CHECKS = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "list": lambda v: isinstance(v, (list, tuple, ListConfig)),
-    "dict": lambda v: isinstance(v, (dict, DictConfig)),
-}
+@dataclass
+class _UserFile:
+    job: str | None  # the job of the configs/ file the chain ends in, if any
+    body: dict[str, Any]  # the merged user-side content, parents first, child winning
 
 
-def _as_float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _check_declared(key: str, declared: str, new: Any, source: str) -> Any:
-    """Check `new` against a `_types_` declaration such as 'int' or 'str|list'."""
-    names = [n.strip() for n in declared.split("|")]
-    if new is None or any(_TYPE_CHECKS[n](new) for n in names):
-        return float(new) if names == ["float"] else new
-    if "float" in names and isinstance(new, str) and _as_float(new) is not None:
-        return _as_float(new)
-    if "str" in names and isinstance(new, (int, float)) and not isinstance(new, bool):
-        return str(new)
-    raise ConfigError(f"config key '{key}' expects {declared} (or null) but {source} gives {type(new).__name__} {new!r}")
-
-
-def _check_value(key: str, old: Any, new: Any, source: str, declared: str | None = None) -> Any:
-    """Return `new` converted to the type of `old`, or raise a ConfigError naming `key`."""
-    if old is None and declared is not None:
-        return _check_declared(key, declared, new, source)
-    if old is None or new is None or old is _MISSING:
-        return new
-    if isinstance(old, bool):
-        if isinstance(new, bool):
-            return new
-    elif isinstance(old, int):
-        if isinstance(new, int) and not isinstance(new, bool):
-            return new
-    elif isinstance(old, float):
-        if isinstance(new, (int, float)) and not isinstance(new, bool):
-            return float(new)
-        if isinstance(new, str) and _as_float(new) is not None:  # YAML 1.1 reads 1e-4 as a string
-            return _as_float(new)
-    elif isinstance(old, str):
-        if isinstance(new, (str, int, float)) and not isinstance(new, bool):
-            return str(new)
-    elif isinstance(old, (list, tuple, ListConfig)):
-        if isinstance(new, (list, tuple, ListConfig)):
-            return new
-    elif isinstance(old, (dict, DictConfig)):
-        if isinstance(new, (dict, DictConfig)):
-            return new
-    else:
-        return new
-    raise ConfigError(
-        f"config key '{key}' expects {type(old).__name__} (default {old!r}) but {source} gives "
-        f"{type(new).__name__} {new!r}"
-    )
-
-
-def _merge_checked(
-    base: DictConfig, child: dict, source: str, allow_new: bool, types: dict[str, str], prefix: str = ""
-) -> None:
-    """Merge plain `child` into `base` in place, checking key existence and types."""
-    for key, value in child.items():
-        full = f"{prefix}{key}"
-        old = base[key] if key in base else _MISSING
-        if old is _MISSING:
-            if not allow_new:
-                known = ", ".join(sorted(str(k) for k in base.keys()))
-                raise ConfigError(f"unknown config key '{full}' in {source} (known keys here: {known})")
-            base[key] = value
-            continue
-        old_plain = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
-        if isinstance(value, dict) and isinstance(old, DictConfig):
-            _merge_checked(old, value, source, allow_new, types, prefix=f"{full}.")
-        else:
-            base[key] = _check_value(full, old_plain, value, source, types.get(full))
-
-
-def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> tuple[DictConfig, dict[str, str]]:
-    """The composed config of `path` and the `_types_` declarations of its schema files."""
+def _read_user_file(path: Path, seen: tuple[Path, ...] = ()) -> _UserFile:
+    """A user's config file with its `_base_` parents (the reference layout)."""
     if path in seen:
         raise ConfigError(f"config {path} includes itself through _base_ ({' -> '.join(map(str, seen))})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # OmegaConf reads 1e-4 as a float
+    except Exception as exc:  # noqa: BLE001 - yaml and OmegaConf raise several types
+        raise ConfigError(f"config {path} is not valid YAML: {_one_line(exc)}") from exc
+    raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
-    bases = raw.pop("_base_", None) or []
-    declared = raw.pop("_types_", None) or {}
-    if isinstance(bases, str):
-        bases = [bases]
-    merged = OmegaConf.create({})
-    types: dict[str, str] = {}
-    for base in bases:
-        parent, parent_types = _load_tree(resolve_config_path(base, relative_to=path.parent), seen + (path,))
-        merged = OmegaConf.merge(merged, parent) if len(merged) else parent
-        types.update(parent_types)
-    schema = _is_schema_file(path) or not bases
-    if declared and not schema:
-        raise ConfigError(f"_types_ in {path}: only the schema files in {CONFIG_DIR} declare types")
-    for key, spec in declared.items():
-        unknown = [n for n in str(spec).split("|") if n.strip() not in _TYPE_CHECKS]
-        if unknown:
-            raise ConfigError(f"_types_ in {path}: '{key}: {spec}' (types are {', '.join(_TYPE_CHECKS)})")
-        types[str(key)] = str(spec)
-    _merge_checked(merged, raw, source=str(path), allow_new=schema, types=types)
-    return merged, types
-
-
-def parse_override(item: str) -> tuple[str, Any, bool]:
-    """'a.b=3' -> ('a.b', 3, False); '+a.b=3' -> ('a.b', 3, True)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, _, text = item.partition("=")
-    add = key.startswith("+")
-    key = key.lstrip("+").strip()
-    if not key:
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
-    return key, value, add
-
-
-def apply_overrides(cfg: DictConfig, overrides: Iterable[str], types: dict[str, str] | None = None) -> DictConfig:
-    types = types or {}
-    for item in overrides:
-        key, value, add = parse_override(item)
-        old = OmegaConf.select(cfg, key, default=_MISSING)
-        if old is _MISSING and not add:
+    for key in ("_types_", "defaults"):
+        if key in raw:
             raise ConfigError(
-                f"unknown config key '{key}' in command-line override {item!r} "
-                f"(use +{key}=... to add a new key on purpose)"
+                f"{key} in {path}: types are declared in wavflow/config_schema.py, and a user file names its "
+                "parents with _base_: parent.yaml"
             )
-        old_plain = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
-        new = _check_value(key, None if old is _MISSING else old_plain, value, f"override {item!r}", types.get(key))
-        with _unlocked(cfg):
-            OmegaConf.update(cfg, key, new, merge=False, force_add=True)
-    return cfg
+    bases = raw.pop("_base_", None) or []
+    merged = OmegaConf.create({})
+    job = None
+    for base in [bases] if isinstance(bases, str) else bases:
+        parent = resolve_config_path(base, relative_to=path.parent)
+        if _primary_job(parent) is not None:
+            job = _primary_job(parent)  # composed by Hydra, under the user's content
+            continue
+        upper = _read_user_file(parent, seen + (path,))
+        job = upper.job or job
+        merged = OmegaConf.merge(merged, upper.body)
+    return _UserFile(job, OmegaConf.to_container(OmegaConf.merge(merged, raw), resolve=False))
 
 
-class _unlocked:
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        self.was = OmegaConf.is_struct(cfg)
-
-    def __enter__(self) -> DictConfig:
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc: object) -> None:
-        OmegaConf.set_struct(self.cfg, self.was)
+_REFERENCE_TOP_LEVEL = ("experiment_id", "parallelism", "comm", "metrics")  # see config_reference
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), validate: bool = True) -> DictConfig:
-    """Compose `path` with its `_base_` parents, apply overrides, validate, lock keys."""
-    cfg, types = _load_tree(resolve_config_path(path))
-    apply_overrides(cfg, overrides, types)
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as exc:
-        raise ConfigError(f"config interpolation failed: {exc}") from exc
-    OmegaConf.set_struct(cfg, True)
+def _guess_job(body: dict[str, Any]) -> str:
+    """The smallest job schema holding every top-level block of `body` (a saved config.yaml)."""
+    for job in ("base", "train", "infer", "extract_vt2a", "demo", "bench_learning", "evaluate"):
+        fields = JOBS[job].__dataclass_fields__
+        if all(k in fields or k in _REFERENCE_TOP_LEVEL for k in body):
+            return job
+    return "base"
+
+
+# ------------------------------------------------------------------ composition
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = (), validate: bool = True, job: str | None = None
+) -> DictConfig:
+    """Compose `path` with Hydra, apply overrides, check against the schema, resolve, lock keys.
+
+    `job` names the schema when `path` is a user file whose `_base_` chain does not say it
+    (the launchers pass theirs); a configs/<job>.yaml path names its own.
+    """
+    resolved = resolve_config_path(path)
+    user: _UserFile | None = None
+    name = _primary_job(resolved)
+    if name is None:
+        user = _read_user_file(resolved)
+        name = user.job if user.job not in (None, "base") else job or user.job or _guess_job(user.body)
+        user.body = reference.map_tree(name, user.body)
+        _check_user_body(name, user.body, resolved)
+    hydra_overrides = [o for o in (prepare_override(name, item) for item in overrides) if o is not None]
+    cfg = _compose(name, user.body if user else {}, hydra_overrides, list(overrides))
     if validate:
         validate_config(cfg)
     return cfg
 
 
+def _check_user_body(job: str, body: dict[str, Any], path: Path) -> None:
+    """Unknown keys and wrong types in a user file, named with the file."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(JOBS[job]), body)
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's validation errors
+        key = getattr(exc, "full_key", None) or "?"
+        if "not in" in str(exc) or type(exc).__name__ in ("ConfigKeyError", "ConfigAttributeError"):
+            raise ConfigError(f"unknown config key '{key}' in {path}") from None
+        raise ConfigError(f"config key '{key}' in {path}: {_one_line(exc)}") from None
+
+
+def _compose(job: str, body: dict[str, Any], hydra_overrides: list[str], typed: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    store = ConfigStore.instance()
+    store.store(name=f"_schema_{job}", node=JOBS[job])
+    # The primary node: schema first (types), then configs/<job>.yaml, then the user's file.
+    store.store(name="_wavflow_job", node={"defaults": [f"_schema_{job}", job, "_self_"], **body})
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="wavflow"):
+            composed = compose(config_name="_wavflow_job", overrides=hydra_overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra and OmegaConf raise many types
+        raise _compose_error(exc, typed) from None
+    try:
+        plain = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
+    except Exception as exc:  # noqa: BLE001
+        key = getattr(exc, "full_key", None)
+        if type(exc).__name__ == "MissingMandatoryValue":
+            raise ConfigError(f"config key '{key}' has no value (configs/{job}.yaml must give one)") from None
+        raise ConfigError(f"config interpolation failed at '{key}': {_one_line(exc)}") from None
+    for key, check in ANY_CHECKS.items():  # the keys OmegaConf cannot type (no Union)
+        node: Any = plain
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            check(key, node)
+    # Jobs get a plain DictConfig (locked keys), as before Hydra: they may copy and extend it.
+    cfg = OmegaConf.create(plain)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("full_key:", "reference_type=", "object_type=", "provider=", "Config search path"))]
+    return " ".join(keep) or type(exc).__name__
+
+
+def _typed_for(key: str, typed: Sequence[str]) -> str:
+    for item in typed:
+        if item.split("=", 1)[0].lstrip("+") == key:
+            return item
+    return ""
+
+
+def _compose_error(exc: BaseException, typed: Sequence[str]) -> ConfigError:
+    """Hydra's multi-line exceptions as one line naming the key (and the word typed)."""
+    cause = exc.__cause__ or exc.__context__
+    key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
+    text = str(exc)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        k = m.group(1)
+        return ConfigError(
+            f"unknown config key '{k}' in command-line override {_typed_for(k, typed)!r} "
+            f"(use +{k}=... to add a new key on purpose)"
+        )
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if m:
+        group, option = m.groups()
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        return ConfigError(f"{group}={option}: no such option in configs/{group}/ (options: {', '.join(options)})")
+    if key:
+        word = _typed_for(key.split("[")[0], typed)
+        source = f"override {word!r}" if word else "the config"
+        detail = _one_line(cause) if cause is not None else _one_line(exc)
+        return ConfigError(f"config key '{key}': {detail} ({source})")
+    if "Ambiguous value" in text or "Sweep parameters" in text:
+        m2 = re.search(r"argument '([^']*)'", text)
+        word = m2.group(1) if m2 else text.splitlines()[0]
+        return ConfigError(
+            f"override {word!r} holds a comma-separated sweep: quote it for one value, "
+            "write [a,b] for a list, or sweep with -m (training)"
+        )
+    if type(exc).__name__ == "OverrideParseException":
+        return ConfigError(f"override cannot be read: {_one_line(exc)} (quote the value)")
+    return ConfigError(_one_line(exc))
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str], job: str = "infer") -> DictConfig:
+    """Apply command-line overrides to an already loaded config, in place, with the same rules."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        hydra_item = prepare_override(job, item)
+        if hydra_item is None:
+            continue
+        parsed = parser.parse_override(hydra_item)
+        key, value = parsed.key_or_group, parsed.value()
+        old = OmegaConf.select(cfg, key, default=_MISSING)
+        if old is _MISSING and parsed.type.name == "CHANGE":
+            raise ConfigError(f"unknown config key '{key}' in command-line override {item!r} (use +{key}=... to add a new key on purpose)")
+        declared = field_type(JOBS[job], key)
+        if declared is not None and value is not None:
+            value = _typed_value(job, key, value)  # the schema's type, checked by OmegaConf
+        was = OmegaConf.is_struct(cfg)
+        OmegaConf.set_struct(cfg, False)
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        finally:
+            OmegaConf.set_struct(cfg, was)
+    return cfg
+
+
+def _typed_value(job: str, key: str, value: Any) -> Any:
+    """`value` converted to the schema type of `key` by OmegaConf (ConfigError naming the key)."""
+    node = OmegaConf.structured(JOBS[job])
+    try:
+        OmegaConf.update(node, key, value, merge=False)
+        out = OmegaConf.select(node, key, throw_on_missing=False)
+        return OmegaConf.to_container(out) if isinstance(out, (DictConfig, ListConfig)) else out
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"config key '{key}': {_one_line(exc)}") from None
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML atomically (e.g. `config.yaml` beside checkpoints)."""
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+# ------------------------------------------------------------------ checks shared by the jobs
 def _get(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=_MISSING)
     if value is _MISSING:
@@ -283,36 +493,3 @@ def _check_adaptive(cfg: DictConfig) -> None:
     t_end, top = _get(cfg, "sampling.adaptive_t_end"), 1.0 - float(_get(cfg, "sampling.min_sigma"))
     if isinstance(t_end, bool) or not isinstance(t_end, (int, float)) or not 0.0 < t_end < top:
         raise ConfigError(f"sampling.adaptive_t_end must lie in (0, {top:g}) (below 1 - sampling.min_sigma), got {t_end!r}")
-
-
-def parse_cli(argv: Sequence[str], default_config: str) -> tuple[str, list[str]]:
-    """Split launcher arguments into (config path, overrides).
-
-    `--config PATH` (or `--config=PATH`) wins over $CONFIG_PATH, which wins over the default.
-    Every other word must be a `key=value` override.
-    """
-    config = os.environ.get("CONFIG_PATH") or default_config
-    overrides: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--config":
-            if i + 1 >= len(args):
-                raise ConfigError("--config needs a path")
-            config = args[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-        elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg!r}: use --config PATH and key=value overrides")
-        else:
-            overrides.append(arg)
-        i += 1
-    return config, overrides
-
-
-def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML atomically (e.g. `config.yaml` beside checkpoints)."""
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -443,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from wavflow.config import load_config, parse_cli
 
         path, overrides = parse_cli(args, "infer.yaml")
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, overrides, job="infer")
         if gpu is not None:
             require_gpu(gpu, cfg)
         result = run(cfg)

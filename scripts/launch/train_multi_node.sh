@@ -5,6 +5,14 @@
 # Env: NNODES, NODE_RANK, MASTER_ADDR (required), MASTER_PORT (default 29500),
 # NPROC_PER_NODE (default: number of GPUs, 1 on a CPU-only machine), CONFIG_PATH, WAVFLOW_PYTHON.
 set -euo pipefail
+for arg in "$@"; do
+  case "$arg" in
+    -m|--multirun)
+      echo "[wavflow] train_multi_node.sh: -m sweeps run on one node (scripts/launch/train_single_node.sh -m ...);" >&2
+      echo "  for a multi-node sweep, run this launcher once per point with training.experiment_id set." >&2
+      exit 2 ;;
+  esac
+done
 missing=()
 for var in NNODES NODE_RANK MASTER_ADDR; do
   [ -n "${!var:-}" ] || missing+=("$var")

@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         path, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv), "demo.yaml")
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, overrides, job="demo")
         result = run_demo(cfg)
     except WavFlowError as exc:
         logging.getLogger("wavflow.demo").error("%s: %s", type(exc).__name__, exc)

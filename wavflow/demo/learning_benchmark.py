@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from wavflow.config import format_override
 from wavflow.demo.pipeline import REPO_ROOT, run_stage, shared_overrides
 from wavflow.errors import WavFlowError
 from wavflow.io_utils import atomic_write_csv, atomic_write_text
@@ -54,7 +55,7 @@ def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], ou
               logs: Path) -> float:
     b = cfg.bench
     return run_stage(f"train_to_{step}", "train_single_node.sh", shared_overrides(cfg) + [
-        f"data.train_csv=[{','.join(map(str, train_csvs))}]",
+        format_override("data.train_csv", [str(p) for p in train_csvs]),
         f"training.output_dir={out}", "training.experiment_id=run",
         f"training.max_steps={step}", "training.epochs=1000000",
         f"training.batch_size={b.batch_size}", f"training.lr={b.lr}",
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         path, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv), "bench_learning.yaml")
-        result = run_benchmark(load_config(path, overrides))
+        result = run_benchmark(load_config(path, overrides, job="bench_learning"))
     except WavFlowError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 2

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from wavflow.config import format_override
 from wavflow.errors import WavFlowError
 from wavflow.io_utils import atomic_write_text
 
@@ -88,8 +89,7 @@ class DemoResult:
 def shared_overrides(cfg: DictConfig) -> list[str]:
     out = []
     for key in SHARED_KEYS:
-        value = OmegaConf.select(cfg, key)
-        out.append(f"{key}={'null' if value is None else value}")
+        out.append(format_override(key, OmegaConf.select(cfg, key)))  # exact: paths may hold ' #'
     return out
 
 
@@ -188,7 +188,7 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     # 3. training (resumes from checkpoint_latest.pth if an earlier demo run stopped)
     t = cfg.demo.train
     overrides = shared + [
-        f"data.train_csv=[{','.join(str(p) for p in train_csvs)}]",
+        format_override("data.train_csv", [str(p) for p in train_csvs]),  # quoted: paths may hold ',' or ' #'
         f"training.output_dir={paths.train}",
         "training.experiment_id=demo",
         f"training.max_steps={t.max_steps}",

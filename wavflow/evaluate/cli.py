@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def load_eval_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
     from wavflow.config import load_config
 
-    cfg = load_config(config or DEFAULT_CONFIG, overrides, validate=False)
+    cfg = load_config(config or DEFAULT_CONFIG, overrides, validate=False, job="evaluate")
     unknown = [m for m in cfg.metrics.enabled if m not in _metric_names()]
     if unknown:
         raise ConfigError(f"metrics.enabled: unknown metric(s) {', '.join(unknown)} (known: {', '.join(_metric_names())})")

@@ -407,7 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config_path, overrides = parse_cli(argv, DEFAULT_CONFIG)
-        cfg = load_config(config_path, overrides, validate=False)  # no model is built: skip model checks
+        # no model is built: skip model checks. A user file without a configs/ parent composes
+        # over the defaults of the mode the launcher asks for (extraction.mode=...).
+        modes = [o.split("=", 1)[1] for o in overrides if o.startswith("extraction.mode=")]
+        job = f"extract_{modes[-1]}" if modes and modes[-1] in ("t2a", "vt2a") else Path(DEFAULT_CONFIG).stem
+        cfg = load_config(config_path, overrides, validate=False, job=job)
         result = run_extraction(cfg)
     except WavFlowError as exc:
         print(f"[wavflow.extract] error: {exc}", file=sys.stderr)

@@ -1,15 +1,17 @@
-"""`python -m wavflow.train [--config PATH] [key=value ...]` (default config: train.yaml).
+"""`python -m wavflow.train [--config PATH] [-m] [key=value ...]` (default config: train.yaml).
 
-Run it directly for one process, or under torchrun (scripts/launch/train_*.sh) for DDP.
+Run it directly for one process, or under torchrun (scripts/launch/train_*.sh) for DDP. With
+`-m` (outside torchrun) it runs a sweep, one process per point (wavflow/train/sweep.py).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
-from wavflow.config import load_config, parse_cli
-from wavflow.errors import WavFlowError
+from wavflow.config import load_config, parse_launch
+from wavflow.errors import ConfigError, WavFlowError
 
 DEFAULT_CONFIG = "train.yaml"
 
@@ -17,8 +19,18 @@ DEFAULT_CONFIG = "train.yaml"
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        path, overrides = parse_cli(argv, DEFAULT_CONFIG)
-        cfg = load_config(path, overrides)
+        args = parse_launch(argv, DEFAULT_CONFIG)
+        if args.multirun:
+            if "LOCAL_RANK" in os.environ:
+                # every rank would start the whole sweep: torchrun inside torchrun
+                raise ConfigError(
+                    "-m under torchrun: sweeps are expanded by the launcher, one torchrun per point "
+                    "(bash scripts/launch/train_single_node.sh -m ...)"
+                )
+            from wavflow.train.sweep import run_sweep
+
+            return run_sweep(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, job="train")
         from wavflow.train.trainer import run_training  # heavy imports after the config is known good
 
         run_training(cfg)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.test_train_common import SHAPES, make_config, make_dataset
+from wavflow.errors import WavFlowError
 from wavflow.train.ema import ParamEMA, ema_decay
 from wavflow.train.lr_schedule import base_lr, lr_at
 from wavflow.train.step import StepNoise, apply_label_drop, draw_step_noise
@@ -254,3 +255,41 @@ def test_hostile_feature_file_is_refused_with_one_clean_line(tmp_path: Path):
     assert "\n" not in text and "\x1b" not in text, text
     assert "weights_only=False" not in text and "Weights only load failed" not in text, text
     assert str(path) in text and "'evil'" in text and "_Hostile" in text, text
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_a_run_of_them_stops(tmp_path):
+    from wavflow.train.dataset import collate_train
+
+    tr = _trainer(tmp_path, training__max_nonfinite_steps=2, training__warmup_steps=0)
+    good = collate_train([tr.dataset[i] for i in range(2)])
+    bad = collate_train([tr.dataset[i] for i in range(2)])
+    bad["audio_tokens"][0, 0, 0] = float("inf")  # one inf sample: inf loss, NaN gradients
+    weights = [p.detach().clone() for p in tr.model.parameters()]
+    ema = [s.clone() for s in tr.ema1.shadow]
+
+    stats = tr.optimizer_update([bad], lr_epoch=0.0)
+    assert stats["skipped"] and stats["reason"] == "nonfinite" and stats["rows"] == 0
+    assert tr.global_step == 0 and tr.nonfinite_in_a_row == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, tr.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema, tr.ema1.shadow))
+    assert not tr.optimizer.state  # AdamW never stepped: no moments from the bad gradient
+
+    stats = tr.optimizer_update([good], lr_epoch=0.0)  # a finite step goes through and resets the count
+    assert not stats["skipped"] and tr.global_step == 1 and tr.nonfinite_in_a_row == 0
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+    tr.optimizer_update([bad], lr_epoch=0.0)
+    with pytest.raises(WavFlowError, match="2 optimiser steps in a row had a non-finite gradient norm"):
+        tr.optimizer_update([bad], lr_epoch=0.0)
+    assert tr.global_step == 1 and all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_max_nonfinite_steps_0_applies_every_step_as_the_reference_does(tmp_path):
+    from wavflow.train.dataset import collate_train
+
+    tr = _trainer(tmp_path, training__max_nonfinite_steps=0, training__warmup_steps=0)
+    bad = collate_train([tr.dataset[i] for i in range(2)])
+    bad["audio_tokens"][0, 0, 0] = float("inf")
+    stats = tr.optimizer_update([bad], lr_epoch=0.0)
+    assert not stats["skipped"] and tr.global_step == 1
+    assert any(torch.isnan(p).any() for p in tr.model.parameters())

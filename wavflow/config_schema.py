@@ -124,6 +124,7 @@ class Training:
     gamma: float = MISSING
     weight_decay: float = MISSING
     clip_grad_norm: float = MISSING
+    max_nonfinite_steps: int = MISSING
     loss_type: str = MISSING
     label_drop_prob: float = MISSING
     ema_decay1: float = MISSING

@@ -180,7 +180,7 @@ def _check_training_config(cfg: DictConfig) -> None:
         _int_key(tr, key, 1)
     _int_key(tr, "max_steps", 1, nullable=True)
     for key in ("num_workers", "warmup_steps", "gen_train_freq", "checkpoint_freq", "checkpoint_save_epoch",
-                "ema_checkpoint_save_epoch", "save_every_steps", "seed"):
+                "ema_checkpoint_save_epoch", "save_every_steps", "seed", "max_nonfinite_steps"):
         _int_key(tr, key, 0)
     if not 0.0 <= _float_key(tr, "label_drop_prob") <= 1.0:
         raise ConfigError(f"training.label_drop_prob must lie in [0, 1], got {tr.label_drop_prob}")
@@ -367,6 +367,7 @@ class Trainer:
         self._old_handlers: dict[int, Any] = {}
         self.last_batch: dict[str, Any] | None = None
         self.skipped_rows = 0
+        self.nonfinite_in_a_row = 0  # optimiser steps skipped for a non-finite gradient norm
 
     # ------------------------------------------------------------------- start-up agreement
     def _agree_on_start(self) -> bool:
@@ -673,6 +674,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = float(self.tr.clip_grad_norm)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if int(self.tr.max_nonfinite_steps) > 0 and not bool(torch.isfinite(grad_norm)):
+            return self._skip_nonfinite_step(lr, float(grad_norm), losses)
+        self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.ema1.update(self.model, self.global_step)
         self.ema2.update(self.model, self.global_step)
@@ -687,6 +691,27 @@ class Trainer:
             "per_sample": torch.cat(per_samples) if per_samples else torch.zeros(0),
             "t_s": torch.cat(times) if times else torch.zeros(0),
         }
+
+    def _skip_nonfinite_step(self, lr: float, grad_norm: float, losses: list[float]) -> dict[str, Any]:
+        """A non-finite gradient norm (an inf/NaN gradient: clipping would turn it into NaN
+        weights for good) skips the optimiser and EMA step. Under DDP the gradients are already
+        all-reduced, so every rank sees the same norm and skips together."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        limit = int(self.tr.max_nonfinite_steps)
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        if self.is_main:
+            self.logger.warning(
+                "GlobalStep %d: gradient norm %s (loss %.4g); optimiser/EMA step skipped, weights unchanged "
+                "(%d in a row, training.max_nonfinite_steps=%d)", self.global_step, grad_norm, loss,
+                self.nonfinite_in_a_row, limit)
+        if self.nonfinite_in_a_row >= limit:
+            raise WavFlowError(
+                f"{self.nonfinite_in_a_row} optimiser steps in a row had a non-finite gradient norm (at global "
+                f"step {self.global_step}); stopping with the last saved checkpoint intact. Lower training.lr, "
+                "check the data for inf/NaN samples, or raise training.max_nonfinite_steps")
+        return {"skipped": True, "reason": "nonfinite", "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "rows": 0, "per_sample": torch.zeros(0), "t_s": torch.zeros(0)}
 
     def weights_digest(self) -> str:
         """sha1 over the bytes of every parameter (bitwise identity check across ranks)."""
@@ -823,7 +848,7 @@ class Trainer:
                 bucket_count.index_add_(0, idx, torch.ones_like(stats["per_sample"], dtype=torch.float64))
             last_of_epoch = data_iter_step >= num_batches
             if stats["skipped"]:
-                if self.is_main:
+                if self.is_main and stats.get("reason") != "nonfinite":  # that one is logged where it happens
                     self.logger.warning(
                         "Epoch [%d/%d] Step [%d/%d]: every row of this step failed to read on every rank; "
                         "no optimiser/EMA step (global step stays %d)",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
@@ -64,6 +65,24 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "WavFlow demo finished" in proc.stdout and "not a model that sounds right" in proc.stdout.replace("\n  ", " ")
     assert str(out / "figure.png") in proc.stdout
+
+    # the class-commitment probe samples the held-out rows as the predict job did: its last
+    # step's classes are the metrics' classes, row for row (same seeds, cfg, steps, EMA weights)
+    probe = subprocess.run([sys.executable, str(REPO / "scripts/bench/class_commitment.py"),
+                            "--checkpoint", str(run), "--data", str(out / "data"), "--steps", "2",
+                            "--json", str(tmp_path / "probe.json"), "--wav-dir", str(tmp_path / "probe")],
+                           env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert [p["t"] for p in result["per_t"]] == [0.0, 0.5]
+    predicted = {c["id"]: c["predicted"] for c in metrics["per_clip"]}
+    assert {r["id"]: r["predicted"] for r in result["final"]} == predicted
+    for clip_id in predicted:  # the same waveforms up to the predict job's loudness gain
+        mine, _ = sf.read(tmp_path / "probe" / f"{clip_id}.wav", dtype="float64")
+        theirs, _ = sf.read(out / "predict" / f"{clip_id}.wav", dtype="float64")
+        corr = float(np.dot(mine, theirs) / (np.linalg.norm(mine) * np.linalg.norm(theirs)))
+        assert corr > 0.999, (clip_id, corr)
 
 
 def test_demo_refuses_to_reuse_stages_made_with_other_settings(tmp_path: Path):

@@ -67,8 +67,9 @@ def test_cond_norm_keys_only_when_enabled_and_flat_state_dicts_restore_it():
     normed = build_model("tiny_16k", **SMALL)
     normed.attach_condition_norm().set_statistics(_stats("tiny-v3").streams, identity_tag("tiny-v3"))
     sd = normed.state_dict()
-    assert list(sd)[-7:] == [f"cond_norm.{k}" for k in ("clip_mean", "clip_std", "sync_mean", "sync_std",
-                                                         "text_mean", "text_std", "source_tag")]
+    assert list(sd)[-8:] == [f"cond_norm.{k}" for k in ("clip_mean", "clip_std", "sync_mean", "sync_std",
+                                                         "text_mean", "text_std", "source_tag",
+                                                         "empty_tokens_normalised")]
     fresh = build_model("tiny_16k", **SMALL)
     load_weights(fresh, sd)  # a flat (EMA) state dict brings its normalisation along
     assert fresh.cond_norm is not None
@@ -129,11 +130,14 @@ def test_training_records_the_normalisation_and_resume_checks_it(tmp_path):
     ckpt = safe_torch_load(res.exp_dir / "checkpoint_latest.pth")
     for key in ("model", "model_ema1", "model_ema2"):
         torch.testing.assert_close(ckpt[key]["cond_norm.sync_mean"], stats.streams["sync_features"]["mean"])
-    # the learned empty tokens started at the means (zero after normalisation) and moved from there
+    # the learned empty tokens start at zero in normalised units, i.e. at the streams' means
     start = run_training(make_config(tmp_path / "zero", csv, training__max_steps=1, training__lr=1e-12))
     zero = safe_torch_load(start.exp_dir / "checkpoint_latest.pth")["model"]
-    torch.testing.assert_close(zero["empty_clip_feat"][0], stats.streams["clip_features"]["mean"])
-    torch.testing.assert_close(zero["empty_sync_feat"][0], stats.streams["sync_features"]["mean"])
+    assert zero["empty_clip_feat"].abs().max() < 1e-6 and zero["empty_sync_feat"].abs().max() < 1e-6
+    model = build_model("tiny_16k", **SMALL)
+    load_weights(model, zero)
+    torch.testing.assert_close(model.empty_clip_sequence(1)[0, 0], stats.streams["clip_features"]["mean"])
+    torch.testing.assert_close(model.empty_sync_sequence(1)[0, 0], stats.streams["sync_features"]["mean"])
     assert "Feature normalisation: on" in (res.exp_dir / "training.log").read_text()
     with pytest.raises(ConfigError, match="trained with feature normalisation.*data.feature_norm=true"):
         run_training(make_config(tmp_path, csv, training__max_steps=3, data__feature_norm=False))
@@ -158,3 +162,63 @@ def test_generator_refuses_features_of_other_encoders(tmp_path):
     FeatureStats("default|clip=a|synchformer=b").save(other / STATS_FILENAME)
     with pytest.raises(FeatureError, match=r"features in .*other make features of 'default\|clip=a"):
         gen.load_features(other / "x.pth", video=True, text=True)
+
+
+def _near_constant_stats() -> FeatureStats:
+    """Statistics like the built-in set's Synchformer stream: one dimension barely varies."""
+    stats = _stats("tiny-v3")
+    stats.streams["sync_features"]["mean"][0] = 0.05
+    stats.streams["sync_features"]["std"][:] = 0.05
+    stats.streams["sync_features"]["std"][0] = 0.0005  # the 1 % floor of the RMS std
+    return stats
+
+
+def test_learned_empty_tokens_stay_within_a_few_sigma_under_adamw():
+    """The learning benchmark's NaN (docs/benchmarks.md): learned in raw units, AdamW moved the
+    empty Synchformer token ~lr per element per step, tens of sigma in a near-constant dimension.
+    Learned in normalised units it moves ~lr per step in the units the network sees."""
+    torch.manual_seed(0)
+    model = build_model("tiny_16k", **SMALL)
+    model.attach_condition_norm().set_statistics(_near_constant_stats().streams, identity_tag("tiny-v3"))
+    opt = torch.optim.AdamW([model.empty_clip_feat, model.empty_sync_feat], lr=1e-3, weight_decay=0.0)
+    steps, text = 300, model.empty_string_sequence(1)
+    direction = torch.randn(SHAPES["sync_seq_len"], SHAPES["sync_dim"]).sign()
+    for _ in range(steps):
+        _, sync_z, _ = model.cond_norm(model.empty_clip_sequence(1), model.empty_sync_sequence(1), text)
+        loss = -(sync_z[0] * direction).sum()  # a steady push, as a persistent gradient would give
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, sync_z, _ = model.cond_norm(model.empty_clip_sequence(1), model.empty_sync_sequence(1), text)
+    assert sync_z.abs().max() <= steps * 1e-3 * 1.05  # raw-unit learning gives 0.3 / 0.0005 = 600 sigma
+    assert sync_z.abs().max() >= steps * 1e-3 * 0.5  # and it did learn
+
+
+def test_checkpoints_with_raw_unit_empty_tokens_are_converted_on_load():
+    """Feature-normalised checkpoints written before the marker keep producing the same inputs."""
+    from wavflow.train.ema import ParamEMA
+
+    torch.manual_seed(0)
+    stats = _near_constant_stats()
+    new = build_model("tiny_16k", **SMALL)
+    new.attach_condition_norm().set_statistics(stats.streams, identity_tag("tiny-v3"))
+    with torch.no_grad():
+        new.empty_sync_feat.normal_()
+        new.empty_clip_feat.normal_()
+    want_clip, want_sync = new.empty_clip_sequence(1).clone(), new.empty_sync_sequence(1).clone()
+    old = new.state_dict()  # the old layout: tokens in raw units and no marker
+    del old["cond_norm.empty_tokens_normalised"]
+    old["empty_clip_feat"], old["empty_sync_feat"] = want_clip[0, :1].clone(), want_sync[0, :1].clone()
+    fresh = build_model("tiny_16k", **SMALL)
+    load_weights(fresh, old)
+    torch.testing.assert_close(fresh.empty_sync_sequence(1), want_sync, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fresh.empty_clip_sequence(1), want_clip, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fresh.empty_sync_feat, new.empty_sync_feat, rtol=1e-4, atol=1e-4)
+    ema = ParamEMA(new, decay=0.999)
+    ema.load_state_dict(old)
+    torch.testing.assert_close(ema.state_dict()["empty_sync_feat"], new.empty_sync_feat.detach(), rtol=1e-4, atol=1e-4)
+    plain = build_model("tiny_16k", **SMALL)  # networks without normalisation: untouched
+    plain_sd = plain.state_dict()
+    plain_sd["empty_sync_feat"] = torch.full_like(plain_sd["empty_sync_feat"], 3.0)
+    load_weights(plain, plain_sd)
+    assert torch.equal(plain.empty_sync_feat, plain_sd["empty_sync_feat"])

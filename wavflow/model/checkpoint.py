@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from wavflow.errors import CheckpointError
 from wavflow.io_utils import safe_torch_load
-from wavflow.model.cond_norm import state_has_cond_norm
+from wavflow.model.cond_norm import migrate_empty_tokens, state_has_cond_norm
 from wavflow.model.network import NON_PERSISTENT_BUFFERS
 from wavflow.model.presets import PRESETS
 
@@ -116,7 +116,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     Any missing, unexpected or wrongly shaped key raises a CheckpointError that names the first
     few of each, the model's preset, and the preset the weights look like.
     """
-    sd = {k: v for k, v in state_dict.items() if k not in NON_PERSISTENT_BUFFERS}
+    sd = migrate_empty_tokens({k: v for k, v in state_dict.items() if k not in NON_PERSISTENT_BUFFERS})
     if state_has_cond_norm(sd) and getattr(model, "cond_norm", False) is None:
         # weights trained with feature normalisation carry its statistics (cond_norm.py)
         model.attach_condition_norm()

@@ -7,6 +7,14 @@ lives inside the network (frozen parameters, like
 it, and training, training samples and prediction apply the same transform to every input of
 `preprocess_conditions`, the learned empty tokens included. Networks without it (the reference
 presets, reference checkpoints) have exactly the reference state-dict layout and numerics.
+
+With it, the learned empty clip/sync tokens are stored and learned in the normalised units the
+network sees (`denormalise_*` maps them back to raw units before they are mixed with real
+features). Learned in raw units, AdamW moves every element ~lr per step whatever the
+dimension's spread, so in a near-constant dimension (std 1e-3) a few thousand steps put the token
+tens of standard deviations out and the network overflows (docs/benchmarks.md, root cause of
+the learning benchmark's NaN). Checkpoints written before this (no `empty_tokens_normalised`
+key) are converted on load by `migrate_empty_tokens`.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ class ConditionNorm(nn.Module):
             setattr(self, f"{short}_mean", _frozen(torch.zeros(dim)))
             setattr(self, f"{short}_std", _frozen(torch.ones(dim)))
         self.source_tag = _frozen(torch.zeros(1, dtype=torch.float64))
+        # Marks the empty clip/sync tokens as stored in normalised units (module docstring).
+        self.empty_tokens_normalised = _frozen(torch.ones(1))
 
     @torch.no_grad()
     def set_statistics(self, streams: Mapping[str, Mapping[str, Tensor]], tag: float) -> None:
@@ -66,15 +76,31 @@ class ConditionNorm(nn.Module):
             (text_f - self.text_mean.to(text_f.dtype)) / self.text_std.to(text_f.dtype),
         )
 
+    def denormalise_clip(self, z: Tensor) -> Tensor:
+        """Raw CLIP-frame units of a token given in normalised units (the inverse of forward)."""
+        return z * self.clip_std.to(z.dtype) + self.clip_mean.to(z.dtype)
 
-@torch.no_grad()
-def centre_empty_tokens(model: nn.Module) -> None:
-    """Fresh runs: start the learned empty clip/sync tokens at the streams' means, i.e. at zero
-    after normalisation, where the reference starts them (zeros) without it. Otherwise a row
-    without video would feed the network -mean/std, an input far off the features' range."""
-    norm = model.cond_norm
-    model.empty_clip_feat.copy_(norm.clip_mean.expand_as(model.empty_clip_feat))
-    model.empty_sync_feat.copy_(norm.sync_mean.expand_as(model.empty_sync_feat))
+    def denormalise_sync(self, z: Tensor) -> Tensor:
+        return z * self.sync_std.to(z.dtype) + self.sync_mean.to(z.dtype)
+
+
+MARKER = PREFIX + "empty_tokens_normalised"
+EMPTY_TOKENS = {"empty_clip_feat": "clip", "empty_sync_feat": "sync"}
+
+
+def migrate_empty_tokens(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A feature-normalised state dict written before the empty tokens were learned in
+    normalised units (no marker): the same tokens, converted to normalised units, plus the
+    marker. Any other state dict is returned unchanged (as a dict)."""
+    sd = dict(state_dict)
+    if not state_has_cond_norm(sd) or MARKER in sd:
+        return sd
+    for key, short in EMPTY_TOKENS.items():
+        if key in sd:
+            mean, std = sd[f"{PREFIX}{short}_mean"].float(), sd[f"{PREFIX}{short}_std"].float()
+            sd[key] = ((sd[key].float() - mean) / std).to(sd[key].dtype)
+    sd[MARKER] = torch.ones(1)
+    return sd
 
 
 def state_has_cond_norm(state_dict: Mapping[str, Tensor]) -> bool:

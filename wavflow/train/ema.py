@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from wavflow.errors import CheckpointError
+from wavflow.model.cond_norm import migrate_empty_tokens
 
 
 def ema_decay(decay: float, step: int, warmup: bool) -> float:
@@ -48,6 +49,7 @@ class ParamEMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        state = migrate_empty_tokens(state)  # older feature-normalised checkpoints (cond_norm.py)
         missing = [n for n in self.names if n not in state]
         if missing:
             raise CheckpointError(f"EMA in {source} lacks parameter(s) {', '.join(missing[:5])}")

@@ -39,7 +39,7 @@ from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
-from wavflow.model.cond_norm import centre_empty_tokens, state_has_cond_norm
+from wavflow.model.cond_norm import state_has_cond_norm
 from wavflow.speed import SpeedOptions, combined, make_adamw, sdpa_context, set_conv_impl
 from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.train.checkpointing import (
@@ -314,7 +314,7 @@ class Trainer:
         if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
             self.model.attach_condition_norm().set_statistics(
                 norm_stats.streams, identity_tag(norm_stats.encoder_identity))
-            centre_empty_tokens(self.model)  # a resumed run loads its own values over these
+            # the empty clip/sync tokens start at zero in normalised units: at the streams' means
         self.model.train()
         set_conv_impl(self.model, self.speed.conv_impl)
         self.optimizer = make_adamw(

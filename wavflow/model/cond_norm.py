@@ -8,13 +8,15 @@ it, and training, training samples and prediction apply the same transform to ev
 `preprocess_conditions`, the learned empty tokens included. Networks without it (the reference
 presets, reference checkpoints) have exactly the reference state-dict layout and numerics.
 
-With it, the learned empty clip/sync tokens are stored and learned in the normalised units the
-network sees (`denormalise_*` maps them back to raw units before they are mixed with real
-features). Learned in raw units, AdamW moves every element ~lr per step whatever the
-dimension's spread, so in a near-constant dimension (std 1e-3) a few thousand steps put the token
-tens of standard deviations out and the network overflows (docs/benchmarks.md, root cause of
-the learning benchmark's NaN). Checkpoints written before this (no `empty_tokens_normalised`
-key) are converted on load by `migrate_empty_tokens`.
+With it, the learned empty clip/sync tokens are stored as `u` with network input `u / r`, r the
+RMS of the stream's stored std (`empty_token_input`; `denormalise_*` maps them to raw units
+before they are mixed with real features). So AdamW's ~lr-per-element steps move them by lr/r
+in *every* dimension of what the network sees: in a typical dimension that is what learning
+them in raw units gives (the reference), and in a near-constant dimension it is no more. Learned
+in raw units, the steps were lr/std per dimension: tens of standard deviations after a few
+thousand steps where std is 1e-3, and the network overflowed (docs/benchmarks.md, root cause of
+the learning benchmark's NaN). Checkpoints written before this (no `empty_token_format` key)
+are converted on load by `migrate_empty_tokens`.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class ConditionNorm(nn.Module):
             setattr(self, f"{short}_mean", _frozen(torch.zeros(dim)))
             setattr(self, f"{short}_std", _frozen(torch.ones(dim)))
         self.source_tag = _frozen(torch.zeros(1, dtype=torch.float64))
-        # Marks the empty clip/sync tokens as stored in normalised units (module docstring).
-        self.empty_tokens_normalised = _frozen(torch.ones(1))
+        # How the empty clip/sync tokens are stored (module docstring); absent = raw units.
+        self.empty_token_format = _frozen(torch.full((1,), float(EMPTY_TOKEN_FORMAT)))
 
     @torch.no_grad()
     def set_statistics(self, streams: Mapping[str, Mapping[str, Tensor]], tag: float) -> None:
@@ -76,30 +78,37 @@ class ConditionNorm(nn.Module):
             (text_f - self.text_mean.to(text_f.dtype)) / self.text_std.to(text_f.dtype),
         )
 
-    def denormalise_clip(self, z: Tensor) -> Tensor:
-        """Raw CLIP-frame units of a token given in normalised units (the inverse of forward)."""
-        return z * self.clip_std.to(z.dtype) + self.clip_mean.to(z.dtype)
+    def denormalise_clip(self, u: Tensor) -> Tensor:
+        """Raw CLIP-frame units of a stored empty token (the inverse of forward, after u / r)."""
+        return empty_token_input(u, self.clip_std) * self.clip_std.to(u.dtype) + self.clip_mean.to(u.dtype)
 
-    def denormalise_sync(self, z: Tensor) -> Tensor:
-        return z * self.sync_std.to(z.dtype) + self.sync_mean.to(z.dtype)
+    def denormalise_sync(self, u: Tensor) -> Tensor:
+        return empty_token_input(u, self.sync_std) * self.sync_std.to(u.dtype) + self.sync_mean.to(u.dtype)
 
 
-MARKER = PREFIX + "empty_tokens_normalised"
+EMPTY_TOKEN_FORMAT = 2  # 1 (no key): raw units; 2: u with network input u / RMS(std)
+MARKER = PREFIX + "empty_token_format"
 EMPTY_TOKENS = {"empty_clip_feat": "clip", "empty_sync_feat": "sync"}
 
 
+def empty_token_input(u: Tensor, std: Tensor) -> Tensor:
+    """The network input (normalised units) of a stored empty token."""
+    return u / std.float().pow(2).mean().sqrt().to(u.dtype)
+
+
 def migrate_empty_tokens(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A feature-normalised state dict written before the empty tokens were learned in
-    normalised units (no marker): the same tokens, converted to normalised units, plus the
-    marker. Any other state dict is returned unchanged (as a dict)."""
+    """A feature-normalised state dict written before `empty_token_format` (tokens in raw
+    units): the same tokens in the current format, plus the key. Any other state dict is
+    returned unchanged (as a dict)."""
     sd = dict(state_dict)
     if not state_has_cond_norm(sd) or MARKER in sd:
         return sd
     for key, short in EMPTY_TOKENS.items():
         if key in sd:
             mean, std = sd[f"{PREFIX}{short}_mean"].float(), sd[f"{PREFIX}{short}_std"].float()
-            sd[key] = ((sd[key].float() - mean) / std).to(sd[key].dtype)
-    sd[MARKER] = torch.ones(1)
+            z = (sd[key].float() - mean) / std  # network input; u = z * RMS(std)
+            sd[key] = (z * std.pow(2).mean().sqrt()).to(sd[key].dtype)
+    sd[MARKER] = torch.full((1,), float(EMPTY_TOKEN_FORMAT))
     return sd
 
 

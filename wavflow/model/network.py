@@ -171,8 +171,8 @@ class WavFlowNet(nn.Module):
     def empty_string_sequence(self, bs: int) -> torch.Tensor:
         return self.empty_string_feat.unsqueeze(0).expand(bs, -1, -1)
 
-    # With feature normalisation the empty clip/sync tokens are stored in normalised units
-    # (cond_norm.py says why); these return them in raw feature units, like real features.
+    # With feature normalisation the empty clip/sync tokens are stored scaled (cond_norm.py says
+    # why); these return them in raw feature units, like real features.
     def empty_clip_sequence(self, bs: int) -> torch.Tensor:
         token = self.empty_clip_feat if self.cond_norm is None else self.cond_norm.denormalise_clip(self.empty_clip_feat)
         return token.unsqueeze(0).expand(bs, self.clip_seq_len, -1)

@@ -314,7 +314,7 @@ class Trainer:
         if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
             self.model.attach_condition_norm().set_statistics(
                 norm_stats.streams, identity_tag(norm_stats.encoder_identity))
-            # the empty clip/sync tokens start at zero in normalised units: at the streams' means
+            # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
         self.model.train()
         set_conv_impl(self.model, self.speed.conv_impl)
         self.optimizer = make_adamw(

@@ -294,6 +294,7 @@ class BenchMemorise:
     max_steps: int = MISSING
     eval_every: int = MISSING
     repeat_factor: int = MISSING
+    eval_cfg: Optional[float] = None
 
 
 @dataclass
@@ -304,6 +305,7 @@ class BenchGeneralise:
     max_train_minutes: float = MISSING
     eval_every: int = MISSING
     repeat_factor: int = MISSING
+    eval_cfg: Optional[float] = None
 
 
 @dataclass

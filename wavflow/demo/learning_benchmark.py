@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from wavflow.config import format_override
 from wavflow.demo.pipeline import REPO_ROOT, run_stage, shared_overrides
@@ -67,11 +67,17 @@ def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], ou
         f"training.seed={b.seed}", *[str(w) for w in b.train_extra]], int(b.nproc), logs)
 
 
-def _predict(cfg: DictConfig, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path, tag: str,
-             use_ema: bool = False) -> float:
+def stage_eval_cfg(cfg: DictConfig, stage: str) -> float:
+    """The guidance a stage is evaluated with: bench.<stage>.eval_cfg, else bench.eval_cfg."""
+    own = OmegaConf.select(cfg, f"bench.{stage}.eval_cfg")
+    return float(cfg.bench.eval_cfg if own is None else own)
+
+
+def _predict(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path,
+             tag: str, use_ema: bool = False) -> float:
     return run_stage(f"predict_{tag}", "predict.sh", shared_overrides(cfg) + [
         f"data.csv_path={csv_path}", f"data.data_root={data_root}", f"model.ckpt_path={ckpt}",
-        f"model.use_ema={str(use_ema).lower()}", f"inference.cfg={cfg.bench.eval_cfg}",
+        f"model.use_ema={str(use_ema).lower()}", f"inference.cfg={stage_eval_cfg(cfg, stage)}",
         f"sampling.num_steps={cfg.sampling.num_steps}", f"output.output_dir={out}",
         "output.mux_video=false", "output.overwrite=true", "output.loudness_norm=true",
         "inference.batch_size=8"], 1, logs)
@@ -161,7 +167,8 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
         train_s += _train_to(cfg, st, [feats], root / "train", step, logs)
         for use_ema in (False, True):
             pred = root / "predict" / (f"step_{step:06d}" + ("_ema" if use_ema else ""))
-            _predict(cfg, data / "memorise_eval.csv", data, ckpt, pred, logs, f"memorise_{step}", use_ema=use_ema)
+            _predict(cfg, "memorise", data / "memorise_eval.csv", data, ckpt, pred, logs, f"memorise_{step}",
+                     use_ema=use_ema)
         point = {**score(step), "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - start, 1)}
         curve.append(point)
         log.info("memorise step %d: %s", step, {k: {m: point[k][m] for m in ("nearest_is_own", "ratio_to_noise")}
@@ -203,8 +210,8 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
             break
         train_s += _train_to(cfg, st, csvs, root / "train", step, logs)
         pred = root / "predict" / f"step_{step:06d}"
-        _predict(cfg, data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth", pred,
-                 logs, f"generalise_{step}", use_ema=True)
+        _predict(cfg, "generalise", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
+                 pred, logs, f"generalise_{step}", use_ema=True)
         metrics, _ = evaluate(pred, data, out_dir=pred, progress=False)
         text, video = metrics["groups"]["text_conditioned"], metrics["groups"]["video_conditioned"]
         # onset median over every reference onset, a missed one counting 1000 ms (demo/metrics.py)
@@ -257,7 +264,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"git_revision": _git_revision(), "config": {
         "model": cfg.model.name, "duration": cfg.data.audio_duration, "precision": cfg.bench.precision,
         "batch_size": cfg.bench.batch_size, "lr": cfg.bench.lr, "sampling_steps": cfg.sampling.num_steps,
-        "cfg": cfg.bench.eval_cfg, "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
+        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise")}, "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
     runners = {"memorise": run_memorise, "generalise": run_generalise}
     for stage in cfg.bench.stages:
         if stage not in runners:

@@ -64,7 +64,7 @@ def test_each_stage_is_evaluated_with_its_own_guidance():
     from wavflow.demo.learning_benchmark import stage_eval_cfg
 
     shipped = load_config(REPO / "configs/bench_learning.yaml", job="bench_learning")
-    assert stage_eval_cfg(shipped, "generalise") == 1.5 and stage_eval_cfg(shipped, "memorise") == 3.0
+    assert stage_eval_cfg(shipped, "generalise") == 1.0 and stage_eval_cfg(shipped, "memorise") == 3.0
     cfg = load_config(REPO / "configs/bench_learning.yaml", ["bench.eval_cfg=2.0", "bench.memorise.eval_cfg=4.0",
                                                             "bench.generalise.eval_cfg=null"], job="bench_learning")
     assert stage_eval_cfg(cfg, "memorise") == 4.0 and stage_eval_cfg(cfg, "generalise") == 2.0

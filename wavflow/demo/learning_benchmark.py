@@ -264,7 +264,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"git_revision": _git_revision(), "config": {
         "model": cfg.model.name, "duration": cfg.data.audio_duration, "precision": cfg.bench.precision,
         "batch_size": cfg.bench.batch_size, "lr": cfg.bench.lr, "sampling_steps": cfg.sampling.num_steps,
-        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise")}, "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
+        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise")},
+        "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
     runners = {"memorise": run_memorise, "generalise": run_generalise}
     for stage in cfg.bench.stages:
         if stage not in runners:

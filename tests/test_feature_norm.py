@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_train_common import SHAPES, make_config, make_dataset
-from wavflow.errors import ConfigError, FeatureError
+from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.features.report import STATS_FILENAME, FeatureStats, analyse_csv, identity_tag
 from wavflow.io_utils import safe_torch_load
 from wavflow.model import build_model
@@ -221,6 +221,10 @@ def test_checkpoints_with_raw_unit_empty_tokens_are_converted_on_load():
     ema = ParamEMA(new, decay=0.999)
     ema.load_state_dict(old)
     torch.testing.assert_close(ema.state_dict()["empty_sync_feat"], new.empty_sync_feat.detach(), rtol=1e-4, atol=1e-4)
+    broken = dict(old)
+    del broken["cond_norm.sync_std"]  # a damaged file: the load names the key, no KeyError
+    with pytest.raises(CheckpointError, match="missing: cond_norm.sync_std"):
+        load_weights(build_model("tiny_16k", **SMALL), broken)
     plain = build_model("tiny_16k", **SMALL)  # networks without normalisation: untouched
     plain_sd = plain.state_dict()
     plain_sd["empty_sync_feat"] = torch.full_like(plain_sd["empty_sync_feat"], 3.0)

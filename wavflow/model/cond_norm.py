@@ -104,7 +104,8 @@ def migrate_empty_tokens(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if not state_has_cond_norm(sd) or MARKER in sd:
         return sd
     for key, short in EMPTY_TOKENS.items():
-        if key in sd:
+        stats = (f"{PREFIX}{short}_mean", f"{PREFIX}{short}_std")
+        if key in sd and all(k in sd for k in stats):  # else loading names what is missing
             mean, std = sd[f"{PREFIX}{short}_mean"].float(), sd[f"{PREFIX}{short}_std"].float()
             z = (sd[key].float() - mean) / std  # network input; u = z * RMS(std)
             sd[key] = (z * std.pow(2).mean().sqrt()).to(sd[key].dtype)

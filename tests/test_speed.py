@@ -246,3 +246,31 @@ def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
     assert step["max_param_diff_vs_main"] < 1e-3  # same start, same noise, fp32: close after 2 steps
     assert res["phases"]["sampling"]["max_abs_diff_vs_reference"] < 1e-3 * max(res["phases"]["sampling"]["output_abs_max"], 1e-3) + 1e-4
     assert res["phases"]["data"]["samples_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_model_times_the_new_sampling_path_at_its_own_steps_and_precision(tmp_path):
+    """--fast-sample-steps/--fast-sample-dtype: the new path's generate_batch runs its own step
+    count and precision against main and the reference loop at --sample-steps in fp32."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--phases", "sampling", "--repeats", "1",
+                "--warmup", "0", "--sample-steps", "4", "--fast-sample-steps", "2", "--fast-sample-dtype", "bf16",
+                "--cfg", "1.0", "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    new, main, ref = res["phases"]["sampling"], res["main"]["sampling"], res["phases"]["sampling_reference"]
+    assert (new["steps"], new["dtype"]) == (2, "bf16") and (main["steps"], main["dtype"]) == (4, "fp32")
+    assert ref["steps"] == 4 and ref["flops"] == main["flops"] == 2 * new["flops"] > 0  # cfg 1: one pass per step
+    # the fraction of the matmul rate is taken against the rate of each variant's own precision
+    mm = res["dense_matmul_flops_per_s_by_dtype"]
+    assert new["fraction_of_dense_matmul"] == pytest.approx(new["achieved_flops_per_s"] / mm["bf16"])
+    assert main["fraction_of_dense_matmul"] == pytest.approx(main["achieved_flops_per_s"] / mm["fp32"])
+    # half the Euler steps of the same ODE: a different result, not the reference's rounding
+    assert new["max_abs_diff_vs_reference"] > main["max_abs_diff_vs_reference"]

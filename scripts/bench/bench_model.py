@@ -6,6 +6,7 @@ data loader, each for today's eager path ("main": every speed option off) and th
     python scripts/bench/bench_model.py --preset small_16k --batch 16 --duration 1 --dtype bf16 \\
         [--fast optimizer_impl=fused,ema_impl=foreach,conv_impl=matmul,compile=false] \\
         [--phases train_step,forward,sampling,data] [--sample-steps 4 --cfg 4.5 --sample-batch 1] \\
+        [--fast-sample-steps 2 --fast-sample-dtype bf16] \\
         [--device auto|cpu|cuda] [--repeats 5] [--profile] [--out bench.json]
 
 Phases (each timed as the median of --repeats calls after --warmup calls, variants interleaved):
@@ -17,7 +18,10 @@ Phases (each timed as the median of --repeats calls after --warmup calls, varian
 - sampling: `WavFlowGenerator.generate_batch` (the predict job's call; Euler, batched CFG),
   and "sampling_reference": the reference Euler+CFG loop (two network passes per step, fp32,
   conditions prepared once) on the same weights and noise; their max/mean waveform
-  difference is reported.
+  difference is reported. The new path may sample with fewer steps or in bf16
+  (--fast-sample-steps / --fast-sample-dtype; main and the reference keep --sample-steps, fp32
+  for the reference): whether that keeps the quality is a question for a trained model and the
+  demo metrics, not for these random weights (docs/benchmarks.md).
 - data: samples/s of the trainer's own DataLoader (its workers, collate) over the files.
 
 Per phase: seconds, FLOPs (torch.utils.flop_counter), achieved FLOP/s, the fraction of the
@@ -92,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=1)
     p.add_argument("--sample-steps", type=int, default=4)
     p.add_argument("--sample-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--fast-sample-steps", type=int, default=None,
+                   help="Euler steps of the new path's generate_batch (default: --sample-steps); main and "
+                        "the reference loop keep --sample-steps. Fewer steps are a quality trade-off: "
+                        "check it on a trained model (docs/benchmarks.md)")
+    p.add_argument("--fast-sample-dtype", choices=("fp32", "bf16"), default=None,
+                   help="precision of the new path's generate_batch (default: --sample-dtype)")
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--profile", action="store_true", help="print (and store) the top operators per phase")
     p.add_argument("--write-dataset", type=Path, default=None,
@@ -109,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.fast_options = parse_options(args.fast)
     args.sample_preset = args.sample_preset or args.preset
     args.sample_duration = args.sample_duration or args.duration
+    args.fast_sample_steps = args.fast_sample_steps or args.sample_steps
+    args.fast_sample_dtype = args.fast_sample_dtype or args.sample_dtype
+    if args.fast_sample_steps < 1:
+        p.error("--fast-sample-steps must be >= 1")
     return args
 
 
@@ -444,15 +458,19 @@ def _sampling(args, device, runner, trainers, variants, compiled, results) -> di
 
     shapes = condition_shapes(args.sample_preset, args.sample_duration)
     base = [f"model.name={args.sample_preset}", f"data.audio_duration={args.sample_duration}",
-            *[f"data.{k}={v}" for k, v in shapes.items()], f"inference.precision={args.sample_dtype}",
-            f"sampling.num_steps={args.sample_steps}", f"inference.cfg={args.cfg}", "sampling.method=euler"]
+            *[f"data.{k}={v}" for k, v in shapes.items()], f"inference.cfg={args.cfg}", "sampling.method=euler"]
+    # main (and the reference loop) run --sample-steps in --sample-dtype; the new path may use
+    # fewer steps or bf16 (--fast-sample-steps / --fast-sample-dtype)
+    steps = {MAIN: args.sample_steps, FAST: args.fast_sample_steps}
+    dtypes = {MAIN: args.sample_dtype, FAST: args.fast_sample_dtype}
     torch.manual_seed(0)
     cfg0 = load_config("infer.yaml", base + option_overrides("inference", SpeedOptions.reference()))
     model = build_model_from_config(cfg0)
     perturb(model, 2)
     gens = {}
     for v, opts in variants.items():
-        cfg = load_config("infer.yaml", base + option_overrides("inference", opts))
+        cfg = load_config("infer.yaml", base + option_overrides("inference", opts) + [
+            f"inference.precision={dtypes[v]}", f"sampling.num_steps={steps[v]}"])
         gens[v] = WavFlowGenerator(copy.deepcopy(model), cfg, device=device)
     ref_model = gens[MAIN].model if MAIN in gens else copy.deepcopy(model).to(device).eval()
     b = args.sample_batch
@@ -478,16 +496,18 @@ def _sampling(args, device, runner, trainers, variants, compiled, results) -> di
     flags["reference"] = False
     measured = runner.measure("sampling", calls, flags)
     per_call = _sampling_flops(ref_model, any_gen, items, seeds)
-    n_calls = args.sample_steps
     results["sampling_setup"] = {"preset": args.sample_preset, "duration_s": args.sample_duration, "batch": b,
                                  "steps": args.sample_steps, "cfg": args.cfg, "dtype": args.sample_dtype,
+                                 "fast_steps": args.fast_sample_steps, "fast_dtype": args.fast_sample_dtype,
                                  "method": "euler", "audio_seconds": b * args.sample_duration}
     ref = outs["reference"]
     out: dict[str, Any] = {"sampling": {}, "sampling_reference": {"reference": measured["reference"]}}
-    out["sampling_reference"]["reference"]["flops"] = 2 * n_calls * per_call  # two passes of B rows
+    passes = 2 if args.cfg > 1 else 1  # guidance: two passes of B rows (reference) or one of 2B rows
+    out["sampling_reference"]["reference"].update(flops=passes * args.sample_steps * per_call,
+                                                  steps=args.sample_steps, dtype="fp32")
     for v in gens:
         out["sampling"][v] = measured[v]
-        out["sampling"][v]["flops"] = n_calls * 2 * per_call  # one pass of 2B rows
+        out["sampling"][v].update(flops=passes * steps[v] * per_call, steps=steps[v], dtype=dtypes[v])
         diff = (outs[v] - ref).abs()
         out["sampling"][v].update(max_abs_diff_vs_reference=diff.max().item(), mean_abs_diff_vs_reference=diff.mean().item(),
                                   output_abs_max=ref.abs().max().item())
@@ -533,7 +553,7 @@ def _fill_phases(results: dict[str, Any], raw: dict[str, Any], mm: dict[str, flo
         for v, r in by_variant.items():
             r.setdefault("flops", 0)
             r["achieved_flops_per_s"] = r["flops"] / r["seconds"] if r["flops"] else 0.0
-            dtype_rate = mm[args.sample_dtype] if phase.startswith("sampling") else rate
+            dtype_rate = mm[r.get("dtype", args.sample_dtype)] if phase.startswith("sampling") else rate
             r["fraction_of_dense_matmul"] = r["achieved_flops_per_s"] / dtype_rate
             r["fraction_of_fp32_matmul"] = r["achieved_flops_per_s"] / mm["fp32"]
         if phase == "sampling_reference":

@@ -224,16 +224,23 @@ def test_compiled_sampling_matches_eager_and_does_not_recompile():
     assert not torch.equal(again, first)
 
 
-@pytest.mark.slow
-def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
+def _load_bench_model():
+    """scripts/bench/bench_model.py as a module (it is a script, not part of the package)."""
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench_model.py"
     spec = importlib.util.spec_from_file_location("bench_model", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
+    import json
+
+    bench = _load_bench_model()
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--dtype", "fp32", "--repeats", "1",
                 "--warmup", "1", "--sample-steps", "1", "--data-batches", "1", "--threads", "1", "--out", str(out)])
@@ -252,14 +259,9 @@ def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
 def test_bench_model_times_the_new_sampling_path_at_its_own_steps_and_precision(tmp_path):
     """--fast-sample-steps/--fast-sample-dtype: the new path's generate_batch runs its own step
     count and precision against main and the reference loop at --sample-steps in fp32."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench_model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench_model()
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--phases", "sampling", "--repeats", "1",
                 "--warmup", "0", "--sample-steps", "4", "--fast-sample-steps", "2", "--fast-sample-dtype", "bf16",
@@ -274,3 +276,5 @@ def test_bench_model_times_the_new_sampling_path_at_its_own_steps_and_precision(
     assert main["fraction_of_dense_matmul"] == pytest.approx(main["achieved_flops_per_s"] / mm["fp32"])
     # half the Euler steps of the same ODE: a different result, not the reference's rounding
     assert new["max_abs_diff_vs_reference"] > main["max_abs_diff_vs_reference"]
+    with pytest.raises(SystemExit):  # 0 steps is an error, not the default
+        bench.parse_args(["--fast-sample-steps", "0"])

@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.fast_options = parse_options(args.fast)
     args.sample_preset = args.sample_preset or args.preset
     args.sample_duration = args.sample_duration or args.duration
-    args.fast_sample_steps = args.fast_sample_steps or args.sample_steps
+    if args.fast_sample_steps is None:
+        args.fast_sample_steps = args.sample_steps
     args.fast_sample_dtype = args.fast_sample_dtype or args.sample_dtype
     if args.fast_sample_steps < 1:
         p.error("--fast-sample-steps must be >= 1")

@@ -91,9 +91,14 @@ MARKER = PREFIX + "empty_token_format"
 EMPTY_TOKENS = {"empty_clip_feat": "clip", "empty_sync_feat": "sync"}
 
 
+def _rms(std: Tensor) -> Tensor:
+    """r: the RMS of a stream's stored std, the scale between a stored empty token and its input."""
+    return std.float().pow(2).mean().sqrt()
+
+
 def empty_token_input(u: Tensor, std: Tensor) -> Tensor:
     """The network input (normalised units) of a stored empty token."""
-    return u / std.float().pow(2).mean().sqrt().to(u.dtype)
+    return u / _rms(std).to(u.dtype)
 
 
 def migrate_empty_tokens(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -106,9 +111,9 @@ def migrate_empty_tokens(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for key, short in EMPTY_TOKENS.items():
         stats = (f"{PREFIX}{short}_mean", f"{PREFIX}{short}_std")
         if key in sd and all(k in sd for k in stats):  # else loading names what is missing
-            mean, std = sd[f"{PREFIX}{short}_mean"].float(), sd[f"{PREFIX}{short}_std"].float()
+            mean, std = (sd[k].float() for k in stats)
             z = (sd[key].float() - mean) / std  # network input; u = z * RMS(std)
-            sd[key] = (z * std.pow(2).mean().sqrt()).to(sd[key].dtype)
+            sd[key] = (z * _rms(std)).to(sd[key].dtype)
     sd[MARKER] = torch.full((1,), float(EMPTY_TOKEN_FORMAT))
     return sd
 

@@ -72,6 +72,49 @@ def test_network_with_fast_options_matches_reference_fp32_and_bf16():
     assert (want_bf - want).abs().max() < 0.05 * scale
 
 
+def test_matmul_attention_matches_sdpa_forward_and_backward():
+    from wavflow.model.layers import matmul_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 64, generator=g, requires_grad=True) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v)
+    got = matmul_attention(q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    grads_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+    grads_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # under bf16 autocast: bf16 GEMMs, output within bf16 rounding of the fp32 result
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = matmul_attention(q, k, v)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_attention_backend_matmul_routes_the_network_through_matmul_attention(monkeypatch):
+    from wavflow.model import layers
+
+    calls = []
+    real = layers.matmul_attention
+    monkeypatch.setattr(layers, "matmul_attention", lambda *a: calls.append(1) or real(*a))
+    kw = dict(latent_seq_len=12, clip_seq_len=8, sync_seq_len=16, text_seq_len=8, clip_dim=32, sync_dim=24, text_dim=32)
+    torch.manual_seed(0)
+    model = _perturbed(build_model("tiny_16k", **kw))
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(3, 12, 200, generator=g), torch.randn(3, 8, 32, generator=g),
+              torch.randn(3, 16, 24, generator=g), torch.randn(3, 8, 32, generator=g), torch.rand(3, generator=g))
+    with torch.no_grad():
+        want = model(*inputs)
+        assert not calls
+        with sdpa_context("matmul"):
+            got = model(*inputs)
+        n = len(calls)
+        assert n > 0
+        model(*inputs)  # the context is left: SDPA again
+    assert len(calls) == n
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 def test_foreach_ema_is_bit_identical_to_the_loop():
     model = _perturbed(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)))
     loop, each = ParamEMA(model, 0.999, warmup=True), ParamEMA(model, 0.999, warmup=True, foreach=True)
@@ -172,7 +215,8 @@ def test_bad_speed_option_is_a_config_error_naming_the_key(tmp_path, key, value)
     assert SpeedOptions.from_config({}, "x").is_reference()
 
 
-def test_generator_fast_options_match_reference_sampling():
+@pytest.mark.parametrize("attention", ["math", "matmul"])
+def test_generator_fast_options_match_reference_sampling(attention):
     from tests.test_predict import perturbed_state_dict, tiny_cfg
     from wavflow.generator import ConditionFeatures, WavFlowGenerator
     from wavflow.model import build_model_from_config
@@ -180,7 +224,7 @@ def test_generator_fast_options_match_reference_sampling():
     cfg = tiny_cfg()
     sd = perturbed_state_dict(cfg, 1)
     gens = {}
-    for name, extra in (("ref", []), ("fast", ["inference.conv_impl=matmul", "inference.attention_backend=math"])):
+    for name, extra in (("ref", []), ("fast", ["inference.conv_impl=matmul", f"inference.attention_backend={attention}"])):
         c = tiny_cfg(*extra)
         model = build_model_from_config(c)
         model.load_state_dict(sd)
@@ -224,23 +268,29 @@ def test_compiled_sampling_matches_eager_and_does_not_recompile():
     assert not torch.equal(again, first)
 
 
-def _load_bench_model():
-    """scripts/bench/bench_model.py as a module (it is a script, not part of the package)."""
+def _load_bench_script(name: str):
+    """A script of scripts/bench as a module (they import each other by file name)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench_model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    folder = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
 
 
 @pytest.mark.slow
 def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
     import json
 
-    bench = _load_bench_model()
+    bench = _load_bench_script("bench_model")
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--dtype", "fp32", "--repeats", "1",
                 "--warmup", "1", "--sample-steps", "1", "--data-batches", "1", "--threads", "1", "--out", str(out)])
@@ -261,7 +311,7 @@ def test_bench_model_times_the_new_sampling_path_at_its_own_steps_and_precision(
     count and precision against main and the reference loop at --sample-steps in fp32."""
     import json
 
-    bench = _load_bench_model()
+    bench = _load_bench_script("bench_model")
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--phases", "sampling", "--repeats", "1",
                 "--warmup", "0", "--sample-steps", "4", "--fast-sample-steps", "2", "--fast-sample-dtype", "bf16",
@@ -278,3 +328,43 @@ def test_bench_model_times_the_new_sampling_path_at_its_own_steps_and_precision(
     assert new["max_abs_diff_vs_reference"] > main["max_abs_diff_vs_reference"]
     with pytest.raises(SystemExit):  # 0 steps is an error, not the default
         bench.parse_args(["--fast-sample-steps", "0"])
+
+
+def test_flop_count_includes_the_cpu_attention_kernels_forward_and_backward():
+    """On CPU, SDPA runs kernels torch's FLOP registry does not know; bench_model must still
+    count them: forward 2 GEMMs (4·B·H·L·S·D), backward 5 (10·B·H·L·S·D: the scores again,
+    dV, dP, dQ, dK)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    bench = _load_bench_script("bench_model")
+    b, h, length, d = 2, 4, 50, 16
+    q, k, v = (torch.randn(b, h, length, d, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        forward = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        both = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert forward == 4 * b * h * length * length * d
+    assert both == 14 * b * h * length * length * d
+
+
+@pytest.mark.slow
+def test_kernel_ceiling_replays_every_flop_kernel_of_the_real_step(tmp_path):
+    """The recorded kernels carry exactly the step's FLOPs (none missed, none counted twice),
+    every family of the network is there, and the ceiling is the formula of its definition."""
+    import json
+
+    ceiling = _load_bench_script("kernel_ceiling")
+    out = tmp_path / "ceiling.json"
+    ceiling.main(["--preset", "tiny_16k", "--batch", "2", "--dtype", "fp32", "--repeats", "1", "--warmup", "0",
+                  "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["step_flops"] == res["step_flops_counted"] > 0
+    assert {"mm", "convolution", "convolution_backward", "attention", "attention_backward"} <= set(res["groups"])
+    assert sum(g["flops"] for g in res["groups"].values()) == res["step_flops"]
+    assert sum(g["seconds"] for g in res["groups"].values()) == pytest.approx(res["kernel_seconds"])
+    assert res["ceiling_fraction_of_dense_matmul"] == pytest.approx(
+        res["step_flops"] / res["kernel_seconds"] / res["dense_matmul_flops_per_s"])
+    assert res["max_speedup_without_glue"] == pytest.approx(res["step_seconds"] / res["kernel_seconds"])
+    # the im2col convolutions and math attention leave only GEMMs
+    fast = ceiling.main(["--preset", "tiny_16k", "--batch", "2", "--dtype", "fp32", "--repeats", "1", "--warmup", "0",
+                         "--threads", "1", "--options", "conv_impl=matmul,attention_backend=math"])
+    assert set(fast["groups"]) == {"mm"} and fast["step_flops"] == fast["step_flops_counted"]

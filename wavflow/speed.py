@@ -13,7 +13,9 @@ Config keys (configs/train.yaml, configs/infer.yaml):
 - conv_impl: the channel-last Conv1d layers. native (reference: F.conv1d, oneDNN on CPU) |
   matmul (im2col: one GEMM over the k shifted copies of the input).
 - attention_backend: scaled_dot_product_attention backend. auto (reference: PyTorch picks) |
-  flash | efficient | math | cudnn.
+  flash | efficient | math | cudnn, or matmul: not SDPA but two GEMMs in the autocast precision
+  around a float32 softmax (wavflow.model.layers.matmul_attention; bf16 rounding of the
+  attention weights under bf16 autocast, fp32 rounding otherwise).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from wavflow.errors import ConfigError
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
 EMA_IMPLS = ("loop", "foreach")
 CONV_IMPLS = ("native", "matmul")
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn", "matmul")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
         raise ValueError(f"attention_backend {backend!r} is not one of {ATTENTION_BACKENDS}")
     if backend == "auto":
         return contextlib.nullcontext()
+    if backend == "matmul":
+        return _matmul_attention()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     which = {
@@ -102,6 +106,18 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
         "cudnn": SDPBackend.CUDNN_ATTENTION,
     }[backend]
     return sdpa_kernel([which])
+
+
+@contextlib.contextmanager
+def _matmul_attention() -> Iterator[None]:
+    from wavflow.model import layers
+
+    before = layers.ATTENTION_IMPL[0]
+    layers.ATTENTION_IMPL[0] = "matmul"
+    try:
+        yield
+    finally:
+        layers.ATTENTION_IMPL[0] = before
 
 
 @contextlib.contextmanager

@@ -37,13 +37,16 @@ def conv1d_channel_last_as_matmul(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int
 ) -> torch.Tensor:
     """Stride-1 Conv1d of (B, L, C) inputs as one GEMM (im2col): the k zero-padded shifted
-    windows (B, L_out, C*k) times weight (O, C*k). Same sums as F.conv1d, other order."""
+    copies of the input side by side, (B, L_out, k*C), times the weight as (O, k*C). Same sums
+    as F.conv1d, other order. Tap-major columns (whole C-wide blocks, not C*k interleaved) keep
+    the copy and its backward contiguous, which is what makes it cheap under inductor too."""
     k = weight.shape[-1]
     if k == 1 and padding == 0:
         return F.linear(x, weight[..., 0], bias)
-    b, _, c = x.shape
-    windows = F.pad(x, (0, 0, padding, padding)).unfold(1, k, 1)  # (B, L_out, C, k)
-    return F.linear(windows.reshape(b, windows.shape[1], c * k), weight.reshape(weight.shape[0], c * k), bias)
+    padded = F.pad(x, (0, 0, padding, padding))
+    length = padded.shape[1] - k + 1
+    windows = torch.cat([padded[:, j:j + length] for j in range(k)], dim=-1)  # (B, L_out, k*C)
+    return F.linear(windows, weight.permute(0, 2, 1).reshape(weight.shape[0], -1), bias)
 
 
 class ChannelLastConv1d(nn.Conv1d):
@@ -151,9 +154,29 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         return out.reshape(*x.shape).to(dtype=x.dtype)
 
 
+# How `attention` runs: "sdpa" (reference: F.scaled_dot_product_attention, whose backend
+# wavflow.speed.sdpa_context picks) or "matmul" (two batched GEMMs in the input precision around
+# a float32 softmax). Set only through wavflow.speed.sdpa_context("matmul").
+ATTENTION_IMPL = ["sdpa"]
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d)) v as plain GEMMs: the scores and the weighted sum in q's dtype
+    (bf16 under autocast, fp32 accumulation), the softmax in float32, its result rounded to v's
+    dtype before the second GEMM, as GPU flash attention rounds it. On CPU in bf16 forward +
+    backward run 2.7-4.9x faster than the CPU flash kernel for this network's shapes
+    (docs/benchmarks.md); the price is that rounding of the attention weights."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(weights, v)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked SDPA on (B, H, L, 64) -> (B, L, H*64) with channel h*64 + j."""
-    out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    if ATTENTION_IMPL[0] == "matmul":
+        out = matmul_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     b, h, n, d = out.shape
     return out.permute(0, 2, 1, 3).reshape(b, n, h * d).contiguous()
 

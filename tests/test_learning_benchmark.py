@@ -68,3 +68,25 @@ def test_each_stage_is_evaluated_with_its_own_guidance():
     cfg = load_config(REPO / "configs/bench_learning.yaml", ["bench.eval_cfg=2.0", "bench.memorise.eval_cfg=4.0",
                                                             "bench.generalise.eval_cfg=null"], job="bench_learning")
     assert stage_eval_cfg(cfg, "memorise") == 4.0 and stage_eval_cfg(cfg, "generalise") == 2.0
+
+
+def test_predict_extra_words_replace_the_benchmark_value_of_their_key(monkeypatch, tmp_path: Path):
+    """scripts/bench/sampling_quality.py predicts with other sampling settings through the
+    benchmark's own predict call: a word for a key the call already sets replaces it (one value
+    per key reaches predict.sh), a new key is added."""
+    from wavflow.config import load_config
+    from wavflow.demo import learning_benchmark as lb
+
+    seen = []
+    monkeypatch.setattr(lb, "run_stage", lambda name, script, words, nproc, logs: seen.append(list(words)) or 1.0)
+    cfg = load_config(REPO / "configs/bench_learning.yaml", job="bench_learning")
+    args = (cfg, "generalise", tmp_path / "h.csv", tmp_path, tmp_path / "c.pth", tmp_path / "o", tmp_path, "t")
+    lb._predict(*args, use_ema=True)
+    lb._predict(*args, use_ema=True, extra=["sampling.num_steps=12", "inference.cfg=1.5", "inference.precision=bf16"])
+    plain, changed = ({w.split("=", 1)[0]: w.split("=", 1)[1] for w in words} for words in seen)
+    assert plain["sampling.num_steps"] == "25" and plain["inference.cfg"] == "1.0"
+    assert changed["sampling.num_steps"] == "12" and changed["inference.cfg"] == "1.5"
+    assert changed["inference.precision"] == "bf16" and "inference.precision" not in plain
+    assert sum(w.startswith("sampling.num_steps=") for w in seen[1]) == 1
+    assert {k: v for k, v in changed.items() if k not in ("sampling.num_steps", "inference.cfg", "inference.precision")} \
+        == {k: v for k, v in plain.items() if k not in ("sampling.num_steps", "inference.cfg")}

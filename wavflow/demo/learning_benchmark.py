@@ -74,13 +74,18 @@ def stage_eval_cfg(cfg: DictConfig, stage: str) -> float:
 
 
 def _predict(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path,
-             tag: str, use_ema: bool = False) -> float:
-    return run_stage(f"predict_{tag}", "predict.sh", shared_overrides(cfg) + [
+             tag: str, use_ema: bool = False, extra: Sequence[str] = ()) -> float:
+    """Predict `csv_path` as the benchmark evaluates; `extra` key=value words replace the
+    benchmark's own value of the same key (e.g. sampling.num_steps=12) or add to them."""
+    words = shared_overrides(cfg) + [
         f"data.csv_path={csv_path}", f"data.data_root={data_root}", f"model.ckpt_path={ckpt}",
         f"model.use_ema={str(use_ema).lower()}", f"inference.cfg={stage_eval_cfg(cfg, stage)}",
         f"sampling.num_steps={cfg.sampling.num_steps}", f"output.output_dir={out}",
         "output.mux_video=false", "output.overwrite=true", "output.loudness_norm=true",
-        "inference.batch_size=8"], 1, logs)
+        "inference.batch_size=8"]
+    replaced = {w.split("=", 1)[0] for w in extra}
+    words = [w for w in words if w.split("=", 1)[0] not in replaced] + list(extra)
+    return run_stage(f"predict_{tag}", "predict.sh", words, 1, logs)
 
 
 def _resume_curve(root: Path) -> tuple[list[dict], float, float]:

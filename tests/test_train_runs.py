@@ -58,6 +58,27 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path):
     assert "Resumed from" in log and "Stopped by training.max_steps" in log
 
 
+def test_stop_on_the_last_batch_of_an_epoch_resumes_bit_identical(tmp_path):
+    """A stop (signal or max_steps) on an epoch's last batch saves "epoch 0, every batch done";
+    the resume must train no batch twice, run that epoch's end-of-epoch saves, and end where an
+    uninterrupted run ends. (A SIGTERM landing there made CI's SIGTERM test see epoch 0, step 8.)"""
+    csv = make_dataset(tmp_path)
+    common = dict(training__epochs=2, training__ema_checkpoint_save_epoch=1)  # 2 batches per epoch
+    full = run_training(make_config(tmp_path / "a", csv, **common))
+    part = run_training(make_config(tmp_path / "b", csv, training__max_steps=2, **common))
+    mid = safe_torch_load(part.exp_dir / "checkpoint_latest.pth")
+    assert (mid["epoch"], mid["global_step"], mid["batch_in_epoch"]) == (0, 2, 2)
+    assert not (part.exp_dir / "ema_epoch_1.pth").exists()  # the end-of-epoch work is still to do
+    rest = run_training(make_config(tmp_path / "b", csv, **common))
+    assert (rest.epoch, rest.global_step) == (2, 4)
+    for name in ("ema_epoch_1.pth", "ema_epoch_2.pth"):
+        _assert_same_tree(safe_torch_load(full.exp_dir / name), safe_torch_load(rest.exp_dir / name), name)
+    a = safe_torch_load(full.exp_dir / "checkpoint_latest.pth")
+    b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
+    for key in ("model", "model_ema1", "model_ema2", "optimizer", "epoch", "global_step", "rng"):
+        _assert_same_tree(a[key], b[key], key)
+
+
 def test_bad_csv_rows_are_reported_together(tmp_path):
     csv = make_dataset(tmp_path)
     lines = csv.read_text().splitlines()
@@ -180,8 +201,11 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     ckpt = safe_torch_load(tmp_path / "out" / "exp" / "checkpoint_latest.pth")
-    assert ckpt["global_step"] >= 1 and ckpt["epoch"] == ckpt["global_step"] // 8
-    assert ckpt["batch_in_epoch"] == ckpt["global_step"] % 8
+    # 8 batches per epoch. A signal during an epoch's last batch stops before the end-of-epoch
+    # bookkeeping, so the checkpoint says "epoch e, all 8 batches done" (the resume then runs the
+    # end-of-epoch work: test_stop_on_the_last_batch_of_an_epoch_resumes_bit_identical).
+    assert ckpt["global_step"] >= 1 and 0 <= ckpt["batch_in_epoch"] <= 8
+    assert ckpt["epoch"] * 8 + ckpt["batch_in_epoch"] == ckpt["global_step"]
     assert "Stopped by SIGTERM" in log.read_text()
 
 

@@ -79,6 +79,20 @@ def test_stop_on_the_last_batch_of_an_epoch_resumes_bit_identical(tmp_path):
         _assert_same_tree(a[key], b[key], key)
 
 
+@pytest.mark.parametrize("first,then", [("default", "fused"), ("fused", "foreach")])
+def test_resume_uses_the_optimizer_kernel_of_the_new_command(tmp_path, first, then):
+    """optimizer.load_state_dict restores the saved groups' foreach/fused flags; a run resumed
+    with another training.optimizer_impl must run the kernel its command asks for."""
+    csv = make_dataset(tmp_path)
+    run_training(make_config(tmp_path, csv, training__max_steps=1, training__optimizer_impl=first))
+    resumed = Trainer(make_config(tmp_path, csv, training__optimizer_impl=then))
+    assert resumed.global_step == 1  # it did resume
+    fresh = Trainer(make_config(tmp_path / "fresh", csv, training__optimizer_impl=then))
+    for got, want in zip(resumed.optimizer.param_groups, fresh.optimizer.param_groups):
+        assert (got["foreach"], got["fused"]) == (want["foreach"], want["fused"])
+    assert resumed.optimizer.state  # the moments came back with it
+
+
 def test_bad_csv_rows_are_reported_together(tmp_path):
     csv = make_dataset(tmp_path)
     lines = csv.read_text().splitlines()

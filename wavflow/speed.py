@@ -33,6 +33,8 @@ OPTIMIZER_IMPLS = ("default", "foreach", "fused")
 EMA_IMPLS = ("loop", "foreach")
 CONV_IMPLS = ("native", "matmul")
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn", "matmul")
+# torch.optim.AdamW param-group keys that pick the kernel, not the math (kept on resume)
+OPTIMIZER_KERNEL_FLAGS = ("foreach", "fused")
 
 
 @dataclass(frozen=True)

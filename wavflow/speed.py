@@ -143,6 +143,21 @@ def make_adamw(params: Any, impl: str, **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **kwargs)
 
 
+def with_kernel_flags_of(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` (an optimizer state dict) with `optimizer`'s kernel flags in its param groups.
+
+    load_state_dict restores the saved groups' `foreach`/`fused` too, so a run resumed with
+    another `optimizer_impl` would keep the old kernel. Patching the saved groups (rather than
+    the live ones afterwards) lets PyTorch place each `step` where the new kernel wants it (a
+    fused kernel keeps it on the parameter's device). Group counts that differ are left for
+    load_state_dict to report."""
+    saved = state.get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(optimizer.param_groups):
+        return state
+    groups = [{**g, **{k: live.get(k) for k in OPTIMIZER_KERNEL_FLAGS}} for g, live in zip(saved, optimizer.param_groups)]
+    return {**state, "param_groups": groups}
+
+
 def maybe_compile(module: Any, enabled: bool, **kwargs: Any) -> Any:
     """torch.compile(module) when enabled (inductor), else the module itself."""
     return torch.compile(module, **kwargs) if enabled else module

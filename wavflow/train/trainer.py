@@ -40,7 +40,7 @@ from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.model.cond_norm import state_has_cond_norm
-from wavflow.speed import OPTIMIZER_KERNEL_FLAGS, SpeedOptions, combined, make_adamw, sdpa_context, set_conv_impl
+from wavflow.speed import SpeedOptions, combined, make_adamw, sdpa_context, set_conv_impl, with_kernel_flags_of
 from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
@@ -514,15 +514,10 @@ class Trainer:
                 ema.reset_to(self.model)
         if model_only or "optimizer" not in ckpt or "epoch" not in ckpt:
             return
-        kernel_flags = [{k: g.get(k) for k in OPTIMIZER_KERNEL_FLAGS} for g in self.optimizer.param_groups]
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(with_kernel_flags_of(self.optimizer, ckpt["optimizer"]))
         except Exception as exc:
             raise CheckpointError(f"optimizer state in {source} does not fit this model: {exc}") from exc
-        # load_state_dict also restores the saved groups' kernel flags (foreach/fused): without
-        # this, a run resumed with another training.optimizer_impl kept the old kernel.
-        for group, flags in zip(self.optimizer.param_groups, kernel_flags):
-            group.update(flags)
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))

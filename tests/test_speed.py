@@ -14,7 +14,7 @@ from tests.test_train_common import make_config, make_dataset
 from wavflow.errors import ConfigError
 from wavflow.model import build_model
 from wavflow.model.layers import ChannelLastConv1d, conv1d_channel_last_as_matmul
-from wavflow.speed import SpeedOptions, make_adamw, sdpa_context, set_conv_impl
+from wavflow.speed import SpeedOptions, make_adamw, resolve_optimizer_impl, sdpa_context, set_conv_impl
 from wavflow.train.ema import ParamEMA
 from wavflow.train.trainer import Trainer
 
@@ -175,6 +175,20 @@ def test_trainer_reference_options_build_todays_objects(tmp_path):
     convs = [m for m in tr.model.modules() if isinstance(m, ChannelLastConv1d)]
     assert convs and all(m.conv_impl == "native" for m in convs)
     assert tr.forward_model is tr.model
+
+
+def test_optimizer_auto_is_fused_on_cuda_and_the_reference_on_cpu(tmp_path):
+    """configs/train.yaml's optimizer_impl=auto: fused where it is faster (CUDA), PyTorch's own
+    choice elsewhere, so the default CPU config builds the reference's AdamW."""
+    assert resolve_optimizer_impl("auto", torch.device("cuda", 0)) == "fused"
+    assert resolve_optimizer_impl("auto", torch.device("cpu")) == "default"
+    assert resolve_optimizer_impl("foreach", torch.device("cuda")) == "foreach"  # explicit values stay
+    with pytest.raises(ValueError, match="resolve auto first"):
+        make_adamw([torch.nn.Parameter(torch.zeros(2))], "auto")
+    csv = make_dataset(tmp_path / "data")
+    tr = Trainer(make_config(tmp_path, csv))  # configs/train.yaml's speed options, on CPU
+    assert tr.speed.optimizer_impl == "auto"
+    assert tr.optimizer.defaults["foreach"] is None and tr.optimizer.defaults["fused"] is None
 
 
 def test_trainer_foreach_ema_step_is_bit_identical(tmp_path):

@@ -40,7 +40,9 @@ from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.model.cond_norm import state_has_cond_norm
-from wavflow.speed import SpeedOptions, combined, make_adamw, sdpa_context, set_conv_impl, with_kernel_flags_of
+from wavflow.speed import (
+    SpeedOptions, combined, make_adamw, resolve_optimizer_impl, sdpa_context, set_conv_impl, with_kernel_flags_of,
+)
 from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
@@ -318,7 +320,8 @@ class Trainer:
         self.model.train()
         set_conv_impl(self.model, self.speed.conv_impl)
         self.optimizer = make_adamw(
-            optimizer_groups(self.model, float(tr.weight_decay)), self.speed.optimizer_impl, lr=1e-3, betas=(0.9, 0.95)
+            optimizer_groups(self.model, float(tr.weight_decay)),
+            resolve_optimizer_impl(self.speed.optimizer_impl, self.device), lr=1e-3, betas=(0.9, 0.95),
         )
         self.eff_batch = int(tr.batch_size) * self.world_size * self.accum
         self.lr_base = base_lr(tr.lr, float(tr.blr), self.eff_batch)

@@ -150,8 +150,11 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
     stats_b = b.optimizer_update([big], lr_epoch=0.0)
     assert stats_a["grad_norm"] == pytest.approx(stats_b["grad_norm"], rel=1e-5)
     assert stats_a["grad_norm"] > 0.5  # clipping was active in both
+    # AdamW's first step is ~lr*sign(g): where |g| is near eps (1e-8) the micro-batch sum order
+    # moves the step by up to a few % of lr (seen on an AVX2 host: 2 of 179,200 elements, 4e-7
+    # at lr 1e-4). A wrong accumulation shows in the gradient norm above or as ~lr-sized errors.
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     changed = sum(not torch.equal(pa, pb) for pa, pb in zip(a.model.parameters(), a.ema1.shadow))
     assert changed > 0
 

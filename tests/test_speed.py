@@ -307,7 +307,7 @@ def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
     bench = _load_bench_script("bench_model")
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny_16k", "--batch", "2", "--duration", "1", "--dtype", "fp32", "--repeats", "1",
-                "--warmup", "1", "--sample-steps", "1", "--data-batches", "1", "--threads", "1", "--out", str(out)])
+                "--warmup", "1", "--sample-steps", "1", "--data-batches", "3", "--threads", "1", "--out", str(out)])
     res = json.loads(out.read_text())
     for name in ("train_step", "forward", "sampling", "sampling_reference", "data"):
         assert "fraction_of_dense_matmul" in res["phases"][name], name
@@ -316,7 +316,10 @@ def test_bench_model_times_the_real_paths_and_writes_the_json_keys(tmp_path):
     assert res["main"]["train_step"]["seconds"] > 0 and "speedup_vs_main" in step
     assert step["max_param_diff_vs_main"] < 1e-3  # same start, same noise, fp32: close after 2 steps
     assert res["phases"]["sampling"]["max_abs_diff_vs_reference"] < 1e-3 * max(res["phases"]["sampling"]["output_abs_max"], 1e-3) + 1e-4
-    assert res["phases"]["data"]["samples_per_s"] > 0
+    data = res["phases"]["data"]
+    # the first batch (start-up) is timed apart; the steady rate counts the other two batches
+    assert data["samples_per_s"] > 0 and data["startup_seconds"] > 0 and data["rows"] == 2 * 2
+    assert data["starves_trainer"] == (data["samples_per_s"] < step["samples_per_s"])
 
 
 @pytest.mark.slow

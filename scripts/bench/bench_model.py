@@ -22,7 +22,9 @@ Phases (each timed as the median of --repeats calls after --warmup calls, varian
   (--fast-sample-steps / --fast-sample-dtype; main and the reference keep --sample-steps, fp32
   for the reference): whether that keeps the quality is a question for a trained model and the
   demo metrics, not for these random weights (docs/benchmarks.md).
-- data: samples/s of the trainer's own DataLoader (its workers, collate) over the files.
+- data: the trainer's own DataLoader (its workers, collate) over the files, read for
+  --data-batches batches: `startup_seconds` (to the first batch: what every epoch pays) and
+  `samples_per_s` after it (the steady rate; `starves_trainer` compares it with the step).
 
 Per phase: seconds, FLOPs (torch.utils.flop_counter), achieved FLOP/s, the fraction of the
 dense matmul rate measured in the same run (`phases.<name>.fraction_of_dense_matmul`, against
@@ -90,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the data phase")
-    p.add_argument("--data-batches", type=int, default=8)
+    p.add_argument("--data-batches", type=int, default=32,
+                   help="batches the data phase reads (the first one's time is reported apart as start-up)")
     p.add_argument("--sample-preset", default=None, help="preset of the sampling phase (default: --preset)")
     p.add_argument("--sample-duration", type=float, default=None, help="default: --duration")
     p.add_argument("--sample-batch", type=int, default=1)
@@ -108,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only write the synthetic training set (and train.csv) here, then exit")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if min(args.batch, args.repeats, args.sample_steps, args.sample_batch, args.data_batches) < 1 or args.warmup < 0:
-        p.error("--batch, --repeats, --sample-steps, --sample-batch, --data-batches must be >= 1, --warmup >= 0")
+    if min(args.batch, args.repeats, args.sample_steps, args.sample_batch) < 1 or args.warmup < 0 or args.data_batches < 2:
+        p.error("--batch, --repeats, --sample-steps, --sample-batch must be >= 1, --data-batches >= 2, --warmup >= 0")
     args.variants = [v for v in args.variants.split(",") if v]
     args.phases = [v for v in args.phases.split(",") if v]
     if not set(args.variants) <= {MAIN, FAST} or not args.variants:
@@ -431,19 +434,30 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             tr = any_tr
             loader_batches = args.data_batches
 
-            def load() -> int:
-                rows = 0
-                for i, b in enumerate(tr._epoch_loader(0)):
-                    rows += len(b.get("id", []))
-                    if i + 1 >= loader_batches:
-                        break
-                return rows
+            # One loader over --data-batches batches (the data set repeated as needed): the time to
+            # its first batch is the start-up every epoch pays (workers start, prefetch fills), the
+            # rest is the steady rate a long epoch sees. Timing only a short epoch mixes the two.
+            order = [i % len(tr.dataset) for i in range(loader_batches * args.batch)]
 
-            rows = load()  # warm file caches and workers' imports
-            seconds = [timed(load, device) for _ in range(max(1, min(args.repeats, 3)))]
-            sec = statistics.median(seconds)
-            raw["data"]["loader"] = {"seconds": sec, "samples_per_s": rows / sec, "rows": rows,
-                                     "workers": args.workers, "flops": 0, "peak_memory_bytes": 0}
+            def load() -> tuple[float, float, int]:
+                start = time.perf_counter()
+                first, rows = 0.0, 0
+                for i, b in enumerate(tr._epoch_loader(0, sampler=order)):
+                    if i == 0:
+                        first = time.perf_counter() - start
+                    else:
+                        rows += len(b.get("id", []))
+                return first, time.perf_counter() - start - first, rows
+
+            load()  # warm file caches and workers' imports
+            runs = [load() for _ in range(max(1, min(args.repeats, 3)))]
+            startup = statistics.median(r[0] for r in runs)
+            steady = statistics.median(r[1] for r in runs)
+            rows = runs[0][2]
+            raw["data"]["loader"] = {
+                "seconds": steady, "samples_per_s": rows / steady if rows else float("nan"), "rows": rows,
+                "startup_seconds": startup, "batches": loader_batches, "workers": args.workers,
+                "flops": 0, "peak_memory_bytes": 0}
 
         if "sampling" in args.phases:
             raw.update(_sampling(args, device, runner, trainers, variants, compiled, results))
@@ -615,7 +629,7 @@ def format_table(results: dict[str, Any]) -> str:
         main = results["main"].get(name, {})
         notes = []
         for key in ("compile_seconds", "recompiles", "max_param_diff_vs_main", "max_abs_diff_vs_reference",
-                    "fraction_of_reference_time", "real_time_factor", "samples_per_s", "starves_trainer"):
+                    "fraction_of_reference_time", "real_time_factor", "samples_per_s", "startup_seconds", "starves_trainer"):
             if key in p:
                 val = p[key]
                 notes.append(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}")

@@ -444,9 +444,12 @@ class Trainer:
         return RestOfEpochSampler(len(self.dataset), epoch=epoch, consumed=self.samples_in_epoch,
                                   rank=self.rank, world_size=self.world_size, seed=self.sampler.seed)
 
-    def _epoch_loader(self, epoch: int) -> DataLoader:
+    def _epoch_loader(self, epoch: int, sampler: Sampler | Sequence[int] | None = None) -> DataLoader:
+        """The DataLoader of `epoch` (workers, seeds, collate as training uses them); `sampler`
+        replaces the epoch's order (scripts/bench/bench_model.py reads a longer stream)."""
         self.sampler.set_epoch(epoch)
-        sampler: Sampler = self._rest_of_epoch(epoch) if self.samples_in_epoch else self.sampler
+        if sampler is None:
+            sampler = self._rest_of_epoch(epoch) if self.samples_in_epoch else self.sampler
         base_seed = (self.seed * 1_000 + self.rank * 100_003 + epoch * 7) % 2**62
         workers = int(self.tr.num_workers)
         return DataLoader(

@@ -145,7 +145,8 @@ def make_adamw(params: Any, impl: str, **kwargs: Any) -> torch.optim.AdamW:
     """torch.optim.AdamW with the chosen kernel; `default` passes no flag (PyTorch's choice).
     `auto` must be resolved first (resolve_optimizer_impl: it depends on the device)."""
     if impl not in OPTIMIZER_IMPLS or impl == "auto":
-        raise ValueError(f"optimizer_impl {impl!r} is not one of {OPTIMIZER_IMPLS[:-1]} (resolve auto first)")
+        kernels = tuple(i for i in OPTIMIZER_IMPLS if i != "auto")
+        raise ValueError(f"optimizer_impl {impl!r} is not one of {kernels} (resolve auto first)")
     if impl == "foreach":
         kwargs["foreach"] = True
     elif impl == "fused":

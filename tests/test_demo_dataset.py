@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 
 import av
@@ -11,8 +13,18 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from wavflow.demo.make_dataset import load_dataset_info, main, make_dataset, mp4_bytes
-from wavflow.demo.sound_events import CLASS_BY_NAME, CLASS_NAMES
+from wavflow.demo.make_dataset import DatasetInfo, load_dataset_info, main, make_dataset, mp4_bytes
+from wavflow.demo.sound_events import (
+    BACKGROUND_RGB,
+    CLASS_BY_NAME,
+    CLASS_NAMES,
+    EVENT_CLASSES,
+    Look,
+    ShapePlacement,
+    blank_frame,
+    class_looks,
+    draw_event,
+)
 from wavflow.errors import ConfigError, ManifestError
 
 N, SEED, DUR, SR, FPS, SIZE = 12, 3, 2.0, 16000, 25, 96
@@ -220,3 +232,209 @@ def test_cli_and_argument_errors(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ManifestError, match="broken.json"):
         load_dataset_info(tmp_path / "broken.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Variations: class subsets, held-out caption wordings, another palette
+
+
+def _renderings(templates: tuple[str, ...]) -> set[str]:
+    """Every caption the templates give for 1-3 events (as make_caption words them)."""
+    return {t.format(count=w, s="" if k == 1 else "s")
+            for t in templates for k, w in ((1, "a single"), (2, "two"), (3, "three"))}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def test_heldout_wordings_are_new_and_keep_a_class_unique_clip_token():
+    """A bag-of-words text encoder over CLIP BPE tokens recognises an unseen wording only through
+    tokens it shares with the class's training captions and with no other class's captions."""
+    from open_clip.tokenizer import SimpleTokenizer  # the BPE of the CLIP text tower
+
+    bpe = SimpleTokenizer()
+    train = {c.name: _renderings(c.templates) for c in EVENT_CLASSES}
+    heldout = {c.name: _renderings(c.heldout_templates) for c in EVENT_CLASSES}
+    all_train = set().union(*train.values())
+    for cls in EVENT_CLASSES:
+        assert len(cls.heldout_templates) >= 2 and cls.key_words, cls.name
+        assert not set(cls.heldout_templates) & set(cls.templates), cls.name
+        assert not heldout[cls.name] & all_train, f"{cls.name}: a held-out wording is a training one"
+        others = set().union(*(train[o] | heldout[o] for o in train if o != cls.name))
+        other_tokens = set().union(*(bpe.encode(text) for text in others))
+        train_words = set().union(*(_words(text) for text in train[cls.name]))
+        for word in cls.key_words:
+            assert word in train_words, (cls.name, word)
+            assert not set(bpe.encode(word)) & other_tokens, f"{cls.name}: key word {word!r} not unique"
+        for text in heldout[cls.name]:
+            assert _words(text) & set(cls.key_words), f"{cls.name}: {text!r} keeps no key word"
+    # the old check: "tone" names three classes, so it must be no class's key word
+    assert not any("tone" in c.key_words for c in EVENT_CLASSES)
+
+
+def test_palettes_are_bright_distinct_deterministic_and_permute_shapes():
+    builtin = class_looks(None)
+    assert {n: (lk.colour, lk.shape) for n, lk in builtin.items()} == {
+        c.name: (c.colour, c.shape) for c in EVENT_CLASSES}
+    background = np.asarray(BACKGROUND_RGB, dtype=np.float64)
+    shape_orders = set()
+    for seed in range(200):
+        looks = class_looks(seed)
+        assert looks == class_looks(seed) and list(looks) == list(CLASS_NAMES)
+        colours = np.asarray([lk.colour for lk in looks.values()], dtype=np.float64)
+        assert colours.min() >= 0 and colours.max() <= 255
+        assert colours.sum(axis=1).min() >= 240, seed  # far above the gate of the tiny CLIP
+        assert (np.linalg.norm(colours / 255, axis=1) >= 0.6).all(), seed
+        assert np.linalg.norm(colours - background, axis=1).min() >= 200, seed
+        pair_gap = min(np.linalg.norm(a - b) for a, b in itertools.combinations(colours, 2))
+        assert pair_gap >= 100, (seed, pair_gap)
+        shapes = [lk.shape for lk in looks.values()]
+        assert sorted(shapes) == sorted(c.shape for c in EVENT_CLASSES)
+        shape_orders.add(tuple(shapes))
+    assert len(shape_orders) > 50  # the shapes really move between classes
+    assert class_looks(1) != class_looks(2)
+
+
+def test_draw_event_uses_the_look():
+    placement = ShapePlacement(cx=48.0, cy=48.0, radius=18.0, texture_seed=5)
+    bg = np.asarray(BACKGROUND_RGB, dtype=np.uint8)
+    plain, looked = blank_frame(96), blank_frame(96)
+    draw_event(plain, "two_tone", placement)  # built-in: a magenta bar
+    draw_event(looked, "clicks", placement, Look((10, 200, 240), "bar"))
+    assert np.array_equal((plain != bg).any(axis=2), (looked != bg).any(axis=2))  # same mask
+    assert {tuple(p) for p in looked[(looked != bg).any(axis=2)]} == {(10, 200, 240)}
+    # a tinted noisy blob: static in the look's colour; the built-in one stays grey
+    grey, tinted = blank_frame(96), blank_frame(96)
+    draw_event(grey, "noise_burst", placement)
+    draw_event(tinted, "chirp", placement, Look((40, 230, 90), "noisy_blob", tinted=True))
+    mask = (grey != bg).any(axis=2)
+    assert np.array_equal(mask, (tinted != bg).any(axis=2))
+    assert (grey[mask].max(axis=1) == grey[mask].min(axis=1)).all()
+    ratio = tinted[mask].astype(np.float64) / np.asarray([40, 230, 90])
+    assert np.allclose(ratio, grey[mask][:, :1] / 255.0, atol=0.02)
+
+
+SUBSET = ["high_tone", "noise_burst", "clicks", "two_tone"]
+VAR_N, VAR_SEED, VAR_PALETTE = 16, 11, 4
+
+
+def _make_variation(root: Path, **overrides) -> DatasetInfo:
+    kwargs = dict(duration=2.0, holdout_frac=0.25, progress=False, classes=SUBSET,
+                  caption_split="heldout", palette_seed=VAR_PALETTE)
+    kwargs.update(overrides)
+    return make_dataset(root, VAR_N, VAR_SEED, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def variation(tmp_path_factory):
+    return _make_variation(tmp_path_factory.mktemp("demo_var"))
+
+
+def test_variation_is_deterministic_and_keeps_to_the_class_subset(variation, tmp_path):
+    root = variation.root
+    again = _make_variation(tmp_path / "again")
+    first, second = _all_files(root), _all_files(again.root)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        if name.endswith((".wav", ".csv", ".json")):
+            assert first[name] == second[name], f"{name} differs between two runs with the same args"
+    assert len([k for k in first if k.endswith(".wav")]) == VAR_N
+
+    for csv in ("train_vt2a.csv", "train_t2a.csv", "holdout_reference.csv", "metadata.csv"):
+        labels = set(pd.read_csv(root / csv, keep_default_na=False).label)
+        assert labels and labels <= set(SUBSET), (csv, labels)
+    train = pd.concat([pd.read_csv(root / f, keep_default_na=False)
+                       for f in ("train_vt2a.csv", "train_t2a.csv")])
+    assert set(train.label) == set(SUBSET)  # every class is trained on
+    for split in ("train", "holdout"):
+        assert {c.mode for c in variation.split(split)} == {"VT2A", "T2A", "V2A"}, split
+
+    events = json.loads((root / "events.json").read_text())
+    assert events["classes"] == SUBSET and events["caption_split"] == "heldout"
+    assert events["palette_seed"] == VAR_PALETTE
+    loaded = load_dataset_info(root)
+    assert loaded.classes == SUBSET and loaded.caption_split == "heldout"
+    assert loaded.palette_seed == VAR_PALETTE and loaded.clips == variation.clips
+
+
+def test_heldout_captions_use_only_unseen_wordings(variation):
+    root = variation.root
+    train_sets = {n: _renderings(CLASS_BY_NAME[n].templates) for n in SUBSET}
+    heldout_sets = {n: _renderings(CLASS_BY_NAME[n].heldout_templates) for n in SUBSET}
+    train = pd.concat([pd.read_csv(root / f, keep_default_na=False)
+                       for f in ("train_vt2a.csv", "train_t2a.csv")])
+    for row in train.itertuples():
+        assert row.caption == "" or row.caption in train_sets[row.label], (row.id, row.caption)
+    ref = pd.read_csv(root / "holdout_reference.csv", keep_default_na=False)
+    infer = pd.read_csv(root / "holdout_infer.csv", keep_default_na=False).set_index("id")
+    assert (ref.caption != "").sum() >= 2
+    for row in ref.itertuples():
+        assert infer.loc[row.id, "caption"] == row.caption
+        assert row.caption == "" or row.caption in heldout_sets[row.label], (row.id, row.caption)
+    for clip in variation.clips:  # V2A clips keep their description in events.json
+        wordings = heldout_sets if clip.split == "holdout" else train_sets
+        assert clip.description in wordings[clip.label], (clip.id, clip.description)
+        assert clip.caption in ("", clip.description)
+
+
+def test_heldout_captions_and_palette_leave_the_sound_unchanged(variation, tmp_path):
+    shared = _make_variation(tmp_path / "shared", caption_split="shared", palette_seed=None)
+    assert shared.caption_split == "shared"
+    for a, b in zip(variation.clips, shared.clips):
+        assert (a.id, a.split, a.mode, a.label, a.onsets) == (b.id, b.split, b.mode, b.label, b.onsets)
+        assert (variation.root / a.audio_path).read_bytes() == (shared.root / b.audio_path).read_bytes()
+        if a.split == "train":
+            assert a.caption == b.caption
+        else:
+            assert a.description != b.description
+            assert b.description in _renderings(CLASS_BY_NAME[b.label].templates)
+
+
+def test_palette_video_shows_the_new_colours_at_the_onsets(variation):
+    looks = class_looks(VAR_PALETTE)
+    seen = set()
+    for clip in variation.clips:
+        frames = _decode_rgb(variation.root / clip.video_path)
+        starts, lengths, colours = _appearance_runs(frames)
+        assert starts == clip.onset_frames and lengths == clip.duration_frames, clip.id
+        look = looks[clip.label]
+        expected = np.asarray(look.colour, dtype=np.float64)
+        for colour in colours:
+            if look.shape == "noisy_blob":  # static: the colour's direction, 60-100 % as bright
+                cosine = colour @ expected / np.linalg.norm(colour) / np.linalg.norm(expected)
+                assert cosine > 0.98 and 0.6 < np.linalg.norm(colour) / np.linalg.norm(expected) < 1.0
+            else:
+                assert np.abs(colour - expected).max() < 45, (clip.id, colour, expected)
+        seen.add(clip.label)
+    assert seen == set(SUBSET)
+
+
+def test_variation_cli_and_errors(tmp_path, capsys):
+    main(["--out", str(tmp_path / "cli"), "--n", "4", "--seed", "0", "--duration", "1.0",
+          "--sample-rate", "8000", "--size", "64", "--classes", "chirp, low_tone",
+          "--caption-split", "heldout", "--palette-seed", "9"])
+    assert "data.data_root=" in capsys.readouterr().out
+    info = load_dataset_info(tmp_path / "cli")
+    assert info.classes == ["chirp", "low_tone"] and info.caption_split == "heldout"
+    assert info.palette_seed == 9 and {c.label for c in info.clips} <= {"chirp", "low_tone"}
+    with pytest.raises(ConfigError, match=r"unknown class 'hum'.*low_tone, high_tone"):
+        make_dataset(tmp_path / "bad", 4, 0, classes=["low_tone", "hum"])
+    with pytest.raises(ConfigError, match="at least 2"):
+        make_dataset(tmp_path / "bad", 4, 0, classes=["chirp"])
+    with pytest.raises(ConfigError, match="twice"):
+        make_dataset(tmp_path / "bad", 4, 0, classes=["chirp", "chirp"])
+    with pytest.raises(ConfigError, match="--caption-split"):
+        make_dataset(tmp_path / "bad", 4, 0, caption_split="unseen")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--caption-split", "unseen"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_older_events_json_reads_as_the_default_variation(dataset, tmp_path):
+    payload = json.loads((dataset.root / "events.json").read_text())
+    assert payload.pop("caption_split") == "shared" and payload.pop("palette_seed") is None
+    (tmp_path / "events.json").write_text(json.dumps(payload))
+    old = load_dataset_info(tmp_path / "events.json")
+    assert old.caption_split == "shared" and old.palette_seed is None
+    assert old.clips == dataset.clips and old.classes == list(CLASS_NAMES)

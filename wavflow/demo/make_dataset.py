@@ -1,6 +1,7 @@
 """Build the built-in procedural audio-visual data set of the demo.
 
     python -m wavflow.demo.make_dataset --out DIR --n 48 --seed 0 [--duration 2.0] ...
+        [--classes low_tone,chirp,clicks] [--caption-split heldout] [--palette-seed 7]
 
 Each clip holds one sound-event class (sound_events.py) occurring 1-3 times at onsets on the
 video frame grid (onset_sec = k / fps), so the shape on screen appears exactly on the frame
@@ -22,6 +23,11 @@ set `data.data_root=DIR`):
 Modes: VT2A (video + caption), T2A (caption only), V2A (video only), assigned inside each
 split so both splits hold every mode. The output is a pure function of the arguments:
 the same seed gives byte-identical wavs and identical CSVs / JSON.
+
+Variations (for checking that a recipe holds on data it was not tuned on), all off by default:
+--classes keeps a subset of the classes; --caption-split heldout gives held-out clips wordings
+that no training caption uses (their audio and video stay those of the shared split);
+--palette-seed gives every class another colour and shape.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from tqdm import tqdm
 from wavflow.demo.sound_events import (
     CLASS_BY_NAME,
     CLASS_NAMES,
+    Look,
     ShapePlacement,
     blank_frame,
+    class_looks,
     draw_event,
     make_caption,
     place_shape,
@@ -59,6 +67,7 @@ PEAK_LIMIT = 0.95
 LEAD_IN_FRAMES = 2  # silence before the first event, so its onset is a clear energy rise
 MIN_GAP_SEC = 0.16  # between the end of one event and the start of the next
 EVENTS_VERSION = 1
+CAPTION_SPLITS = ("shared", "heldout")
 
 
 @dataclass
@@ -95,6 +104,8 @@ class DatasetInfo:
     size: int
     classes: list[str]
     clips: list[ClipInfo] = field(default_factory=list)
+    caption_split: str = "shared"  # "heldout": holdout captions use wordings training never saw
+    palette_seed: int | None = None  # None: the built-in colours and shapes
 
     @property
     def events_path(self) -> Path:
@@ -131,12 +142,32 @@ def _assign_modes(m: int, no_caption_frac: float, no_video_frac: float,
     return [modes[i] for i in rng.permutation(m)]
 
 
-def _round_robin_classes(m: int, rng: np.random.Generator) -> list[str]:
-    """Each block of len(CLASS_NAMES) clips holds every class once, in a shuffled order."""
+def _round_robin_classes(m: int, rng: np.random.Generator,
+                         classes: Sequence[str] = CLASS_NAMES) -> list[str]:
+    """Each block of len(classes) clips holds every class once, in a shuffled order."""
     labels: list[str] = []
     while len(labels) < m:
-        labels.extend(CLASS_NAMES[i] for i in rng.permutation(len(CLASS_NAMES)))
+        labels.extend(classes[i] for i in rng.permutation(len(classes)))
     return labels[:m]
+
+
+def _plan_clips(n: int, seed: int, holdout_frac: float, no_caption_frac: float,
+                no_video_frac: float, classes: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Split, label and mode of every clip (all from the planning stream of the seed)."""
+    plan_rng = np.random.default_rng([seed, 0])
+    n_holdout = _split_counts(n, holdout_frac)
+    holdout_idx = set(int(i) for i in plan_rng.choice(n, size=n_holdout, replace=False))
+    split_of = ["holdout" if i in holdout_idx else "train" for i in range(n)]
+    # classes and modes are assigned within each split so both splits cover them
+    labels: list[str] = [""] * n
+    modes: list[str] = [""] * n
+    for split in ("train", "holdout"):
+        members = [i for i in range(n) if split_of[i] == split]
+        for i, label, mode in zip(members, _round_robin_classes(len(members), plan_rng, classes),
+                                  _assign_modes(len(members), no_caption_frac, no_video_frac,
+                                                plan_rng)):
+            labels[i], modes[i] = label, mode
+    return split_of, labels, modes
 
 
 def _plan_events(label: str, total_frames: int, fps: int,
@@ -184,13 +215,14 @@ def render_audio(label: str, onset_frames: Sequence[int], dur_frames: int, *, fp
 
 
 def render_frames(label: str, onset_frames: Sequence[int], dur_frames: int, *, total_frames: int,
-                  size: int, rng: np.random.Generator) -> np.ndarray:
-    """(T, size, size, 3) uint8 frames: the shape is on screen exactly while its event sounds."""
+                  size: int, rng: np.random.Generator, look: Look | None = None) -> np.ndarray:
+    """(T, size, size, 3) uint8 frames: the shape is on screen exactly while its event sounds.
+    `look` replaces the class's built-in colour and shape (sound_events.class_looks)."""
     frames = np.stack([blank_frame(size) for _ in range(total_frames)])
     for onset in onset_frames:
         placement: ShapePlacement = place_shape(size, rng)
         for k in range(onset, min(onset + dur_frames, total_frames)):
-            draw_event(frames[k], label, placement)
+            draw_event(frames[k], label, placement, look)
     return frames
 
 
@@ -276,6 +308,7 @@ def _write_manifests(info: DatasetInfo) -> None:
     payload = {
         "version": EVENTS_VERSION, "seed": info.seed, "sample_rate": info.sample_rate,
         "duration": info.duration, "fps": info.fps, "size": info.size, "classes": info.classes,
+        "caption_split": info.caption_split, "palette_seed": info.palette_seed,
         "clips": [asdict(c) for c in info.clips],
     }
     atomic_write_text(root / "events.json", json.dumps(payload, indent=1) + "\n")
@@ -284,28 +317,28 @@ def _write_manifests(info: DatasetInfo) -> None:
 def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
                  sample_rate: int = 16000, fps: int = 25, size: int = 96,
                  holdout_frac: float = 0.2, no_caption_frac: float = 0.15,
-                 no_video_frac: float = 0.15, progress: bool = True) -> DatasetInfo:
-    """Write the data set (wavs, mp4s, CSVs, events.json) under `out_dir` and describe it."""
-    _check_args(n, duration, sample_rate, fps, size, holdout_frac, no_caption_frac, no_video_frac)
-    root = Path(out_dir)
-    plan_rng = np.random.default_rng([seed, 0])
-    n_holdout = _split_counts(n, holdout_frac)
-    holdout_idx = set(int(i) for i in plan_rng.choice(n, size=n_holdout, replace=False))
-    split_of = ["holdout" if i in holdout_idx else "train" for i in range(n)]
-    # classes and modes are assigned within each split so both splits cover them
-    labels: list[str] = [""] * n
-    modes: list[str] = [""] * n
-    for split in ("train", "holdout"):
-        members = [i for i in range(n) if split_of[i] == split]
-        for i, label, mode in zip(members, _round_robin_classes(len(members), plan_rng),
-                                  _assign_modes(len(members), no_caption_frac, no_video_frac,
-                                                plan_rng)):
-            labels[i], modes[i] = label, mode
+                 no_video_frac: float = 0.15, progress: bool = True, *,
+                 classes: Sequence[str] | None = None, caption_split: str = "shared",
+                 palette_seed: int | None = None) -> DatasetInfo:
+    """Write the data set (wavs, mp4s, CSVs, events.json) under `out_dir` and describe it.
 
+    `classes` (a subset of sound_events.CLASS_NAMES, in this order), `caption_split` ("shared" or
+    "heldout") and `palette_seed` vary the data (module docstring); the defaults give the
+    built-in data set."""
+    _check_args(n, duration, sample_rate, fps, size, holdout_frac, no_caption_frac, no_video_frac)
+    class_list = _check_classes(classes)
+    if caption_split not in CAPTION_SPLITS:
+        raise ConfigError(f"--caption-split must be one of {', '.join(CAPTION_SPLITS)}, "
+                          f"got {caption_split!r}")
+    root = Path(out_dir)
+    split_of, labels, modes = _plan_clips(n, seed, holdout_frac, no_caption_frac, no_video_frac,
+                                          class_list)
+    looks = class_looks(palette_seed)
     total_frames = int(round(duration * fps))
     num_samples = int(round(duration * sample_rate))
     info = DatasetInfo(root=root, seed=seed, sample_rate=sample_rate, duration=duration, fps=fps,
-                       size=size, classes=list(CLASS_NAMES))
+                       size=size, classes=class_list, caption_split=caption_split,
+                       palette_seed=palette_seed)
     width = max(5, len(str(n - 1)))
     for i in tqdm(range(n), desc="demo data set", disable=not progress):
         rng = np.random.default_rng([seed, 1, i])  # per-clip stream: clip i is independent of n
@@ -313,10 +346,14 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
         label = labels[i]
         onset_frames, dur_frames = _plan_events(label, total_frames, fps, rng)
         description = make_caption(label, len(onset_frames), rng)
+        if caption_split == "heldout" and split_of[i] == "holdout":
+            # drawn from a stream of its own, so the clip's sound and frames stay the shared ones
+            description = make_caption(label, len(onset_frames),
+                                       np.random.default_rng([seed, 2, i]), heldout=True)
         wave = render_audio(label, onset_frames, dur_frames, fps=fps, sample_rate=sample_rate,
                             num_samples=num_samples, rng=rng)
         frames = render_frames(label, onset_frames, dur_frames, total_frames=total_frames,
-                               size=size, rng=rng)
+                               size=size, rng=rng, look=looks[label])
         audio_rel, video_rel = f"audio/{clip_id}.wav", f"video/{clip_id}.mp4"
         atomic_write_bytes(root / audio_rel, wav_bytes(wave, sample_rate))
         atomic_write_bytes(root / video_rel, mp4_bytes(frames, fps))
@@ -329,6 +366,23 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
         ))
     _write_manifests(info)
     return info
+
+
+def _check_classes(classes: Sequence[str] | None) -> list[str]:
+    """The classes to use: all by default, else a subset of at least two known, distinct names."""
+    if classes is None:
+        return list(CLASS_NAMES)
+    names = [str(c) for c in classes]
+    for name in names:
+        if name not in CLASS_BY_NAME:
+            raise ConfigError(f"--classes: unknown class {name!r}; known classes: "
+                              f"{', '.join(CLASS_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--classes lists a class twice: {','.join(names)}")
+    if len(names) < 2:
+        raise ConfigError(f"--classes needs at least 2 classes (accuracy needs a choice), got "
+                          f"{','.join(names) or 'none'}")
+    return names
 
 
 def _check_args(n: int, duration: float, sample_rate: int, fps: int, size: int,
@@ -362,7 +416,10 @@ def load_dataset_info(reference: str | Path) -> DatasetInfo:
         return DatasetInfo(root=path.parent, seed=payload["seed"],
                            sample_rate=payload["sample_rate"], duration=payload["duration"],
                            fps=payload["fps"], size=payload["size"], classes=payload["classes"],
-                           clips=clips)
+                           clips=clips,
+                           # older events.json files predate the variations: the defaults
+                           caption_split=payload.get("caption_split", "shared"),
+                           palette_seed=payload.get("palette_seed"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"{path} is not a valid demo events.json ({type(exc).__name__}: {exc})"
                             ) from exc
@@ -381,11 +438,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--holdout-frac", type=float, default=0.2)
     parser.add_argument("--no-caption-frac", type=float, default=0.15, help="share of V2A clips")
     parser.add_argument("--no-video-frac", type=float, default=0.15, help="share of T2A clips")
+    parser.add_argument("--classes", default=None,
+                        help=f"comma-separated subset of {','.join(CLASS_NAMES)} (default: all)")
+    parser.add_argument("--caption-split", choices=CAPTION_SPLITS, default="shared",
+                        help="heldout: holdout clips get wordings no training caption uses")
+    parser.add_argument("--palette-seed", type=int, default=None,
+                        help="give every class another colour and shape, drawn from this seed")
     args = parser.parse_args(argv)
+    classes = None if args.classes is None else [c.strip() for c in args.classes.split(",") if c.strip()]
     info = make_dataset(args.out, args.n, args.seed, duration=args.duration,
                         sample_rate=args.sample_rate, fps=args.fps, size=args.size,
                         holdout_frac=args.holdout_frac, no_caption_frac=args.no_caption_frac,
-                        no_video_frac=args.no_video_frac)
+                        no_video_frac=args.no_video_frac, classes=classes,
+                        caption_split=args.caption_split, palette_seed=args.palette_seed)
     counts = {m: sum(c.mode == m for c in info.clips) for m in MODES}
     print(f"wrote {len(info.clips)} clips to {info.root} "
           f"(train {len(info.split('train'))}, holdout {len(info.split('holdout'))}; "

@@ -4,10 +4,15 @@ Every class has a distinct spectrum and envelope (so a tiny classifier can tell 
 distinct on-screen shape and colour (so video conditioning carries the class and the timing),
 and several caption templates that name it. Everything draws from a caller-supplied
 `numpy.random.Generator`, so a clip is a pure function of its seed.
+
+Variations for robustness checks: `heldout_templates` are wordings never used for training
+captions (each keeps one of the class's `key_words`, so a bag-of-words text encoder can still
+recognise the class), and `class_looks(palette_seed)` gives every class another colour and shape.
 """
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,41 +32,61 @@ class EventClass:
     colour: tuple[int, int, int]  # RGB of the on-screen shape
     shape: str
     templates: tuple[str, ...]  # caption templates; {count} = number word, {s} = plural suffix
+    # wordings only held-out clips get (caption_split="heldout"); none of them is in `templates`
+    heldout_templates: tuple[str, ...] = ()
+    # words of `templates` that no other class's wording uses (checked down to CLIP BPE tokens in
+    # tests): every held-out wording keeps one, so an unseen wording still names the class
+    key_words: tuple[str, ...] = ()
 
 
 EVENT_CLASSES: tuple[EventClass, ...] = (
     EventClass(
         "low_tone", 0.32, (40, 90, 255), "circle",
         ("a low hum", "a deep tone", "a low-pitched drone", "{count} deep tone{s}"),
+        heldout_templates=("a low rumbling hum", "{count} deep drone{s}"),
+        key_words=("low", "deep", "hum", "drone"),
     ),
     EventClass(
         "high_tone", 0.20, (255, 225, 0), "small_square",
         ("a high beep", "a high-pitched tone", "a shrill whistle", "{count} high beep{s}"),
+        heldout_templates=("a piercing high whistle", "{count} shrill squeak{s}"),
+        key_words=("high", "shrill", "whistle"),
     ),
     EventClass(
         "chirp", 0.40, (0, 220, 70), "triangle",
         ("a rising chirp", "an upward sweep", "a tone gliding upwards", "{count} rising chirp{s}"),
+        heldout_templates=("a chirp climbing upward", "{count} swift rising sweep{s}"),
+        key_words=("chirp", "rising", "sweep", "upward"),
     ),
     EventClass(
         "noise_burst", 0.24, (235, 235, 235), "noisy_blob",
         ("a burst of static", "a short hiss", "a crackle of white noise", "{count} burst{s} of static"),
+        heldout_templates=("a blast of white noise", "{count} static crackle{s}"),
+        key_words=("static", "white", "noise", "crackle", "burst"),
     ),
     EventClass(
         "clicks", 0.12, (255, 40, 40), "red_dots",
         ("{count} click{s}", "{count} sharp click{s}", "the sound of {count} click{s}"),
+        heldout_templates=("{count} quick click{s}", "{count} crisp click{s}"),
+        key_words=("click", "clicks", "sharp"),
     ),
     EventClass(
         "two_tone", 0.40, (230, 0, 230), "bar",
         ("a two-tone beep", "a two-note chime", "a doorbell-like ding-dong", "{count} two-tone beep{s}"),
+        heldout_templates=("a cheerful doorbell chime", "{count} ding-dong chime{s}"),
+        key_words=("doorbell", "dong", "chime", "note"),
     ),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in EVENT_CLASSES)
 CLASS_BY_NAME: dict[str, EventClass] = {c.name: c for c in EVENT_CLASSES}
 
 
-def make_caption(class_name: str, count: int, rng: np.random.Generator) -> str:
-    """One caption naming the class; count-aware templates say how many events there are."""
-    templates = CLASS_BY_NAME[class_name].templates
+def make_caption(class_name: str, count: int, rng: np.random.Generator, *,
+                 heldout: bool = False) -> str:
+    """One caption naming the class; count-aware templates say how many events there are.
+    `heldout` picks from the class's held-out wordings instead of the training ones."""
+    cls = CLASS_BY_NAME[class_name]
+    templates = cls.heldout_templates if heldout else cls.templates
     template = templates[int(rng.integers(len(templates)))]
     word = COUNT_WORDS.get(count, str(count))
     if count == 1:
@@ -193,16 +218,54 @@ def _shape_mask(shape: str, size: int, p: ShapePlacement) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_event(frame: np.ndarray, class_name: str, placement: ShapePlacement) -> None:
-    """Paint the class's shape into an RGB uint8 frame (in place)."""
-    cls = CLASS_BY_NAME[class_name]
-    mask = _shape_mask(cls.shape, frame.shape[0], placement)
-    if cls.shape == "noisy_blob":
-        # grey-white static inside the blob; texture fixed per event so frames are reproducible
+@dataclass(frozen=True)
+class Look:
+    """How a class appears on screen."""
+
+    colour: tuple[int, int, int]
+    shape: str
+    tinted: bool = False  # noisy_blob: static in `colour` instead of the default grey-white
+
+
+def class_looks(palette_seed: int | None = None) -> dict[str, Look]:
+    """Each class's look: the built-in colours and shapes, or (with a seed) other ones.
+
+    A seed gives evenly spaced hues (random offset, randomly assigned to the classes) with high
+    saturation and value, so colours stay far apart and far above the near-black background that
+    the tiny CLIP vision tower ignores; the shapes are permuted among the classes. The palette
+    covers all classes, so a class looks the same whichever subset a data set uses."""
+    if palette_seed is None:
+        return {c.name: Look(c.colour, c.shape) for c in EVENT_CLASSES}
+    rng = np.random.default_rng([palette_seed, 17])
+    k = len(EVENT_CLASSES)
+    hues = (rng.uniform(0.0, 1.0) + np.arange(k) / k) % 1.0
+    hue_order, shape_order = rng.permutation(k), rng.permutation(k)
+    looks = {}
+    for i, cls in enumerate(EVENT_CLASSES):
+        sat, val = rng.uniform(0.75, 0.95), rng.uniform(0.9, 1.0)
+        rgb = colorsys.hsv_to_rgb(float(hues[hue_order[i]]), float(sat), float(val))
+        r, g, b = (int(round(255 * x)) for x in rgb)
+        looks[cls.name] = Look((r, g, b), EVENT_CLASSES[shape_order[i]].shape, tinted=True)
+    return looks
+
+
+def draw_event(frame: np.ndarray, class_name: str, placement: ShapePlacement,
+               look: Look | None = None) -> None:
+    """Paint the class's shape into an RGB uint8 frame (in place); `look` overrides the class's."""
+    if look is None:
+        cls = CLASS_BY_NAME[class_name]
+        look = Look(cls.colour, cls.shape)
+    mask = _shape_mask(look.shape, frame.shape[0], placement)
+    if look.shape == "noisy_blob":
+        # static inside the blob; texture fixed per event so frames are reproducible
         tex = np.random.default_rng(placement.texture_seed).integers(150, 256, size=mask.shape)
-        frame[mask] = np.repeat(tex[mask][:, None], 3, axis=1).astype(np.uint8)
+        if look.tinted:
+            pixels = tex[mask][:, None] / 255.0 * np.asarray(look.colour, dtype=np.float64)
+            frame[mask] = np.round(pixels).astype(np.uint8)
+        else:
+            frame[mask] = np.repeat(tex[mask][:, None], 3, axis=1).astype(np.uint8)
     else:
-        frame[mask] = np.asarray(cls.colour, dtype=np.uint8)
+        frame[mask] = np.asarray(look.colour, dtype=np.uint8)
 
 
 BACKGROUND_RGB = (14, 14, 22)

@@ -12,9 +12,11 @@ import torch
 import torchaudio
 
 from wavflow.demo.make_dataset import make_dataset
+from wavflow.demo.make_dataset import MODES
 from wavflow.demo.metrics import (
     N_MELS,
     NearestCentroidClassifier,
+    clip_levels,
     detect_onsets,
     evaluate,
     evaluate_waves,
@@ -149,43 +151,107 @@ def test_event_distance_ignores_gain_and_background_texture(dataset):
     assert event[0] == pytest.approx(np.sqrt(np.mean((rel - rel2) ** 2)), rel=1e-5)
 
 
+def test_clip_level_is_the_rms_in_dbfs():
+    t = np.arange(SR) / SR
+    for amp in (0.5, 0.1):  # 1000 whole periods of 1 kHz: mean sin^2 is exactly 1/2
+        level, floor = clip_levels(amp * np.sin(2 * np.pi * 1000 * t), SR)
+        assert level == pytest.approx(20 * np.log10(amp / np.sqrt(2)), abs=1e-6)
+        assert floor == pytest.approx(level, abs=1e-6)  # every 10 ms frame holds 10 whole periods
+    assert clip_levels(np.zeros(SR), SR) == (-120.0, -120.0)  # digital silence: the floor
+    short = np.full(50, 0.25)  # shorter than one 10 ms frame: the clip is its own frame
+    assert clip_levels(short, SR) == pytest.approx((20 * np.log10(0.25),) * 2)
+    # 100 frames of 10 ms (160 samples), each of its own constant |amplitude| (signs alternate):
+    # the floor is the 10th percentile of the frame amplitudes, a trailing partial frame ignored
+    amps = 10 ** (-np.random.default_rng(7).permutation(100) / 20)  # 0 to -99 dB, shuffled
+    signs = np.where(np.arange(160) % 2, 1.0, -1.0)
+    wave = np.concatenate([*(a * signs for a in amps), np.full(80, 0.9)])
+    assert clip_levels(wave, SR)[1] == pytest.approx(20 * np.log10(np.percentile(amps, 10)), abs=1e-9)
+
+
+def test_noise_floor_is_the_quiet_background_between_events():
+    rng = np.random.default_rng(5)
+    wave = 0.01 * rng.standard_normal(2 * SR)  # -40 dBFS background
+    for start in (0.1, 0.7, 1.3):  # loud tones over 60 % of the clip: a median would hit them
+        a, b = int(start * SR), int((start + 0.4) * SR)
+        wave[a:b] += 0.5 * np.sin(2 * np.pi * 440 * np.arange(b - a) / SR)
+    level, floor = clip_levels(wave, SR)
+    assert level == pytest.approx(10 * np.log10(np.mean(wave**2)), abs=1e-9)
+    # 10th percentile of 10 ms frame RMS of the background: a little under its -40 dB RMS
+    assert -41.0 < floor < -40.0
+
+
 # ------------------------------------------------------------------------------ separation
 
 
 def test_real_clips_score_high_and_noise_scores_at_chance(dataset, reference):
     holdout = dataset.split("holdout")
     m = evaluate_waves(_real_waves(dataset, holdout), reference)
-    overall = m["groups"]["overall"]
-    assert overall["n"] == len(holdout) == 6
-    assert overall["class_accuracy"] >= 0.9
-    assert overall["onset_median_ms"] < 20 and overall["onset_p90_ms"] < 20
-    assert overall["onset_detection_rate"] == 1.0
-    assert {g for g in ("VT2A", "T2A", "V2A") if m["groups"][g]["n"]} == {"VT2A", "T2A", "V2A"}
+    groups = m["groups"]
+    assert groups["overall"]["n"] == len(holdout) == 6
+    assert all(groups[mode]["n"] >= 1 for mode in MODES)  # every mode has held-out rows
+    assert sum(groups[mode]["n"] for mode in MODES) == 6
+    for mode in MODES:  # each mode on its own rows
+        g = groups[mode]
+        assert g["chance_accuracy"] == pytest.approx(1 / 6)
+        assert g["class_accuracy"] >= 0.9
+        assert g["onset_median_ms"] < 20 and g["onset_p90_ms"] < 20
+        assert g["onset_detection_rate"] == 1.0
     assert m["chance_accuracy"] == pytest.approx(1 / 6)
 
-    noise = m["baselines"]["white_noise"]["overall"]
-    assert noise["class_accuracy"] <= 0.5  # a constant guess: near 1/6
-    assert noise["onset_detection_rate"] == 0.0 and noise["onset_median_ms"] == 1000.0  # all missed
-    assert m["baselines"]["real_same_ids"]["overall"]["class_accuracy"] == overall["class_accuracy"]
+    noise = m["baselines"]["white_noise"]
+    for mode in MODES:
+        assert noise[mode]["class_accuracy"] <= 0.5 or noise[mode]["n"] == 1  # a constant guess
+        assert noise[mode]["onset_detection_rate"] == 0.0 and noise[mode]["onset_median_ms"] == 1000.0
+    assert m["baselines"]["real_same_ids"]["VT2A"]["class_accuracy"] == groups["VT2A"]["class_accuracy"]
     rvr, nvr = m["baselines"]["frechet_real_vs_real"], m["baselines"]["frechet_noise_vs_real"]
     assert rvr * 10 < nvr
-    assert overall["frechet"] * 10 < noise["frechet"]
+    assert groups["overall"]["frechet"] * 10 < noise["overall"]["frechet"]
+    # the real clips are their own reference: no level difference, same Fréchet ratio
+    for name in (*MODES, "overall"):
+        assert groups[name]["level_diff_db"] == 0.0 and groups[name]["noise_floor_diff_db"] == 0.0
+        assert groups[name]["frechet_ratio"] == pytest.approx(groups[name]["frechet"] / rvr)
+        assert groups[name]["frechet_ratio"] == m["baselines"]["real_same_ids"][name]["frechet_ratio"]
+    # white noise of RMS 0.1 is a -20 dBFS clip, 10 to 30 dB above the data's background
+    assert noise["overall"]["level_db"] == pytest.approx(-20.0, abs=0.1)
+    assert noise["overall"]["noise_floor_diff_db"] > 10
+    assert noise["overall"]["frechet_ratio"] > 10
 
 
 def test_shifted_clips_have_large_onset_errors(dataset, reference):
     shift = int(0.2 * SR)
     shifted = {i: np.roll(w, shift) for i, w in _real_waves(dataset, dataset.split("holdout")).items()}
-    overall = evaluate_waves(shifted, reference)["groups"]["overall"]
-    assert overall["onset_median_ms"] > 150
-    assert overall["class_accuracy"] >= 0.9  # same sounds, wrong times
+    groups = evaluate_waves(shifted, reference)["groups"]
+    for mode in ("VT2A", "V2A"):  # the rows whose onsets follow the video
+        assert groups[mode]["onset_median_ms"] > 150
+        assert groups[mode]["class_accuracy"] >= 0.9  # same sounds, wrong times
 
 
 def test_class_and_onsets_ignore_gain(dataset, reference):
     # generated audio is loudness-normalised by predict: a gain change must not move the scores
     quiet = {i: 0.2 * w for i, w in _real_waves(dataset, dataset.split("holdout")).items()}
-    overall = evaluate_waves(quiet, reference)["groups"]["overall"]
-    assert overall["class_accuracy"] >= 0.9
-    assert overall["onset_median_ms"] < 20 and overall["onset_detection_rate"] == 1.0
+    groups = evaluate_waves(quiet, reference)["groups"]
+    for mode in MODES:
+        assert groups[mode]["class_accuracy"] >= 0.9
+        assert groups[mode]["onset_median_ms"] < 20 and groups[mode]["onset_detection_rate"] == 1.0
+
+
+def test_level_and_noise_floor_differences_to_real_audio(dataset, reference):
+    # the same clips at half amplitude: every level and noise floor 20 log10(0.5) = -6.02 dB lower
+    real = _real_waves(dataset, dataset.split("holdout"))
+    m = evaluate_waves({i: 0.5 * w for i, w in real.items()}, reference)
+    same = m["baselines"]["real_same_ids"]
+    for name in (*MODES, "overall"):
+        g = m["groups"][name]
+        assert g["level_diff_db"] == pytest.approx(20 * np.log10(0.5), abs=1e-6)
+        assert g["noise_floor_diff_db"] == pytest.approx(20 * np.log10(0.5), abs=1e-6)
+        assert g["level_db"] == pytest.approx(same[name]["level_db"] - 6.0206, abs=1e-3)
+    for row in m["per_clip"]:  # per clip: the formula on the clip itself
+        wave = real[row["id"]].astype(np.float64)
+        assert row["level_db"] == pytest.approx(10 * np.log10(np.mean((0.5 * wave) ** 2)), abs=0.006)
+    # the real baseline is the unscaled clips: its medians follow from the per-clip formula
+    vt2a = [10 * np.log10(np.mean(real[r["id"]].astype(np.float64) ** 2))
+            for r in m["per_clip"] if r["mode"] == "VT2A"]
+    assert same["VT2A"]["level_db"] == pytest.approx(np.median(vt2a), abs=1e-6)
 
 
 def test_evaluate_files_writes_json_and_table(dataset, tmp_path, capsys):
@@ -207,13 +273,31 @@ def test_evaluate_files_writes_json_and_table(dataset, tmp_path, capsys):
     assert metrics["ignored_files"] == ["stray.wav"]
     assert metrics["groups"]["overall"]["n"] == len(holdout) - 1
     assert {r["id"] for r in metrics["per_clip"]} == {c.id for c in holdout[:-1]}
-    for word in ("generated VT2A", "generated overall", "white noise", "chance accuracy 0.167",
-                 "Fréchet real vs real"):
+    # per mode, never pooled: no text-/video-conditioned groups, no headline
+    assert set(saved["groups"]) == {"VT2A", "T2A", "V2A", "overall"}
+    for baseline in ("real_same_ids", "white_noise"):
+        assert set(saved["baselines"][baseline]) == {"VT2A", "T2A", "V2A", "overall"}
+    mode_keys = {"n", "chance_accuracy", "class_accuracy", "onset_median_ms", "onset_p90_ms",
+                 "onset_detection_rate", "num_reference_onsets", "level_db", "noise_floor_db",
+                 "level_diff_db", "noise_floor_diff_db", "frechet", "frechet_ratio"}
+    for mode in MODES:
+        assert set(saved["groups"][mode]) == mode_keys, mode
+        assert set(saved["baselines"]["real_same_ids"][mode]) == mode_keys, mode
+    # all rows only for the distribution figures
+    assert set(saved["groups"]["overall"]) == {"n", "level_db", "noise_floor_db", "level_diff_db",
+                                               "noise_floor_diff_db", "frechet", "frechet_ratio"}
+    assert "conditioned" not in json.dumps(saved) and "headline" not in table
+    assert saved["baselines"]["frechet_real_vs_real_clips"] == [9, 9]
+    for word in ("VT2A generated", "VT2A real audio", "T2A generated", "V2A real audio",
+                 "all rows (Fréchet) generated", "white noise", "chance accuracy 0.167",
+                 "real vs real (train halves, 9+9 clips)", "level_dB", "floor_dB", "×rvr"):
         assert word in table
+    vt2a_line = next(line for line in table.splitlines() if line.startswith("VT2A generated"))
+    assert "0.167" in vt2a_line.split()  # chance beside the mode's class accuracy
 
     main(["--generated", str(gen), "--reference", str(dataset.events_path), "--out",
           str(tmp_path / "cli")])
-    assert "generated overall" in capsys.readouterr().out
+    assert "all rows (Fréchet) generated" in capsys.readouterr().out
     assert (tmp_path / "cli" / "metrics.json").is_file()
 
     empty = tmp_path / "empty"

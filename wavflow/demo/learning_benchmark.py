@@ -1,21 +1,33 @@
-"""Does it learn? The memorise and generalise stages of the learning benchmark.
+"""Does it learn? The memorise, generalise and robustness stages of the learning benchmark.
 
     python -m wavflow.demo.learning_benchmark [--config PATH] [key=value ...]
 
-An interrupted run resumes: run the same command again. Both stages use the real pipeline (launchers for extraction, training and prediction). Training
-runs in chunks of `eval_every` steps through `training.max_steps` and resumes bit-exactly from
+An interrupted run resumes: run the same command again. All stages use the real pipeline
+(launchers for extraction, training and prediction). Memorise and generalise train in chunks of
+`eval_every` steps through `training.max_steps` and resume bit-exactly from
 `checkpoint_latest.pth`, so the curve costs no extra training. Each evaluation predicts with the
 latest weights and scores the audio; results go to `<out_dir>/<stage>/curve.json`, a PNG curve,
 and `<out_dir>/metrics.json` with the git revision and wall times.
+
+Robustness trains the demo's recipe (bench.robustness.model, tiny_16k: the demo's network; the
+shared recipe keys bench.lr, warmup_steps, time_mean/scale, batch_size, precision) once per
+variation of the data set (bench.robustness.variations: make_dataset keywords such as another
+seed, clip duration, class subset, held-out caption wordings or palette), predicts its held-out
+rows and judges each mode on its own rows against bench.targets.robustness. Each variation
+writes `<out_dir>/robustness/<name>/metrics.json` when finished; a finished variation is not
+run again, only judged again by the current targets.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -189,8 +201,59 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ generalise
+def _mode_targets(targets: Any, metric: str, where: str = "bench.targets.generalise") -> dict[str, float]:
+    """`targets.<metric>` as {mode: threshold}; a mode the metrics do not know is a config error
+    (`where`: the config key of `targets`, for the message)."""
+    from wavflow.demo.make_dataset import MODES
+
+    per_mode = {str(k): float(v) for k, v in (targets.get(metric) or {}).items()}
+    unknown = sorted(set(per_mode) - set(MODES))
+    if unknown:
+        raise WavFlowError(f"{where}.{metric}: unknown modes {unknown} (one of {list(MODES)})")
+    return per_mode
+
+
+def judge_generalise(groups: dict[str, Any], targets: Any) -> dict[str, Any]:
+    """The generalise stage's judgement: `judge_modes` against bench.targets.generalise."""
+    return judge_modes(groups, targets, "bench.targets.generalise")
+
+
+def judge_modes(groups: dict[str, Any], targets: Any, where: str) -> dict[str, Any]:
+    """Each mode's figures and its own targets (class_acc >=, onset_ms <=); the Fréchet ratio (all
+    rows / real-vs-real) <= frechet_ratio unless that is null. A mode without rows or figures
+    fails: every mode must learn. `where`: the config key of `targets`, for error messages."""
+    from wavflow.demo.make_dataset import MODES
+
+    point: dict[str, Any] = {
+        "class_accuracy": {m: groups.get(m, {}).get("class_accuracy") for m in MODES},
+        "onset_median_ms": {m: groups.get(m, {}).get("onset_median_ms") for m in MODES},
+        "onset_detection_rate": {m: groups.get(m, {}).get("onset_detection_rate") for m in MODES},
+        "reference_onsets": {m: groups.get(m, {}).get("num_reference_onsets") for m in MODES},
+        "rows": {m: groups.get(m, {}).get("n", 0) for m in MODES},
+        "frechet_ratio": groups.get("overall", {}).get("frechet_ratio"),
+        "level_diff_db": {m: groups.get(m, {}).get("level_diff_db") for m in MODES},
+        "noise_floor_diff_db": {m: groups.get(m, {}).get("noise_floor_diff_db") for m in MODES}}
+    met: dict[str, bool] = {}
+    for mode, least in _mode_targets(targets, "class_acc", where).items():
+        value = point["class_accuracy"][mode]
+        met[f"class_acc.{mode}"] = value is not None and value >= least
+    for mode, most in _mode_targets(targets, "onset_ms", where).items():
+        value = point["onset_median_ms"][mode]  # a missed onset counts 1000 ms (demo/metrics.py)
+        met[f"onset_ms.{mode}"] = value is not None and value <= most
+    if targets.get("frechet_ratio") is not None:
+        value = point["frechet_ratio"]
+        met["frechet_ratio"] = value is not None and value <= float(targets.frechet_ratio)
+    return {**point, "targets": met, "target_met": bool(met) and all(met.values())}
+
+
+def generalise_series(targets: Any) -> list[tuple[str, str | None]]:
+    """The curve's panels: one per mode of each per-mode target, then the Fréchet ratio."""
+    return [("class_accuracy", m) for m in _mode_targets(targets, "class_acc")] + \
+        [("onset_median_ms", m) for m in _mode_targets(targets, "onset_ms")] + [("frechet_ratio", None)]
+
+
 def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
-    """Procedural set with held-out clips: class accuracy from text, onset timing from video."""
+    """Procedural set with held-out clips: class accuracy and onset timing of each mode on its own rows."""
     from wavflow.demo.make_dataset import make_dataset
     from wavflow.demo.metrics import evaluate
 
@@ -202,6 +265,8 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
     targets = cfg.bench.targets
     curve, train_s, wall_before = _resume_curve(root)
+    # points of an interrupted run are judged again by today's targets (from their saved groups)
+    curve = [{**p, **judge_generalise(p.get("groups", {}), targets.generalise)} for p in curve]
     start = time.time() - wall_before
     reached = next((p for p in curve if p["target_met"]), None)
     done = curve[-1]["step"] if curve else 0
@@ -218,28 +283,194 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
         _predict(cfg, "generalise", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
                  pred, logs, f"generalise_{step}", use_ema=True)
         metrics, _ = evaluate(pred, data, out_dir=pred, progress=False)
-        text, video = metrics["groups"]["text_conditioned"], metrics["groups"]["video_conditioned"]
-        # onset median over every reference onset, a missed one counting 1000 ms (demo/metrics.py)
         point = {"step": step, "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - start, 1),
-                 "text_class_accuracy": text["class_accuracy"], "text_rows": text["n"],
-                 "video_onset_median_ms": video["onset_median_ms"], "video_rows": video["n"],
-                 "video_reference_onsets": video["num_reference_onsets"],
-                 "video_onset_detection_rate": video["onset_detection_rate"],
-                 "groups": metrics["groups"]}
-        point["target_met"] = bool(point["text_class_accuracy"] >= float(targets.generalise_class_acc)
-                                   and point["video_onset_median_ms"] is not None
-                                   and point["video_onset_median_ms"] <= float(targets.generalise_onset_ms))
+                 **judge_generalise(metrics["groups"], targets.generalise), "groups": metrics["groups"]}
         curve.append(point)
-        log.info("generalise step %d (train %.0f s): text-conditioned class acc %.3f (n=%d), video-conditioned "
-                 "onset median %s ms (n=%d rows, %d onsets)", step, train_s, point["text_class_accuracy"],
-                 text["n"], point["video_onset_median_ms"], video["n"], video["num_reference_onsets"])
-        _write_curve(root, curve, "generalise", [("text_class_accuracy", None), ("video_onset_median_ms", None),
-                                                 ("video_onset_detection_rate", None)])
+        log.info("generalise step %d (train %.0f s): class acc %s, onset median ms %s, Fréchet ratio %s, rows %s; "
+                 "targets %s", step, train_s, point["class_accuracy"], point["onset_median_ms"],
+                 point["frechet_ratio"], point["rows"], point["targets"])
+        _write_curve(root, curve, "generalise", generalise_series(targets.generalise))
         if point["target_met"]:
             reached = point
             break
     return {"n": int(st.n), "curve": curve, "target_reached": reached is not None, "target_first_met": reached,
-            "train_seconds": round(train_s, 1), "chance_accuracy": 1 / 6}
+            "train_seconds": round(train_s, 1), "chance_accuracy": 1 / 6,
+            "targets": OmegaConf.to_container(targets.generalise, resolve=True)}
+
+
+# ------------------------------------------------------------------------------ robustness
+# make_dataset keywords a variation may set (sample_rate and fps stay the config's: the encoders'
+# and the model's rates); every other key of a variation but `name` is a config error
+VARIATION_KEYS = ("n", "seed", "duration", "holdout_frac", "no_caption_frac", "no_video_frac", "classes",
+                  "caption_split", "palette_seed")
+# the config keys a variation may change; shared_overrides forwards them to every launcher
+VARIATION_CFG_KEYS = ("model.name", "data.audio_duration", "data.clip_seq_len", "data.sync_seq_len")
+
+
+@dataclass
+class RobustnessVariation:
+    """One run of the robustness stage: its data set (make_dataset keywords) and its config."""
+
+    name: str
+    dataset: dict[str, Any]
+    cfg: DictConfig  # the benchmark config with this variation's model and data shapes
+
+    def settings(self) -> dict[str, Any]:
+        """What the variation's data, training and evaluation are made with (resume check)."""
+        b = self.cfg.bench
+        recipe = ("seed", "lr", "warmup_steps", "time_mean", "time_scale", "batch_size", "precision")
+        return {"dataset": self.dataset, **{k: OmegaConf.select(self.cfg, k) for k in VARIATION_CFG_KEYS},
+                "max_steps": int(b.robustness.max_steps), "repeat_factor": int(b.robustness.repeat_factor),
+                **{k: b[k] for k in recipe}, "train_extra": [str(w) for w in b.train_extra],
+                "eval_cfg": stage_eval_cfg(self.cfg, "robustness"), "sampling_steps": int(self.cfg.sampling.num_steps)}
+
+
+def _variation_cfg(cfg: DictConfig, duration: float) -> DictConfig:
+    """`cfg` with the robustness model and, for another clip duration, the data shapes it gives."""
+    from wavflow.shapes import video_seq_lens
+
+    out = copy.deepcopy(cfg)
+    model = OmegaConf.select(cfg, "bench.robustness.model")
+    out.model.name = str(model or cfg.model.name)
+    if duration != float(cfg.data.audio_duration):
+        clip_len, sync_len = video_seq_lens(duration)
+        out.data.audio_duration, out.data.clip_seq_len, out.data.sync_seq_len = duration, clip_len, sync_len
+    return out
+
+
+def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
+    """bench.robustness.variations, checked before anything trains."""
+    from wavflow.model.presets import PRESETS
+
+    rb, where = cfg.bench.robustness, "bench.robustness.variations"
+    defaults = {"n": int(rb.n), "seed": int(cfg.bench.seed), "duration": float(cfg.data.audio_duration),
+                "sample_rate": int(cfg.data.target_sample_rate), "holdout_frac": float(rb.holdout_frac),
+                "no_caption_frac": float(rb.no_caption_frac), "no_video_frac": float(rb.no_video_frac)}
+    if rb.model is not None and rb.model not in PRESETS:
+        raise WavFlowError(f"bench.robustness.model: {rb.model!r} is not a preset ({', '.join(sorted(PRESETS))})")
+    out: list[RobustnessVariation] = []
+    for i, item in enumerate(rb.variations):
+        spec = dict(OmegaConf.to_container(item, resolve=True) if isinstance(item, DictConfig) else item)
+        name = str(spec.pop("name", "") or "")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in {v.name for v in out}:
+            raise WavFlowError(f"{where}[{i}]: needs a name of its own made of letters, digits, '_', '-', '.' "
+                               f"(a folder name), got {name!r}")
+        unknown = sorted(set(spec) - set(VARIATION_KEYS))
+        if unknown:
+            raise WavFlowError(f"{where}[{i}] ({name}): unknown keys {unknown} (make_dataset keywords: "
+                               f"{', '.join(VARIATION_KEYS)})")
+        dataset = {**defaults, **spec, "duration": float(spec.get("duration", defaults["duration"]))}
+        try:
+            _check_variation_dataset(dataset)
+        except WavFlowError as exc:
+            raise WavFlowError(f"{where}[{i}] ({name}): {exc}") from None
+        out.append(RobustnessVariation(name, dataset, _variation_cfg(cfg, dataset["duration"])))
+    if not out:
+        raise WavFlowError(f"{where} is empty: list the variations, or leave robustness out of bench.stages")
+    return out
+
+
+def _check_variation_dataset(dataset: dict[str, Any]) -> None:
+    """make_dataset's own checks of a variation's keywords (fps and frame size: its defaults);
+    `classes` becomes a plain list."""
+    from wavflow.demo.make_dataset import CAPTION_SPLITS, _check_args, _check_classes
+
+    _check_args(int(dataset["n"]), dataset["duration"], int(dataset["sample_rate"]), 25, 96,
+                float(dataset["holdout_frac"]), float(dataset["no_caption_frac"]), float(dataset["no_video_frac"]))
+    if dataset.get("classes") is not None:
+        dataset["classes"] = _check_classes(dataset["classes"])
+    if dataset.get("caption_split", "shared") not in CAPTION_SPLITS:
+        raise WavFlowError(f"caption_split must be one of {list(CAPTION_SPLITS)}, got {dataset['caption_split']!r}")
+
+
+def _check_variation_folder(root: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume or report a variation folder made with other settings."""
+    path = root / "settings.json"
+    if path.is_file():
+        have = json.loads(path.read_text())
+        want = json.loads(json.dumps(settings))  # as JSON reads it back (tuples as lists)
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise WavFlowError(f"{root} holds a robustness run made with other settings ({', '.join(diff)}): "
+                               f"delete that folder or give the variation another name")
+    else:
+        atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def run_robustness_variation(var: RobustnessVariation, root: Path, targets: Any) -> dict[str, Any]:
+    """Make the variation's data set, extract, train max_steps in one go, predict the held-out
+    rows with EMA weights and score each mode; `<root>/metrics.json` marks it finished."""
+    from wavflow.demo.make_dataset import make_dataset
+    from wavflow.demo.metrics import evaluate
+
+    done = root / "metrics.json"
+    _check_variation_folder(root, var.settings())
+    if done.is_file():
+        log.info("robustness %s: finished earlier (%s), judged again, not run again", var.name, done)
+        return summarise_variation(json.loads(done.read_text()), targets)
+    start = time.time()
+    logs, data, cfg = root / "logs", root / "data", var.cfg
+    if not (data / "events.json").is_file():  # written last by make_dataset
+        make_dataset(data, progress=False, **var.dataset)
+    csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
+    rb = cfg.bench.robustness
+    train_s = _train_to(cfg, rb, csvs, root / "train", int(rb.max_steps), logs)
+    pred = root / "predict"
+    _predict(cfg, "robustness", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
+             pred, logs, f"robustness_{var.name}", use_ema=True)
+    metrics, _ = evaluate(pred, data, out_dir=pred, progress=False)
+    saved = {"name": var.name, "settings": var.settings(), "evaluation": str(pred / "metrics.json"),
+             "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - start, 1),
+             "classes": metrics["classes"], "chance_accuracy": metrics["chance_accuracy"],
+             **judge_modes(metrics["groups"], targets, "bench.targets.robustness"), "groups": metrics["groups"]}
+    atomic_write_text(done, json.dumps(saved, indent=1) + "\n")
+    return summarise_variation(saved, targets)
+
+
+def summarise_variation(saved: dict[str, Any], targets: Any) -> dict[str, Any]:
+    """A variation's line in the benchmark's metrics.json, judged by today's targets: per mode
+    n, chance, class accuracy, onset median and whether all of that mode's targets are met."""
+    from wavflow.demo.make_dataset import MODES
+
+    judged = judge_modes(saved["groups"], targets, "bench.targets.robustness")
+    modes: dict[str, Any] = {}
+    for mode in MODES:
+        group = saved["groups"].get(mode, {})
+        own = [met for key, met in judged["targets"].items() if key.partition(".")[2] == mode]
+        modes[mode] = {"n": group.get("n", 0), "chance": group.get("chance_accuracy"),
+                       "class_accuracy": group.get("class_accuracy"), "onset_median_ms": group.get("onset_median_ms"),
+                       "target_met": all(own) if own else None}  # None: no target for this mode
+    dataset = {k: v for k, v in saved["settings"]["dataset"].items() if k != "sample_rate"}
+    return {"dataset": dataset, "model": saved["settings"]["model.name"], "metrics": saved["evaluation"],
+            "train_seconds": saved["train_seconds"], "wall_seconds": saved["wall_seconds"], "modes": modes,
+            "targets": judged["targets"], "target_met": judged["target_met"]}
+
+
+def run_robustness(cfg: DictConfig, root: Path) -> dict[str, Any]:
+    """The demo's recipe on each variation of the data set, every mode judged on its own rows."""
+    variations = robustness_variations(cfg)
+    targets = cfg.bench.targets.robustness
+    results = {var.name: run_robustness_variation(var, root / var.name, targets) for var in variations}
+    log.info("robustness:\n%s", robustness_table(results))
+    met = sum(r["target_met"] for r in results.values())
+    return {"model": variations[0].cfg.model.name, "max_steps": int(cfg.bench.robustness.max_steps),
+            "variations": results, "variations_met": met, "target_reached": met == len(results),
+            "train_seconds": round(sum(r["train_seconds"] for r in results.values()), 1),
+            "targets": OmegaConf.to_container(targets, resolve=True)}
+
+
+def robustness_table(results: dict[str, Any]) -> str:
+    """One line per variation and mode: rows, chance, class accuracy, onset median, targets met."""
+    def cell(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{'variation':<26}{'mode':<6}{'n':>4}{'chance':>8}{'class_acc':>11}{'onset_ms':>10}  target"]
+    for name, r in results.items():
+        for mode, m in r["modes"].items():
+            verdict = {True: "met", False: "MISSED", None: "-"}[m["target_met"]]
+            lines.append(f"{name:<26}{mode:<6}{m['n']:>4}{cell(m['chance'], '.3f'):>8}"
+                         f"{cell(m['class_accuracy'], '.3f'):>11}{cell(m['onset_median_ms'], '.1f'):>10}  {verdict}")
+    return "\n".join(lines)
 
 
 def _write_curve(root: Path, curve: list[dict], title: str, series: Sequence[tuple[str, str | None]]) -> None:
@@ -269,12 +500,15 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"git_revision": _git_revision(), "config": {
         "model": cfg.model.name, "duration": cfg.data.audio_duration, "precision": cfg.bench.precision,
         "batch_size": cfg.bench.batch_size, "lr": cfg.bench.lr, "sampling_steps": cfg.sampling.num_steps,
-        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise")},
+        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise", "robustness")},
         "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
-    runners = {"memorise": run_memorise, "generalise": run_generalise}
+    runners = {"memorise": run_memorise, "generalise": run_generalise, "robustness": run_robustness}
+    unknown = [stage for stage in cfg.bench.stages if stage not in runners]
+    if unknown:  # before any stage runs
+        raise WavFlowError(f"bench.stages: unknown stage {unknown[0]!r} ({' | '.join(runners)})")
+    if "robustness" in cfg.bench.stages:
+        robustness_variations(cfg)  # a typo in a variation fails now, not after the other stages
     for stage in cfg.bench.stages:
-        if stage not in runners:
-            raise WavFlowError(f"bench.stages: unknown stage {stage!r} (memorise | generalise)")
         start = time.time()
         result["stages"][stage] = runners[stage](cfg, out / stage)
         result["stages"][stage]["wall_seconds"] = round(time.time() - start, 1)
@@ -293,10 +527,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s: %s", type(exc).__name__, exc)
         return 2
     for name, stage in result["stages"].items():
-        first = stage["target_first_met"]
-        print(f"{name}: target {'reached at step ' + str(first['step']) if first else 'NOT reached'} "
-              f"(train {stage['train_seconds']} s, wall {stage['wall_seconds']} s)")
+        print(stage_summary(name, stage))
     return 0
+
+
+def stage_summary(name: str, stage: dict[str, Any]) -> str:
+    """The closing lines of a stage: whether its targets were reached (robustness: per variation
+    and mode, as a table)."""
+    times = f"(train {stage['train_seconds']} s, wall {stage['wall_seconds']} s)"
+    if name == "robustness":
+        return (f"robustness: targets met in {stage['variations_met']} of {len(stage['variations'])} variations "
+                f"{times}\n{robustness_table(stage['variations'])}")
+    first = stage["target_first_met"]
+    return f"{name}: target {'reached at step ' + str(first['step']) if first else 'NOT reached'} {times}"
 
 
 if __name__ == "__main__":

@@ -3,22 +3,28 @@
     python -m wavflow.demo.metrics --generated DIR --reference DATASET_DIR_OR_EVENTS_JSON --out DIR
 
 Generated files are `<id>.wav` (or .flac/.ogg/.mp3/.mp4) in DIR, named by the data set's clip
-ids. Reported per mode (VT2A, T2A, V2A), for text-conditioned rows (T2A + VT2A: the headline
-class accuracy), video-conditioned rows (V2A + VT2A: the headline onset error) and overall, each
-with its row count and beside baselines that give it a scale:
+ids. Every figure is reported per mode (VT2A, T2A, V2A) with its row count, never pooled across
+modes: a mode that learns nothing cannot hide behind one that does. `overall` (all rows) carries
+only the distribution figures (Fréchet, level, noise floor), which need many clips. Each figure
+sits beside baselines that give it a scale (the real held-out clips of the same ids, white noise):
 
 - class accuracy: a nearest-class-centroid classifier on time-pooled log-mel statistics
   (mean, std, max per mel band relative to the clip's peak, so gain-invariant; standardised),
-  fitted on the real train clips. Chance is
-  1/num_classes; the real held-out clips give the ceiling.
+  fitted on the real train clips. Chance (1/num_classes) is reported beside it in every mode;
+  the real held-out clips give the ceiling.
 - onset timing: onsets detected in the energy envelope (see `detect_onsets`); each reference
   onset is matched to the nearest detected onset of its clip; median and 90th percentile of
   |error| in ms over EVERY reference onset, a missed one (no detection, or none within
   MISS_MS) counting MISS_MS, so silence cannot score well; and the detection rate (share of
-  reference onsets with a detection within `tolerance_ms`).
+  reference onsets with a detection within `tolerance_ms`). Only VT2A and V2A rows see the
+  video; T2A's figure is what timing without the video scores.
+- level and noise floor (dBFS): per clip the RMS of the whole clip and the 10th percentile of
+  the RMS of 10 ms frames (`clip_levels`); per group their medians, and the differences
+  generated minus real held-out clips of the same ids (`level_diff_db`, `noise_floor_diff_db`).
 - Fréchet distance between Gaussians fitted to per-frame log-mel vectors of the clips and of
-  the real train clips; real-vs-real (the train clips split in two halves) and white
-  noise-vs-real give the scale. Like FID it is biased by sample size: compare like with like.
+  the real train clips; `frechet_ratio` divides it by real-vs-real (the train clips split in
+  two halves); white noise-vs-real gives the other end. Like FID it is biased by sample size:
+  the real held-out clips of the same ids (`baselines.real_same_ids`) give it at the same n.
 
 `nearest_reference` gives the log-mel distance matrix for memorisation checks.
 """
@@ -46,12 +52,13 @@ from wavflow.io_utils import atomic_write_text
 N_MELS = 64
 LOG_FLOOR = 1e-10  # power floor before log: -100 dB
 MISS_MS = 1000.0  # error scored for a reference onset with no generated onset near it
-# Row groups of the tables: the three modes, the headline groups, everything.
-GROUP_MODES: dict[str, tuple[str, ...]] = {
-    "text_conditioned": ("T2A", "VT2A"), "video_conditioned": ("V2A", "VT2A"), "overall": MODES}
-HEADLINE_GROUPS = ("text_conditioned", "video_conditioned")
-GROUPS = (*MODES, *HEADLINE_GROUPS, "overall")
-GROUP_LABELS = {"text_conditioned": "text-cond.", "video_conditioned": "video-cond."}
+# Row groups of the tables: each mode on its own rows (never pooled), and `overall` (all rows),
+# which carries only the distribution figures (Fréchet, level, noise floor).
+GROUPS = (*MODES, "overall")
+OVERALL_LABEL = "all rows (Fréchet)"
+LEVEL_FLOOR_DB = -120.0  # dBFS given to digital silence
+NOISE_FLOOR_FRAME_SEC = 0.010
+NOISE_FLOOR_PERCENTILE = 10.0
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".mp4", ".m4a")
 
 
@@ -213,6 +220,36 @@ def frechet_between(logmels_a: Sequence[np.ndarray], logmels_b: Sequence[np.ndar
 
 
 # ----------------------------------------------------------------------------------------------
+# Level and noise floor
+
+
+def amplitude_db(rms: float | np.ndarray) -> np.ndarray:
+    """20 log10(rms) in dBFS (full scale = 1.0), floored at LEVEL_FLOOR_DB for silence."""
+    rms = np.asarray(rms, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.maximum(20.0 * np.log10(rms), LEVEL_FLOOR_DB)
+
+
+def clip_levels(wave: np.ndarray, sample_rate: int) -> tuple[float, float]:
+    """(level_db, noise_floor_db) of one clip in dBFS.
+
+    level: the RMS of the whole clip. Noise floor: the NOISE_FLOOR_PERCENTILE-th percentile of
+    the RMS of consecutive NOISE_FLOOR_FRAME_SEC frames (a trailing partial frame is dropped):
+    the quiet background between events, which loudness normalisation does not set.
+    """
+    x = np.asarray(wave, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        return LEVEL_FLOOR_DB, LEVEL_FLOOR_DB
+    level = float(amplitude_db(np.sqrt(np.mean(x**2))))
+    hop = max(1, int(round(NOISE_FLOOR_FRAME_SEC * sample_rate)))
+    n_frames = x.size // hop
+    if n_frames == 0:  # shorter than one frame: the whole clip is the frame
+        return level, level
+    frame_rms = np.sqrt(np.mean(x[:n_frames * hop].reshape(n_frames, hop) ** 2, axis=1))
+    return level, float(amplitude_db(np.percentile(frame_rms, NOISE_FLOOR_PERCENTILE)))
+
+
+# ----------------------------------------------------------------------------------------------
 # Baselines and memorisation
 
 
@@ -305,7 +342,8 @@ def _num_samples(info: DatasetInfo) -> int:
 
 def score_waves(waves: Mapping[str, np.ndarray], ref: ReferenceModel, *,
                 tolerance_ms: float = 100.0) -> dict[str, Any]:
-    """Score clips (id -> waveform at ref.sample_rate) per mode and overall, plus per-clip rows."""
+    """Score clips (id -> waveform at ref.sample_rate) per mode, the distribution figures
+    (level, noise floor, Fréchet) also over all rows (`overall`), plus per-clip rows."""
     clips = ref.info.by_id()
     unknown = sorted(i for i in waves if i not in clips)
     if unknown:
@@ -314,6 +352,7 @@ def score_waves(waves: Mapping[str, np.ndarray], ref: ReferenceModel, *,
     per_clip: list[dict[str, Any]] = []
     logmels: dict[str, np.ndarray] = {}
     errors: dict[str, np.ndarray] = {}
+    levels: dict[str, tuple[float, float]] = {}
     for clip_id in sorted(waves):
         clip = clips[clip_id]
         wave = _fit_length(np.asarray(waves[clip_id], dtype=np.float64).reshape(-1),
@@ -322,33 +361,62 @@ def score_waves(waves: Mapping[str, np.ndarray], ref: ReferenceModel, *,
         predicted = ref.classifier.predict(clip_embedding(logmels[clip_id])[None])[0]
         detected = detect_onsets(wave, ref.sample_rate)
         errors[clip_id] = onset_errors(clip.onsets, detected)
+        level_db, noise_floor_db = clip_levels(wave, ref.sample_rate)
         per_clip.append({
             "id": clip_id, "mode": clip.mode, "label": clip.label, "predicted": predicted,
             "reference_onsets": [round(t, 4) for t in clip.onsets],
             "detected_onsets": [round(float(t), 4) for t in detected],
             "errors_ms": [None if not np.isfinite(e) else round(float(e) * 1000, 2)
                           for e in errors[clip_id]],
+            "level_db": round(level_db, 2), "noise_floor_db": round(noise_floor_db, 2),
         })
-    groups: dict[str, dict[str, Any]] = {}
-    for group in GROUPS:
-        rows = [r for r in per_clip if r["mode"] in GROUP_MODES.get(group, (group,))]
-        if not rows:
-            groups[group] = {"n": 0}
-            continue
-        ids = [r["id"] for r in rows]
-        groups[group] = {
-            "n": len(rows),
-            "class_accuracy": _num(np.mean([r["predicted"] == r["label"] for r in rows])),
-            **summarise_onsets([errors[i] for i in ids], tolerance_ms),
-            "frechet": _num(frechet_between([logmels[i] for i in ids], ref.train_logmels)),
-        }
+        levels[clip_id] = (level_db, noise_floor_db)  # unrounded, for the group medians
+    groups = {group: _group_figures(
+        [r for r in per_clip if group == "overall" or r["mode"] == group], group, errors, logmels,
+        levels, ref, tolerance_ms) for group in GROUPS}
     return {"groups": groups, "per_clip": per_clip}
+
+
+def _group_figures(rows: Sequence[Mapping[str, Any]], group: str, errors: Mapping[str, np.ndarray],
+                   logmels: Mapping[str, np.ndarray], levels: Mapping[str, tuple[float, float]],
+                   ref: ReferenceModel, tolerance_ms: float) -> dict[str, Any]:
+    """The figures of one group of rows; a mode with no rows keeps every key, valued None, so
+    metrics.json has one schema."""
+    ids = [r["id"] for r in rows]
+    figures: dict[str, Any] = {"n": len(rows)}
+    if group != "overall":  # per-row figures only per mode: pooling hides a mode that fails
+        figures.update({
+            "chance_accuracy": 1.0 / len(ref.info.classes),
+            "class_accuracy": _num(np.mean([r["predicted"] == r["label"] for r in rows]))
+            if rows else None,
+            **summarise_onsets([errors[i] for i in ids], tolerance_ms)})
+    figures.update({
+        "level_db": _num(np.median([levels[i][0] for i in ids])) if ids else None,
+        "noise_floor_db": _num(np.median([levels[i][1] for i in ids])) if ids else None,
+        "frechet": _num(frechet_between([logmels[i] for i in ids], ref.train_logmels))
+        if ids else None})
+    return figures
+
+
+def _add_relative(groups: dict[str, dict[str, Any]], real: Mapping[str, Mapping[str, Any]],
+                  frechet_rvr: float | None) -> None:
+    """Add to each group its level / noise-floor differences to the real clips of the same
+    ids (dB, this minus real) and its Fréchet distance in units of real-vs-real."""
+    for name, g in groups.items():
+        r = real.get(name, {})
+        for key in ("level_db", "noise_floor_db"):
+            mine, theirs = g.get(key), r.get(key)
+            g[key.replace("_db", "_diff_db")] = (None if mine is None or theirs is None
+                                                 else _num(mine - theirs))
+        g["frechet_ratio"] = (None if g.get("frechet") is None or not frechet_rvr
+                              else _num(g["frechet"] / frechet_rvr))
 
 
 def evaluate_waves(waves: Mapping[str, np.ndarray], ref: ReferenceModel, *,
                    tolerance_ms: float = 100.0, seed: int = 0) -> dict[str, Any]:
     """Scores of `waves` beside the baselines: real held-out audio of the same ids, white
-    noise, and the Fréchet distances real-vs-real (train halves) and noise-vs-real."""
+    noise, and the Fréchet distances real-vs-real (train halves) and noise-vs-real. Every
+    group gains level / noise-floor differences to the real clips and `frechet_ratio`."""
     info = ref.info
     ids = sorted(waves)
     by_id = info.by_id()
@@ -363,6 +431,9 @@ def evaluate_waves(waves: Mapping[str, np.ndarray], ref: ReferenceModel, *,
     noise_half = [log_mel(w, info.sample_rate)
                   for w in noise_baseline(max(1, len(half_b)), info.duration, info.sample_rate,
                                           seed=seed + 1)]
+    # real_same_ids gets them too: its frechet_ratio is what real audio scores at the group's n
+    for groups in (generated["groups"], real["groups"], noise["groups"]):
+        _add_relative(groups, real["groups"], rvr)
     return {
         "num_classes": len(info.classes),
         "classes": list(info.classes),
@@ -372,7 +443,8 @@ def evaluate_waves(waves: Mapping[str, np.ndarray], ref: ReferenceModel, *,
         "baselines": {
             "real_same_ids": real["groups"],
             "white_noise": noise["groups"],
-            "frechet_real_vs_real": rvr,
+            "frechet_real_vs_real": rvr,  # the unit of frechet_ratio
+            "frechet_real_vs_real_clips": [len(half_a), len(half_b)],
             "frechet_noise_vs_real": _num(frechet_between(noise_half, half_a or ref.train_logmels)),
         },
         "per_clip": generated["per_clip"],
@@ -439,21 +511,36 @@ def _cell(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+_COLUMNS = (("n", 4), ("class_acc", 10), ("chance", 7), ("onset_med_ms", 13), ("onset_p90_ms", 13),
+            ("detected", 9), ("level_dB", 9), ("Δlevel", 7), ("floor_dB", 9), ("Δfloor", 7),
+            ("frechet", 9), ("×rvr", 7))
+_LABEL_WIDTH = 31
+
+
+def _table_line(name: str, g: Mapping[str, Any], *, relative: bool = True) -> str:
+    """One row; cells a group does not have (per-row figures of `overall`) print '-'.
+    `relative=False` blanks the differences to real audio (the real rows are that reference)."""
+    if not g.get("n"):
+        return f"{name:<{_LABEL_WIDTH}}{0:>4}"
+    keys = (("class_accuracy", ".3f"), ("chance_accuracy", ".3f"), ("onset_median_ms", ".1f"),
+            ("onset_p90_ms", ".1f"), ("onset_detection_rate", ".2f"), ("level_db", ".1f"),
+            ("level_diff_db", "+.1f"), ("noise_floor_db", ".1f"), ("noise_floor_diff_db", "+.1f"),
+            ("frechet", ".1f"), ("frechet_ratio", ".2f"))
+    cells = [_cell(None if not relative and k.endswith("_diff_db") else g.get(k), fmt)
+             for k, fmt in keys]
+    return f"{name:<{_LABEL_WIDTH}}{g['n']:>4}" + "".join(
+        f"{c:>{w}}" for c, (_, w) in zip(cells, _COLUMNS[1:]))
+
+
 def format_table(metrics: Mapping[str, Any]) -> str:
-    """A fixed-width text table of the groups and the baselines."""
-    head = (f"{'rows':<22}{'n':>4}{'class_acc':>11}{'onset_med_ms':>14}{'onset_p90_ms':>14}"
-            f"{'detected':>10}{'frechet':>10}")
-
-    def line(name: str, g: Mapping[str, Any]) -> str:
-        if not g.get("n"):
-            return f"{name:<22}{0:>4}"
-        return (f"{name:<22}{g['n']:>4}{_cell(g['class_accuracy'], '.3f'):>11}"
-                f"{_cell(g['onset_median_ms'], '.1f'):>14}{_cell(g['onset_p90_ms'], '.1f'):>14}"
-                f"{_cell(g['onset_detection_rate'], '.2f'):>10}{_cell(g['frechet'], '.1f'):>10}")
-
+    """A fixed-width text table: per mode the generated rows above the real audio of the same
+    ids; then the all-rows distribution figures and the white-noise baseline."""
+    head = f"{'rows':<{_LABEL_WIDTH}}" + "".join(f"{name:>{w}}" for name, w in _COLUMNS)
     base = metrics["baselines"]
+    real, noise = base["real_same_ids"], base["white_noise"]
+    halves = base.get("frechet_real_vs_real_clips") or ["?", "?"]
     out = [
-        "WavFlow demo metrics",
+        "WavFlow demo metrics (per mode, never pooled)",
         f"  generated: {metrics.get('generated_dir', '(in memory)')}",
         f"  reference: {metrics.get('reference', '(in memory)')}",
         f"  {metrics['num_classes']} classes, chance accuracy {metrics['chance_accuracy']:.3f}; "
@@ -462,14 +549,21 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         head,
         "-" * len(head),
     ]
-    out += [line(f"generated {GROUP_LABELS.get(g, g)}", metrics["groups"][g]) for g in GROUPS]
+    for mode in MODES:
+        out += [_table_line(f"{mode} generated", metrics["groups"][mode]),
+                _table_line(f"{mode} real audio", real[mode], relative=False)]
     out += ["-" * len(head),
-            *[line(f"real audio {GROUP_LABELS.get(g, g)}", base["real_same_ids"][g]) for g in HEADLINE_GROUPS],
-            line("white noise", base["white_noise"]["overall"]),
-            f"headline: class_acc of text-conditioned rows (chance {metrics['chance_accuracy']:.3f}); "
-            f"onset_med_ms of video-conditioned rows (a missed onset counts {MISS_MS:.0f} ms)",
-            f"Fréchet real vs real (train halves): {_cell(base['frechet_real_vs_real'], '.1f')};"
-            f"  white noise vs real: {_cell(base['frechet_noise_vs_real'], '.1f')}"]
+            _table_line(f"{OVERALL_LABEL} generated", metrics["groups"]["overall"]),
+            _table_line(f"{OVERALL_LABEL} real audio", real["overall"], relative=False),
+            _table_line("white noise (all rows)", noise["overall"]),
+            "-" * len(head),
+            f"class_acc per mode beside chance; onsets: VT2A and V2A follow the video, T2A has "
+            f"none to follow; a missed onset counts {MISS_MS:.0f} ms",
+            "level_dB / floor_dB: medians of clip RMS / 10th percentile of 10 ms frame RMS (dBFS); "
+            "Δ = generated minus the real clips of the same ids",
+            f"×rvr = frechet / real vs real (train halves, {halves[0]}+{halves[1]} clips): "
+            f"{_cell(base['frechet_real_vs_real'], '.1f')}; the real-audio rows give Fréchet at "
+            f"the same n; white noise vs real: {_cell(base['frechet_noise_vs_real'], '.1f')}"]
     if metrics.get("missing_ids"):
         out.append(f"holdout clips without generated audio: {len(metrics['missing_ids'])}")
     return "\n".join(out) + "\n"

@@ -227,6 +227,19 @@ def write_wav(path: str | os.PathLike, wave: Tensor | np.ndarray, sample_rate: i
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def integrated_loudness(wave: Tensor | np.ndarray, sample_rate: int) -> float:
+    """BS.1770 integrated loudness in LUFS (pyloudnorm); nan for a clip shorter than one 0.4 s
+    gating block or with non-finite samples, -inf for silence."""
+    import pyloudnorm as pyln
+
+    data = _as_mono_numpy(wave, "integrated_loudness").astype(np.float64)
+    if data.size < int(math.ceil(0.4 * sample_rate)) or not np.isfinite(data).all():
+        return float("nan")
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        return float(pyln.Meter(sample_rate).integrated_loudness(data))
+
+
 def loudness_normalize(
     wave: Tensor | np.ndarray, sample_rate: int, target_lufs: float = -23.0
 ) -> tuple[Tensor | np.ndarray, float]:
@@ -241,11 +254,7 @@ def loudness_normalize(
 
     is_tensor = isinstance(wave, Tensor)
     data = _as_mono_numpy(wave, "loudness_normalize").astype(np.float64)
-    measured = float("nan")
-    if data.size >= int(math.ceil(0.4 * sample_rate)) and np.isfinite(data).all():
-        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-            warnings.simplefilter("ignore")
-            measured = float(pyln.Meter(sample_rate).integrated_loudness(data))
+    measured = integrated_loudness(data, sample_rate)
     if math.isfinite(measured) and measured > LOUDNESS_FLOOR_LUFS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pyloudnorm warns about clipping; limited below

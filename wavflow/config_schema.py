@@ -35,6 +35,15 @@ class ModelBase:
 
 
 @dataclass
+class FeatureNormRMS:
+    """Per-dimension RMS of each normalised condition stream; null: the stream's own RMS std."""
+
+    clip_features: Optional[float] = MISSING
+    sync_features: Optional[float] = MISSING
+    text_features: Optional[float] = MISSING
+
+
+@dataclass
 class DataBase:
     target_sample_rate: int = MISSING
     audio_duration: float = MISSING
@@ -48,6 +57,7 @@ class DataBase:
     sync_dim: int = MISSING
     text_dim: int = MISSING
     feature_norm: Optional[bool] = MISSING
+    feature_norm_rms: FeatureNormRMS = _node(FeatureNormRMS)
 
 
 @dataclass
@@ -127,6 +137,8 @@ class Training:
     max_nonfinite_steps: int = MISSING
     loss_type: str = MISSING
     label_drop_prob: float = MISSING
+    video_drop_prob: Optional[float] = MISSING
+    text_drop_prob: Optional[float] = MISSING
     ema_decay1: float = MISSING
     ema_decay2: float = MISSING
     ema_warmup: bool = MISSING
@@ -266,6 +278,7 @@ class DemoTrain:
 class DemoPredict:
     cfg: float = MISSING
     use_ema: bool = MISSING
+    loudness_target_lufs: Any = MISSING  # 'data', a number (LUFS) or null
 
 
 @dataclass
@@ -309,10 +322,31 @@ class BenchGeneralise:
 
 
 @dataclass
+class BenchRobustness:
+    model: Optional[str] = None  # model preset of this stage's runs; null: the config's model.name
+    n: int = MISSING
+    holdout_frac: float = MISSING
+    no_caption_frac: float = MISSING
+    no_video_frac: float = MISSING
+    max_steps: int = MISSING
+    repeat_factor: int = MISSING
+    eval_cfg: Optional[float] = None
+    # each: {name: ..., <make_dataset keyword>: value, ...} (wavflow/demo/learning_benchmark.py)
+    variations: List[Dict[str, Any]] = MISSING
+
+
+@dataclass
+class BenchGeneraliseTargets:
+    class_acc: Dict[str, float] = MISSING  # mode -> least class accuracy on that mode's rows
+    onset_ms: Dict[str, float] = MISSING   # mode -> most median onset error (ms)
+    frechet_ratio: Optional[float] = None  # most Fréchet (all rows) / real-vs-real; null: not judged
+
+
+@dataclass
 class BenchTargets:
     memorise_ratio: float = MISSING
-    generalise_class_acc: float = MISSING
-    generalise_onset_ms: float = MISSING
+    generalise: BenchGeneraliseTargets = _node(BenchGeneraliseTargets)
+    robustness: BenchGeneraliseTargets = _node(BenchGeneraliseTargets)  # same per-mode form
 
 
 @dataclass
@@ -331,6 +365,7 @@ class Bench:
     train_extra: List[str] = MISSING
     memorise: BenchMemorise = _node(BenchMemorise)
     generalise: BenchGeneralise = _node(BenchGeneralise)
+    robustness: BenchRobustness = _node(BenchRobustness)
     targets: BenchTargets = _node(BenchTargets)
 
 

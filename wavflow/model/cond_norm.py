@@ -21,7 +21,7 @@ are converted on load by `migrate_empty_tokens`.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,11 @@ PREFIX = "cond_norm."
 STREAM_KEYS = {"clip": "clip_features", "sync": "sync_features", "text": "text_features"}
 # std floor relative to the stream's RMS std: near-constant dimensions are not blown up.
 REL_STD_FLOOR = 1e-2
-KEEP_SCALE = ("clip", "text")  # streams rescaled to their own RMS std after z-scoring
+# The per-dimension RMS each normalised stream gets by default (docs/encoders.md). None keeps
+# the stream's own RMS std: ~0.03 for CLIP's 1024-d unit vectors, so pooled into the global
+# condition they start far below the timestep embedding. Synchformer features modulate every
+# audio token and time onsets best as plain z-scores (1.0).
+DEFAULT_RMS: dict[str, Optional[float]] = {"clip_features": None, "sync_features": 1.0, "text_features": None}
 
 
 def _frozen(t: Tensor) -> nn.Parameter:
@@ -50,9 +54,14 @@ class ConditionNorm(nn.Module):
         self.empty_token_format = _frozen(torch.full((1,), float(EMPTY_TOKEN_FORMAT)))
 
     @torch.no_grad()
-    def set_statistics(self, streams: Mapping[str, Mapping[str, Tensor]], tag: float) -> None:
+    def set_statistics(
+        self, streams: Mapping[str, Mapping[str, Tensor]], tag: float,
+        rms: Optional[Mapping[str, Optional[float]]] = None,
+    ) -> None:
         """`streams`: {"clip_features": {"mean", "std"}, ...}; a stream without statistics
-        (e.g. no video rows) stays the identity."""
+        (e.g. no video rows) stays the identity. `rms`: per stream name, the per-dimension RMS
+        of the normalised features (1.0: plain z-scores); None (or a stream missing from it):
+        `DEFAULT_RMS`, where None keeps the stream's own RMS std."""
         for short, name in STREAM_KEYS.items():
             if name not in streams:
                 continue
@@ -61,12 +70,12 @@ class ConditionNorm(nn.Module):
             if m.shape != mean.shape:
                 raise ValueError(f"statistics of {name} have {tuple(m.shape)} dims, the model takes {tuple(mean.shape)}")
             spread = float(s.pow(2).mean().sqrt()) + 1e-12  # the stream's RMS std
-            # Per dimension (x - mean) / std. CLIP frames and text are pooled into the global
-            # condition beside the timestep embedding: they keep their stream's overall scale
-            # (times the RMS std), since plain z-scores (~30x larger for 1024-d unit vectors)
-            # swamp it. Synchformer features modulate each audio token: plain z-scores
-            # (docs/benchmarks.md has the ablation).
-            keep = spread if short in KEEP_SCALE else 1.0
+            target = (rms or {}).get(name, DEFAULT_RMS[name]) if rms is not None else DEFAULT_RMS[name]
+            if target is not None and not float(target) > 0:
+                raise ValueError(f"the normalised RMS of {name} must be > 0 or null, got {target!r}")
+            # Per dimension (x - mean) / std, scaled to the target RMS. The target sets how
+            # strongly a stream enters the network at the start of training: see DEFAULT_RMS.
+            keep = spread if target is None else float(target)
             mean.copy_(m)
             std.copy_(s.clamp_min(REL_STD_FLOOR * spread) / keep)
         self.source_tag.fill_(tag)

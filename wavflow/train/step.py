@@ -55,13 +55,15 @@ def fill_missing_modalities(
 
 
 def apply_label_drop(
-    model: nn.Module, clip_f: Tensor, sync_f: Tensor, text_f: Tensor, noise: StepNoise, drop_prob: float
+    model: nn.Module, clip_f: Tensor, sync_f: Tensor, text_f: Tensor, noise: StepNoise, drop_prob: float,
+    text_drop_prob: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """CFG drop: video (clip AND sync) and text are replaced independently with probability
-    `drop_prob`. Returns the conditions and the (B,) drop masks."""
+    """CFG drop: video (clip AND sync) is replaced with probability `drop_prob`, text
+    independently with `text_drop_prob` (default: `drop_prob`, the reference's single rate).
+    Returns the conditions and the (B,) drop masks."""
     bs = clip_f.shape[0]
     null_video = noise.u_video < drop_prob
-    null_text = noise.u_text < drop_prob
+    null_text = noise.u_text < (drop_prob if text_drop_prob is None else text_drop_prob)
     clip_f = torch.where(_rows(null_video), model.empty_clip_sequence(bs).to(clip_f.dtype), clip_f)
     sync_f = torch.where(_rows(null_video), model.empty_sync_sequence(bs).to(sync_f.dtype), sync_f)
     text_f = torch.where(_rows(null_text), model.empty_string_sequence(bs).to(text_f.dtype), text_f)

@@ -184,8 +184,11 @@ def _check_training_config(cfg: DictConfig) -> None:
     for key in ("num_workers", "warmup_steps", "gen_train_freq", "checkpoint_freq", "checkpoint_save_epoch",
                 "ema_checkpoint_save_epoch", "save_every_steps", "seed", "max_nonfinite_steps"):
         _int_key(tr, key, 0)
-    if not 0.0 <= _float_key(tr, "label_drop_prob") <= 1.0:
-        raise ConfigError(f"training.label_drop_prob must lie in [0, 1], got {tr.label_drop_prob}")
+    for key in ("label_drop_prob", "video_drop_prob", "text_drop_prob"):
+        if key != "label_drop_prob" and tr[key] is None:
+            continue  # null: label_drop_prob
+        if not 0.0 <= _float_key(tr, key) <= 1.0:
+            raise ConfigError(f"training.{key} must lie in [0, 1], got {tr[key]}")
     for key in ("ema_decay1", "ema_decay2"):
         if not 0.0 <= _float_key(tr, key) < 1.0:
             raise ConfigError(f"training.{key} must lie in [0, 1), got {tr[key]}")
@@ -221,6 +224,14 @@ def _autocast(device: torch.device, precision: str, attention_backend: str = "au
     if attention_backend == "auto":
         return ctx
     return combined(ctx, sdpa_context(attention_backend))
+
+
+def drop_probs(tr: DictConfig) -> tuple[float, float]:
+    """(video, text) drop probabilities: `training.video_drop_prob` / `text_drop_prob`, each
+    defaulting to `training.label_drop_prob` (the reference's one rate for both)."""
+    base = float(tr.label_drop_prob)
+    video, text = tr.get("video_drop_prob"), tr.get("text_drop_prob")
+    return (base if video is None else float(video)), (base if text is None else float(text))
 
 
 def load_empty_string_feat(path: Path, shape: tuple[int, int], what: str) -> torch.Tensor:
@@ -315,7 +326,8 @@ class Trainer:
         self.logger.info("Feature normalisation: %s", norm_why)
         if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
             self.model.attach_condition_norm().set_statistics(
-                norm_stats.streams, identity_tag(norm_stats.encoder_identity))
+                norm_stats.streams, identity_tag(norm_stats.encoder_identity),
+                rms=OmegaConf.to_container(cfg.data.feature_norm_rms))
             # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
         self.model.train()
         set_conv_impl(self.model, self.speed.conv_impl)
@@ -636,7 +648,7 @@ class Trainer:
             )
             noise = self.draw_noise(x1)
             clip_f, sync_f, text_f, _, _ = apply_label_drop(
-                self.model, clip_f, sync_f, text_f, noise, float(self.tr.label_drop_prob)
+                self.model, clip_f, sync_f, text_f, noise, *drop_probs(self.tr)
             )
             s = self.cfg.sampling
             out = flow_matching_loss(

@@ -99,8 +99,8 @@ def test_demo_refuses_to_reuse_stages_made_with_other_settings(tmp_path: Path):
 
     cfg = load_config("demo.yaml", [f"demo.out_dir={tmp_path}"])
     _check_reuse(cfg, tmp_path)  # first run: writes the stamp
-    assert json.loads((tmp_path / "demo_settings.json").read_text())["demo.n"] == 96
+    assert json.loads((tmp_path / "demo_settings.json").read_text())["demo.n"] == cfg.demo.n == 144
     _check_reuse(cfg, tmp_path)  # same settings: reuse is fine
     other = load_config("demo.yaml", [f"demo.out_dir={tmp_path}", "demo.n=16", "model.name=tiny_16k"])
-    with pytest.raises(StageError, match=r"demo.n: 96 -> 16.*demo.fresh=true"):
+    with pytest.raises(StageError, match=r"demo.n: 144 -> 16.*demo.fresh=true"):
         _check_reuse(other, tmp_path)

@@ -230,3 +230,21 @@ def test_checkpoints_with_raw_unit_empty_tokens_are_converted_on_load():
     plain_sd["empty_sync_feat"] = torch.full_like(plain_sd["empty_sync_feat"], 3.0)
     load_weights(plain, plain_sd)
     assert torch.equal(plain.empty_sync_feat, plain_sd["empty_sync_feat"])
+
+
+def test_each_stream_gets_its_configured_rms_after_normalisation():
+    """rms 1.0: plain z-scores; a number: that per-dimension RMS; None: the stream's own RMS std."""
+    stats = _stats("tiny-v3")
+    m = build_model("small_16k", latent_seq_len=10, **SHAPES)
+    norm = m.attach_condition_norm()
+    norm.set_statistics(stats.streams, 1.0, rms={"clip_features": None, "sync_features": 1.0, "text_features": 0.3})
+    g = torch.Generator().manual_seed(5)
+    for short, name, want in (("clip", "clip_features", None), ("sync", "sync_features", 1.0), ("text", "text_features", 0.3)):
+        mean, std = stats.streams[name]["mean"], stats.streams[name]["std"]
+        x = mean + std * torch.randn(4000, mean.shape[0], generator=g)  # features with these statistics
+        z = (x - getattr(norm, f"{short}_mean")) / getattr(norm, f"{short}_std")
+        rms = float(z.pow(2).mean().sqrt())
+        expected = float(std.pow(2).mean().sqrt()) if want is None else want
+        assert rms == pytest.approx(expected, rel=0.03), (name, rms, expected)
+    with pytest.raises(ValueError, match="text_features must be > 0"):
+        norm.set_statistics(stats.streams, 1.0, rms={"text_features": 0.0})

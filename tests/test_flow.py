@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import pytest
@@ -37,6 +38,21 @@ def batch():
 
 
 # ----------------------------------------------------------------------------- time + losses
+
+
+def test_sample_t_uniform_share_mixes_in_uniform_times_and_leaves_the_reference_stream_alone():
+    """uniform_frac=0 draws exactly the reference's stream; with it, the share of times above
+    0.9 is (1 - f) * P_logit-normal(t > 0.9) + f * 0.1."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_t(64, generator=g1, mean=-1.5, scale=1.6),
+                       sample_t(64, generator=g2, mean=-1.5, scale=1.6, uniform_frac=0.0))
+    f, n = 0.2, 200_000
+    t = sample_t(n, generator=torch.Generator().manual_seed(4), mean=-1.5, scale=1.6, uniform_frac=f)
+    z = (math.log(0.9 / 0.1) + 1.5) / 1.6  # t > 0.9 <=> n > z
+    logit_normal_tail = 0.5 * math.erfc(z / math.sqrt(2))
+    expected = (1 - f) * logit_normal_tail + f * 0.1
+    assert float((t > 0.9).float().mean()) == pytest.approx(expected, abs=0.002)
+    assert float(t.min()) > 0.0 and float(t.max()) < 1.0
 
 
 def test_sample_t_is_logit_normal_from_generator():

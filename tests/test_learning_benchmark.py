@@ -172,6 +172,9 @@ def _fake_pipeline(monkeypatch, groups_of) -> dict[str, list]:
     monkeypatch.setattr(md, "make_dataset", make)
     monkeypatch.setattr(lb, "run_stage", stage)
     monkeypatch.setattr(mt, "evaluate", evaluate)
+    # the stub events.json holds no clips to measure: the data's loudness is pinned here
+    monkeypatch.setattr(lb, "loudness_overrides",
+                        lambda target, root: ["output.loudness_norm=true", "output.loudness_target_lufs=-14.00"])
     return calls
 
 
@@ -236,7 +239,10 @@ def test_robustness_variations_make_their_data_sets_and_forward_their_shapes(mon
         train, predict = mine[2][1], mine[3][1]
         recipe = ("training.max_steps", "training.lr", "training.batch_size", "training.warmup_steps",
                   "sampling.mean", "sampling.scale", "training.precision")
-        assert [train[k] for k in recipe] == ["600", "0.0005", "16", "50", "-1.0", "1.6", "auto"]
+        b = cfg.bench  # the configured recipe reaches the launcher (configs/bench_learning.yaml)
+        assert [train[k] for k in recipe] == [str(v) for v in (b.robustness.max_steps, b.lr, b.batch_size,
+                                                               b.warmup_steps, b.time_mean, b.time_scale, b.precision)]
+        assert train["training.max_steps"] != "None" and float(train["sampling.mean"]) < 0
         assert train["training.output_dir"] == str(tmp_path / "robustness" / name / "train")
         assert (predict["inference.cfg"], predict["model.use_ema"]) == ("1.5", "true")
         assert predict["data.csv_path"] == str(tmp_path / "robustness" / name / "data" / "holdout_infer.csv")
@@ -256,7 +262,8 @@ def test_robustness_judges_every_mode_of_every_variation_and_resumes(monkeypatch
         [["dur2s", "V2A", "MISSED"], ["classes4_heldout_words", "T2A", "MISSED"]]
 
     stage = json.loads((tmp_path / "metrics.json").read_text())["stages"]["robustness"]
-    assert stage["model"] == "tiny_16k" and stage["max_steps"] == 600
+    configured = OmegaConf.load(REPO / "configs/bench_learning.yaml").bench.robustness.max_steps
+    assert stage["model"] == "tiny_16k" and stage["max_steps"] == configured
     assert stage["train_seconds"] == 3 * 2.5  # the training calls only
     assert stage["variations_met"] == 1 and stage["target_reached"] is False
     variations = stage["variations"]

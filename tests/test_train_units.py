@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_train_common import SHAPES, make_config, make_dataset
-from wavflow.errors import WavFlowError
+from wavflow.errors import ConfigError, WavFlowError
 from wavflow.train.ema import ParamEMA, ema_decay
 from wavflow.train.lr_schedule import base_lr, lr_at
 from wavflow.train.step import StepNoise, apply_label_drop, draw_step_noise
@@ -97,6 +97,24 @@ def test_label_drop_replaces_video_pair_and_text_independently():
         assert bool((t[row] == 9).all()) == nt[row].item()
         if not nv[row]:
             assert bool((c[row] == 0).all())
+
+
+def test_video_and_text_drop_rates_can_be_set_apart():
+    m = _EmptyTokens()
+    clip, sync, text = torch.zeros(4, 5, 3), torch.zeros(4, 6, 2), torch.zeros(4, 4, 3)
+    u = torch.tensor([0.05, 0.2, 0.4, 0.9])
+    noise = StepNoise(t=torch.zeros(4), x0=torch.zeros(4), u_video=u, u_text=u)
+    _, _, _, nv, nt = apply_label_drop(m, clip, sync, text, noise, 0.5, text_drop_prob=0.1)
+    assert nv.tolist() == [True, True, True, False] and nt.tolist() == [True, False, False, False]
+
+
+def test_drop_rates_default_to_label_drop_prob_and_are_validated(tmp_path):
+    from wavflow.train.trainer import drop_probs
+
+    tr = _trainer(tmp_path, training__label_drop_prob=0.2, training__video_drop_prob=0.6)
+    assert drop_probs(tr.tr) == (0.6, 0.2)
+    with pytest.raises(ConfigError, match="training.text_drop_prob must lie in"):
+        _trainer(tmp_path / "bad", training__text_drop_prob=1.5)
 
 
 def _trainer(tmp_path: Path, **extra) -> Trainer:

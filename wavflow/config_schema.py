@@ -110,6 +110,7 @@ class TrainData(DataBase):
 class TrainSampling(SamplingBase):
     mean: float = MISSING
     scale: float = MISSING
+    uniform_frac: float = MISSING
 
 
 @dataclass
@@ -314,6 +315,8 @@ class BenchMemorise:
 class BenchGeneralise:
     n: int = MISSING
     holdout_frac: float = MISSING
+    no_caption_frac: float = MISSING
+    no_video_frac: float = MISSING
     max_steps: int = MISSING
     max_train_minutes: float = MISSING
     eval_every: int = MISSING

@@ -36,7 +36,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from wavflow.config import format_override
-from wavflow.demo.pipeline import REPO_ROOT, run_stage, shared_overrides
+from wavflow.demo.pipeline import REPO_ROOT, loudness_overrides, run_stage, shared_overrides
 from wavflow.errors import WavFlowError
 from wavflow.io_utils import atomic_write_csv, atomic_write_text
 
@@ -93,8 +93,10 @@ def _predict(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, ckpt:
         f"data.csv_path={csv_path}", f"data.data_root={data_root}", f"model.ckpt_path={ckpt}",
         f"model.use_ema={str(use_ema).lower()}", f"inference.cfg={stage_eval_cfg(cfg, stage)}",
         f"sampling.num_steps={cfg.sampling.num_steps}", f"output.output_dir={out}",
-        "output.mux_video=false", "output.overwrite=true", "output.loudness_norm=true",
-        "inference.batch_size=8"]
+        "output.mux_video=false", "output.overwrite=true", "inference.batch_size=8",
+        # at the data's median loudness, as the demo writes them (level figures compare)
+        *(loudness_overrides("data", data_root) if (data_root / "events.json").is_file()
+          else ["output.loudness_norm=true"])]
     replaced = {w.split("=", 1)[0] for w in extra}
     words = [w for w in words if w.split("=", 1)[0] not in replaced] + list(extra)
     return run_stage(f"predict_{tag}", "predict.sh", words, 1, logs)
@@ -261,7 +263,8 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     logs = root / "logs"
     data = root / "data"
     make_dataset(data, n=int(st.n), seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
-                 sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(st.holdout_frac), progress=False)
+                 sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(st.holdout_frac),
+                 no_caption_frac=float(st.no_caption_frac), no_video_frac=float(st.no_video_frac), progress=False)
     csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
     targets = cfg.bench.targets
     curve, train_s, wall_before = _resume_curve(root)

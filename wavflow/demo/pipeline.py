@@ -121,7 +121,8 @@ def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_
 def _settings_stamp(cfg: DictConfig) -> dict:
     """What the reusable stages (data, features, training run) were made with."""
     keys = [*SHARED_KEYS, "demo.n", "demo.seed", "demo.holdout_frac", "demo.v2a_frac", "demo.t2a_frac",
-            "demo.train.batch_size", "demo.train.lr", "demo.train.time_mean", "demo.train.time_scale"]
+            "demo.train.batch_size", "demo.train.lr", "demo.train.time_mean", "demo.train.time_scale",
+            "data.feature_norm_rms.text_features"]
     return {k: OmegaConf.select(cfg, k) for k in keys}
 
 

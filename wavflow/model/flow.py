@@ -34,16 +34,24 @@ def sample_t(
     generator: torch.Generator | None = None,
     mean: float = 0.0,
     scale: float = 1.0,
+    uniform_frac: float = 0.0,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Logit-normal training times `sigmoid(n*scale + mean)`, n ~ N(0, 1) of shape (batch,).
 
+    With `uniform_frac` > 0 each time is instead uniform on (0, 1) with that probability (two
+    more draws per row, after n), so both ends of the flow are trained: near t = 1 the network
+    learns to keep the fine texture x_t already shows, such as a recording's noise floor.
     `n` is drawn from `generator` (on the generator's device unless `device` is given).
     """
     if device is None:
         device = generator.device if generator is not None else "cpu"
     n = torch.randn(batch, generator=generator, device=device)
-    return torch.sigmoid(n * scale + mean)
+    t = torch.sigmoid(n * scale + mean)
+    if uniform_frac > 0.0:  # the reference's stream of draws is untouched when off
+        pick = torch.rand(batch, generator=generator, device=device) < uniform_frac
+        t = torch.where(pick, torch.rand(batch, generator=generator, device=device), t)
+    return t
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:

@@ -24,11 +24,12 @@ class StepNoise:
 
 
 def draw_step_noise(
-    generator: torch.Generator, x1: Tensor, *, mean: float, scale: float, noise_scale: float
+    generator: torch.Generator, x1: Tensor, *, mean: float, scale: float, noise_scale: float,
+    uniform_frac: float = 0.0,
 ) -> StepNoise:
     batch = x1.shape[0]
     device = generator.device
-    t = sample_t(batch, generator=generator, mean=mean, scale=scale, device=device)
+    t = sample_t(batch, generator=generator, mean=mean, scale=scale, uniform_frac=uniform_frac, device=device)
     x0 = torch.empty(x1.shape, dtype=x1.dtype, device=device).normal_(generator=generator) * noise_scale
     u_video = torch.rand(batch, generator=generator, device=device)
     u_text = torch.rand(batch, generator=generator, device=device)

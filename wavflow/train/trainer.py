@@ -189,6 +189,8 @@ def _check_training_config(cfg: DictConfig) -> None:
             continue  # null: label_drop_prob
         if not 0.0 <= _float_key(tr, key) <= 1.0:
             raise ConfigError(f"training.{key} must lie in [0, 1], got {tr[key]}")
+    if not 0.0 <= float(cfg.sampling.uniform_frac) <= 1.0:
+        raise ConfigError(f"sampling.uniform_frac must lie in [0, 1], got {cfg.sampling.uniform_frac}")
     for key in ("ema_decay1", "ema_decay2"):
         if not 0.0 <= _float_key(tr, key) < 1.0:
             raise ConfigError(f"training.{key} must lie in [0, 1), got {tr[key]}")
@@ -618,7 +620,8 @@ class Trainer:
     def draw_noise(self, x1: torch.Tensor) -> StepNoise:
         s = self.cfg.sampling
         return draw_step_noise(
-            self.generator, x1, mean=float(s.mean), scale=float(s.scale), noise_scale=float(s.noise_scale)
+            self.generator, x1, mean=float(s.mean), scale=float(s.scale), noise_scale=float(s.noise_scale),
+            uniform_frac=float(s.uniform_frac),
         )
 
     def _dummy_batch(self) -> dict[str, Any]:

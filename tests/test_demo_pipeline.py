@@ -40,7 +40,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     from omegaconf import OmegaConf
 
     trained = OmegaConf.load(run / "config.yaml")  # the demo's training-time distribution reached the trainer
-    assert (trained.sampling.mean, trained.sampling.scale) == (-0.7, 1.6)
+    demo_scale = OmegaConf.load(REPO / "configs/demo.yaml").demo.train.time_scale
+    assert (trained.sampling.mean, trained.sampling.scale) == (-0.7, demo_scale)
+    assert trained.data.feature_norm_rms.text_features == 0.3  # captions' scale (docs/encoders.md)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # predictions for every held-out row, mp4s for rows with video

@@ -445,6 +445,9 @@ def field_type(schema: type, key: str) -> Any:
     """The declared type of dotted `key` in `schema` (Optional unwrapped), or None if undeclared."""
     node: Any = schema
     for part in key.split("."):
+        if typing.get_origin(node) is dict:  # Dict[str, V]: any key, of value type V
+            node = _unwrap_optional(typing.get_args(node)[1])
+            continue
         if not dataclasses.is_dataclass(node):
             return None
         hints = typing.get_type_hints(node)

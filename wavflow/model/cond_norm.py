@@ -30,7 +30,8 @@ PREFIX = "cond_norm."
 STREAM_KEYS = {"clip": "clip_features", "sync": "sync_features", "text": "text_features"}
 # std floor relative to the stream's RMS std: near-constant dimensions are not blown up.
 REL_STD_FLOOR = 1e-2
-# The per-dimension RMS each normalised stream gets by default (docs/encoders.md). None keeps
+# The per-dimension RMS each normalised stream gets when `rms` does not name it (the configs set
+# `data.feature_norm_rms`, captions 0.3: docs/encoders.md). None keeps
 # the stream's own RMS std: ~0.03 for CLIP's 1024-d unit vectors, so pooled into the global
 # condition they start far below the timestep embedding. Synchformer features modulate every
 # audio token and time onsets best as plain z-scores (1.0).
@@ -70,7 +71,7 @@ class ConditionNorm(nn.Module):
             if m.shape != mean.shape:
                 raise ValueError(f"statistics of {name} have {tuple(m.shape)} dims, the model takes {tuple(mean.shape)}")
             spread = float(s.pow(2).mean().sqrt()) + 1e-12  # the stream's RMS std
-            target = (rms or {}).get(name, DEFAULT_RMS[name]) if rms is not None else DEFAULT_RMS[name]
+            target = (rms or {}).get(name, DEFAULT_RMS[name])
             if target is not None and not float(target) > 0:
                 raise ValueError(f"the normalised RMS of {name} must be > 0 or null, got {target!r}")
             # Per dimension (x - mean) / std, scaled to the target RMS. The target sets how

@@ -106,3 +106,24 @@ def test_demo_refuses_to_reuse_stages_made_with_other_settings(tmp_path: Path):
     other = load_config("demo.yaml", [f"demo.out_dir={tmp_path}", "demo.n=16", "model.name=tiny_16k"])
     with pytest.raises(StageError, match=r"demo.n: 144 -> 16.*demo.fresh=true"):
         _check_reuse(other, tmp_path)
+
+
+def test_loudness_target_data_is_the_median_of_the_training_clips(tmp_path: Path):
+    import numpy as np
+    import pyloudnorm as pyln
+
+    from wavflow.demo.make_dataset import make_dataset
+    from wavflow.demo.pipeline import loudness_overrides
+    from wavflow.errors import ConfigError
+
+    info = make_dataset(tmp_path, n=7, seed=3, duration=1.0, progress=False)
+    meter = pyln.Meter(info.sample_rate)
+    values = sorted(meter.integrated_loudness(sf.read(info.root / c.audio_path)[0]) for c in info.split("train"))
+    words = loudness_overrides("data", tmp_path)
+    assert words[0] == "output.loudness_norm=true"
+    assert float(words[1].split("=", 1)[1]) == pytest.approx(values[len(values) // 2], abs=0.01)
+    assert np.ptp(values) > 0.5  # clips differ, so picking the median matters
+    assert loudness_overrides(None, tmp_path) == ["output.loudness_norm=false"]
+    assert loudness_overrides(-20, tmp_path)[1] == "output.loudness_target_lufs=-20.00"
+    with pytest.raises(ConfigError, match="loudness_target_lufs"):
+        loudness_overrides("loud", tmp_path)

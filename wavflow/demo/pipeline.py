@@ -7,6 +7,7 @@ config overrides, exactly as a user would. Stages whose outputs exist are reused
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from wavflow.config import format_override
-from wavflow.errors import WavFlowError
+from wavflow.errors import ConfigError, WavFlowError
 from wavflow.io_utils import atomic_write_text
 
 log = logging.getLogger("wavflow.demo")
@@ -237,6 +238,7 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     return DemoResult(paths=paths, metrics=metrics, table=table, timings=timings)
 
 
+@functools.lru_cache(maxsize=8)  # the benchmark predicts many times from one data set
 def data_loudness_lufs(data_dir: Path, split: str = "train") -> float:
     """Median BS.1770 loudness of a built-in data set's clips of `split`. Training lifts every
     clip to one RMS (amplitude lifting), so a generated clip carries no level of its own: it is
@@ -258,7 +260,14 @@ def loudness_overrides(target: object, data_dir: Path) -> list[str]:
     median loudness), a number (LUFS), or null (no loudness normalisation)."""
     if target is None:
         return ["output.loudness_norm=false"]
-    lufs = data_loudness_lufs(data_dir) if str(target) == "data" else float(target)  # type: ignore[arg-type]
+    if str(target) == "data":
+        lufs = data_loudness_lufs(data_dir)
+    else:
+        try:
+            lufs = float(target)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"demo.predict.loudness_target_lufs must be 'data', a number (LUFS) or null, "
+                              f"got {target!r}") from None
     return ["output.loudness_norm=true", f"output.loudness_target_lufs={lufs:.2f}"]
 
 

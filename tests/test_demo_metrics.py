@@ -15,7 +15,7 @@ from wavflow.demo.make_dataset import make_dataset
 from wavflow.demo.make_dataset import MODES
 from wavflow.demo.metrics import (
     N_MELS,
-    NearestCentroidClassifier,
+    LinearDiscriminantClassifier,
     clip_levels,
     detect_onsets,
     evaluate,
@@ -102,13 +102,38 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1[:1].repeat(6), cov, mu1[:1].repeat(6), cov) == pytest.approx(0, abs=1e-6)
 
 
-def test_nearest_centroid_classifier_on_toy_clusters():
+def test_linear_discriminant_classifier_on_toy_clusters():
     rng = np.random.default_rng(2)
     centres = {"a": np.zeros(3), "b": np.full(3, 10.0), "c": np.array([10.0, -10.0, 0.0])}
     x = np.concatenate([c + rng.normal(size=(5, 3)) for c in centres.values()])
     y = [k for k in centres for _ in range(5)]
-    clf = NearestCentroidClassifier().fit(x, y)
+    clf = LinearDiscriminantClassifier().fit(x, y)
     assert clf.predict(np.stack([centres["c"], centres["a"], centres["b"] + 0.5])) == ["c", "a", "b"]
+
+
+def _pitch_and_timbre(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+    """Two classes told apart only by a low-variance 'timbre' feature (means 0 and 1, std 0.1),
+    beside a high-variance 'pitch' feature (std 10) whose class means differ a little (-3, +3),
+    as the pitch ranges of two instruments overlap."""
+    a = np.stack([rng.normal(-3.0, 10.0, n), rng.normal(0.0, 0.1, n)], axis=1)
+    b = np.stack([rng.normal(3.0, 10.0, n), rng.normal(1.0, 0.1, n)], axis=1)
+    return np.concatenate([a, b]), ["a"] * n + ["b"] * n
+
+
+def test_linear_discriminant_discounts_a_high_variance_nuisance_axis():
+    """A nearest centroid in standardised space weighs the pitch axis like the timbre axis and
+    is led astray by a note far from its class's mean pitch; the pooled within-class covariance
+    tells the LDA that pitch varies within a class and the timbre does not."""
+    rng = np.random.default_rng(7)
+    x, y = _pitch_and_timbre(rng, 40)
+    test_x, test_y = _pitch_and_timbre(rng, 300)
+    truth = np.asarray(test_y)
+    lda = np.mean(np.asarray(LinearDiscriminantClassifier().fit(x, y).predict(test_x)) == truth)
+    assert lda >= 0.98
+    # shrinkage 1 replaces the covariance by a multiple of the identity: a nearest centroid
+    centroid = np.mean(np.asarray(
+        LinearDiscriminantClassifier(shrinkage=1.0).fit(x, y).predict(test_x)) == truth)
+    assert centroid <= 0.9, centroid
 
 
 def test_noise_baseline_and_nearest_reference(dataset):

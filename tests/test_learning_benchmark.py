@@ -213,7 +213,7 @@ def test_robustness_variations_make_their_data_sets_and_forward_their_shapes(mon
                       job="bench_learning")
     calls = _fake_pipeline(monkeypatch, _robust_groups)
     lb.run_benchmark(cfg)
-    common = {"n": 144, "seed": 0, "duration": 1.0, "sample_rate": 16000, "holdout_frac": 0.25,
+    common = {"dataset": "shapes", "n": 144, "seed": 0, "duration": 1.0, "sample_rate": 16000, "holdout_frac": 0.25,
               "no_caption_frac": pytest.approx(1 / 3, abs=1e-3), "no_video_frac": pytest.approx(1 / 3, abs=1e-3)}
     made = dict(calls["data"])
     assert list(made) == ["seed1", "dur2s", "classes4_heldout_words"]
@@ -247,6 +247,36 @@ def test_robustness_variations_make_their_data_sets_and_forward_their_shapes(mon
         assert (predict["inference.cfg"], predict["model.use_ema"]) == ("1.5", "true")
         assert predict["data.csv_path"] == str(tmp_path / "robustness" / name / "data" / "holdout_infer.csv")
     assert cfg.model.name == "small_16k" and cfg.data.audio_duration == 1.0  # the other stages keep theirs
+
+
+def test_the_instruments_config_runs_every_stage_on_the_instruments_set(monkeypatch, tmp_path: Path):
+    """configs/bench_learning_instruments.yaml: bench_learning.yaml's recipe on the recorded
+    instruments, its class subset made of instrument names (checked before anything runs)."""
+    from wavflow.config import load_config
+    from wavflow.demo import learning_benchmark as lb
+    from wavflow.demo.instruments import INSTRUMENT_NAMES
+    from wavflow.errors import WavFlowError
+
+    shapes = load_config(REPO / "configs/bench_learning.yaml", job="bench_learning")
+    cfg = load_config(REPO / "configs/bench_learning_instruments.yaml",
+                      [f"bench.out_dir={tmp_path}", "bench.stages=[robustness]"], job="bench_learning")
+    assert shapes.bench.dataset == "shapes" and cfg.bench.dataset == "instruments"
+    for key in ("lr", "time_mean", "time_scale", "batch_size", "eval_cfg"):
+        assert cfg.bench[key] == shapes.bench[key], key
+    calls = _fake_pipeline(monkeypatch, _robust_groups)
+    lb.run_benchmark(cfg)
+    made = dict(calls["data"])
+    assert list(made) == ["seed1", "dur2s", "classes4_heldout_words"]
+    assert all(kwargs["dataset"] == "instruments" for kwargs in made.values())
+    assert set(made["classes4_heldout_words"]["classes"]) <= set(INSTRUMENT_NAMES)
+    # a shapes class in an instruments variation fails before anything is made or trained
+    calls["data"].clear()
+    bad = load_config(REPO / "configs/bench_learning_instruments.yaml",
+                      [f"bench.out_dir={tmp_path / 'bad'}", "bench.stages=[robustness]",
+                       "bench.robustness.variations=[{name:a,classes:[piano,chirp]}]"], job="bench_learning")
+    with pytest.raises(WavFlowError, match=r"variations\[0\] \(a\): .*unknown class 'chirp' of the instruments set"):
+        lb.run_benchmark(bad)
+    assert calls["data"] == []
 
 
 def test_robustness_judges_every_mode_of_every_variation_and_resumes(monkeypatch, tmp_path: Path, capsys,

@@ -285,6 +285,7 @@ class DemoPredict:
 @dataclass
 class Demo:
     out_dir: str = MISSING
+    dataset: str = MISSING  # shapes | instruments (wavflow.demo.make_dataset.DATASETS)
     n: int = MISSING
     seed: int = MISSING
     holdout_frac: float = MISSING
@@ -355,6 +356,7 @@ class BenchTargets:
 @dataclass
 class Bench:
     out_dir: str = MISSING
+    dataset: str = MISSING  # shapes | instruments: the built-in set every stage makes
     stages: List[str] = MISSING
     seed: int = MISSING
     nproc: int = MISSING

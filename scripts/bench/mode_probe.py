@@ -46,7 +46,7 @@ def score_mode(gen: WavFlowGenerator, ref: metrics.ReferenceModel, clips: list[C
     seeds = [row_seed(int(gen.cfg.inference.seed), c.id) for c in clips]
     waves = gen.generate_batch(items, seeds, cfg=cfg, steps=steps, cfg_interval=cfg_interval).numpy()
     real = [load_audio(info.root / c.audio_path, sr).numpy() for c in clips]
-    predicted = [ref.classifier.predict(metrics.clip_embedding(metrics.log_mel(w, sr))[None])[0] for w in waves]
+    predicted = [ref.classify(w) for w in waves]
     gen_levels = np.array([metrics.clip_levels(w, sr) for w in waves])  # (n, [level, floor])
     real_levels = np.array([metrics.clip_levels(w, sr) for w in real])
     out = {
@@ -57,7 +57,7 @@ def score_mode(gen: WavFlowGenerator, ref: metrics.ReferenceModel, clips: list[C
         "real_noise_floor_db": float(np.median(real_levels[:, 1])),
     }
     if mode != "T2A":
-        errors = [metrics.onset_errors(c.onsets, metrics.detect_onsets(w, sr)) for w, c in zip(waves, clips)]
+        errors = [metrics.onset_errors(c.onsets, ref.onsets(w, c.label)) for w, c in zip(waves, clips)]
         out["onset_median_ms"] = metrics.summarise_onsets(errors, 100.0)["onset_median_ms"]
     return out
 

@@ -126,7 +126,7 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     data = root / "data"
     info = make_dataset(data, n=12, seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
                         sample_rate=int(cfg.data.target_sample_rate), no_caption_frac=0.0, no_video_frac=0.0,
-                        progress=False)
+                        progress=False, dataset=str(cfg.bench.dataset))
     chosen, labels = [], set()
     for clip in info.clips:  # the first four clips of distinct classes
         if clip.label not in labels:
@@ -262,9 +262,10 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     st = cfg.bench.generalise
     logs = root / "logs"
     data = root / "data"
-    make_dataset(data, n=int(st.n), seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
-                 sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(st.holdout_frac),
-                 no_caption_frac=float(st.no_caption_frac), no_video_frac=float(st.no_video_frac), progress=False)
+    info = make_dataset(data, n=int(st.n), seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
+                        sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(st.holdout_frac),
+                        no_caption_frac=float(st.no_caption_frac), no_video_frac=float(st.no_video_frac),
+                        progress=False, dataset=str(cfg.bench.dataset))
     csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
     targets = cfg.bench.targets
     curve, train_s, wall_before = _resume_curve(root)
@@ -297,15 +298,15 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
             reached = point
             break
     return {"n": int(st.n), "curve": curve, "target_reached": reached is not None, "target_first_met": reached,
-            "train_seconds": round(train_s, 1), "chance_accuracy": 1 / 6,
+            "train_seconds": round(train_s, 1), "chance_accuracy": 1 / len(info.classes),
             "targets": OmegaConf.to_container(targets.generalise, resolve=True)}
 
 
 # ------------------------------------------------------------------------------ robustness
 # make_dataset keywords a variation may set (sample_rate and fps stay the config's: the encoders'
 # and the model's rates); every other key of a variation but `name` is a config error
-VARIATION_KEYS = ("n", "seed", "duration", "holdout_frac", "no_caption_frac", "no_video_frac", "classes",
-                  "caption_split", "palette_seed")
+VARIATION_KEYS = ("dataset", "n", "seed", "duration", "holdout_frac", "no_caption_frac", "no_video_frac",
+                  "classes", "caption_split", "palette_seed")
 # the config keys a variation may change; shared_overrides forwards them to every launcher
 VARIATION_CFG_KEYS = ("model.name", "data.audio_duration", "data.clip_seq_len", "data.sync_seq_len")
 
@@ -346,7 +347,7 @@ def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
     from wavflow.model.presets import PRESETS
 
     rb, where = cfg.bench.robustness, "bench.robustness.variations"
-    defaults = {"n": int(rb.n), "seed": int(cfg.bench.seed), "duration": float(cfg.data.audio_duration),
+    defaults = {"dataset": str(cfg.bench.dataset), "n": int(rb.n), "seed": int(cfg.bench.seed), "duration": float(cfg.data.audio_duration),
                 "sample_rate": int(cfg.data.target_sample_rate), "holdout_frac": float(rb.holdout_frac),
                 "no_caption_frac": float(rb.no_caption_frac), "no_video_frac": float(rb.no_video_frac)}
     if rb.model is not None and rb.model not in PRESETS:
@@ -376,12 +377,14 @@ def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
 def _check_variation_dataset(dataset: dict[str, Any]) -> None:
     """make_dataset's own checks of a variation's keywords (fps and frame size: its defaults);
     `classes` becomes a plain list."""
-    from wavflow.demo.make_dataset import CAPTION_SPLITS, _check_args, _check_classes
+    from wavflow.demo.make_dataset import CAPTION_SPLITS, DATASETS, _check_args, _check_classes
 
     _check_args(int(dataset["n"]), dataset["duration"], int(dataset["sample_rate"]), 25, 96,
                 float(dataset["holdout_frac"]), float(dataset["no_caption_frac"]), float(dataset["no_video_frac"]))
+    if dataset["dataset"] not in DATASETS:
+        raise WavFlowError(f"dataset must be one of {list(DATASETS)}, got {dataset['dataset']!r}")
     if dataset.get("classes") is not None:
-        dataset["classes"] = _check_classes(dataset["classes"])
+        dataset["classes"] = _check_classes(dataset["classes"], dataset["dataset"])
     if dataset.get("caption_split", "shared") not in CAPTION_SPLITS:
         raise WavFlowError(f"caption_split must be one of {list(CAPTION_SPLITS)}, got {dataset['caption_split']!r}")
 

@@ -1,11 +1,15 @@
-"""Build the built-in procedural audio-visual data set of the demo.
+"""Build a built-in audio-visual data set of the demo (docs/datasets.md).
 
-    python -m wavflow.demo.make_dataset --out DIR --n 48 --seed 0 [--duration 2.0] ...
-        [--classes low_tone,chirp,clicks] [--caption-split heldout] [--palette-seed 7]
+    python -m wavflow.demo.make_dataset --out DIR --n 48 --seed 0 [--dataset instruments]
+        [--duration 2.0] [--classes low_tone,chirp,clicks] [--caption-split heldout]
+        [--palette-seed 7] ...
 
-Each clip holds one sound-event class (sound_events.py) occurring 1-3 times at onsets on the
-video frame grid (onset_sec = k / fps), so the shape on screen appears exactly on the frame
-where the sound starts. Layout of DIR (every path in the CSVs is relative to DIR; consumers
+Two sets share this generator, its layout and its determinism: `shapes`, procedural sound
+events (sound_events.py) whose shape appears on screen while they sound, and `instruments`,
+recorded instrument samples from the General MIDI SoundFont in pretty_midi (instruments.py)
+whose picture lights up while a note sounds. Each clip holds one class occurring 1-3 times at
+onsets on the video frame grid (onset_sec = k / fps), so the picture reacts exactly on the
+frame where the sound starts. Layout of DIR (every path in the CSVs is relative to DIR; consumers
 set `data.data_root=DIR`):
 
     audio/<id>.wav          mono PCM-16 at --sample-rate, --duration seconds
@@ -46,6 +50,7 @@ import pandas as pd
 import soundfile as sf
 from tqdm import tqdm
 
+from wavflow.demo import instruments
 from wavflow.demo.sound_events import (
     CLASS_BY_NAME,
     CLASS_NAMES,
@@ -55,6 +60,7 @@ from wavflow.demo.sound_events import (
     class_looks,
     draw_event,
     make_caption,
+    palette_looks,
     place_shape,
     synthesize_event,
 )
@@ -68,6 +74,7 @@ LEAD_IN_FRAMES = 2  # silence before the first event, so its onset is a clear en
 MIN_GAP_SEC = 0.16  # between the end of one event and the start of the next
 EVENTS_VERSION = 1
 CAPTION_SPLITS = ("shared", "heldout")
+DATASETS = ("shapes", "instruments")  # procedural sound events; recorded instrument samples
 
 
 @dataclass
@@ -84,6 +91,8 @@ class ClipInfo:
     description: str  # the class caption, also kept for V2A clips
     audio_path: str  # relative to the data set root
     video_path: str
+    # generation parameters beyond the timing (instruments: "pitches" per note, "velocity")
+    details: dict = field(default_factory=dict)
 
     @property
     def has_video(self) -> bool:
@@ -106,6 +115,7 @@ class DatasetInfo:
     clips: list[ClipInfo] = field(default_factory=list)
     caption_split: str = "shared"  # "heldout": holdout captions use wordings training never saw
     palette_seed: int | None = None  # None: the built-in colours and shapes
+    dataset: str = "shapes"  # one of DATASETS
 
     @property
     def events_path(self) -> Path:
@@ -260,6 +270,95 @@ def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data-set kinds: how a clip of each set is planned, described, heard and seen
+
+
+@dataclass(frozen=True)
+class EventPlan:
+    """The timing of a clip's events (frames); every event lasts `duration_frames`."""
+
+    onset_frames: list[int]
+    duration_frames: int
+
+
+class ShapesKind:
+    """The procedural sound events of sound_events.py."""
+
+    name = "shapes"
+    class_names = CLASS_NAMES
+
+    @staticmethod
+    def plan(label: str, total_frames: int, fps: int, rng: np.random.Generator) -> EventPlan:
+        return EventPlan(*_plan_events(label, total_frames, fps, rng))
+
+    @staticmethod
+    def caption(label: str, plan: EventPlan, fps: int, rng: np.random.Generator,
+                heldout: bool) -> str:
+        return make_caption(label, len(plan.onset_frames), rng, heldout=heldout)
+
+    @staticmethod
+    def audio(label: str, plan: EventPlan, fps: int, sample_rate: int, num_samples: int,
+              rng: np.random.Generator) -> np.ndarray:
+        return render_audio(label, plan.onset_frames, plan.duration_frames, fps=fps,
+                            sample_rate=sample_rate, num_samples=num_samples, rng=rng)
+
+    @staticmethod
+    def frames(label: str, plan: EventPlan, total_frames: int, size: int,
+               rng: np.random.Generator, look: Look) -> np.ndarray:
+        return render_frames(label, plan.onset_frames, plan.duration_frames,
+                             total_frames=total_frames, size=size, rng=rng, look=look)
+
+    @staticmethod
+    def looks(palette_seed: int | None) -> dict[str, Look]:
+        return class_looks(palette_seed)
+
+    @staticmethod
+    def details(plan: EventPlan) -> dict:
+        return {}
+
+
+class InstrumentsKind:
+    """Recorded instrument samples from the General MIDI SoundFont (instruments.py)."""
+
+    name = "instruments"
+    class_names = instruments.INSTRUMENT_NAMES
+
+    @staticmethod
+    def plan(label: str, total_frames: int, fps: int,
+             rng: np.random.Generator) -> instruments.NotePlan:
+        return instruments.plan_notes(label, total_frames, fps, rng)
+
+    @staticmethod
+    def caption(label: str, plan: instruments.NotePlan, fps: int, rng: np.random.Generator,
+                heldout: bool) -> str:
+        return instruments.make_caption(label, plan, fps, rng, heldout=heldout)
+
+    @staticmethod
+    def audio(label: str, plan: instruments.NotePlan, fps: int, sample_rate: int,
+              num_samples: int, rng: np.random.Generator) -> np.ndarray:
+        return instruments.render_audio(label, plan, fps=fps, sample_rate=sample_rate,
+                                        num_samples=num_samples, rng=rng)
+
+    @staticmethod
+    def frames(label: str, plan: instruments.NotePlan, total_frames: int, size: int,
+               rng: np.random.Generator, look: Look) -> np.ndarray:
+        return instruments.render_frames(label, plan, total_frames=total_frames, size=size,
+                                         rng=rng, look=look)
+
+    @staticmethod
+    def looks(palette_seed: int | None) -> dict[str, Look]:
+        builtin = instruments.default_looks()
+        return builtin if palette_seed is None else palette_looks(builtin, palette_seed)
+
+    @staticmethod
+    def details(plan: instruments.NotePlan) -> dict:
+        return {"pitches": [list(p) for p in plan.pitches], "velocity": plan.velocity}
+
+
+KINDS = {"shapes": ShapesKind, "instruments": InstrumentsKind}
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -309,7 +408,7 @@ def _write_manifests(info: DatasetInfo) -> None:
         "version": EVENTS_VERSION, "seed": info.seed, "sample_rate": info.sample_rate,
         "duration": info.duration, "fps": info.fps, "size": info.size, "classes": info.classes,
         "caption_split": info.caption_split, "palette_seed": info.palette_seed,
-        "clips": [asdict(c) for c in info.clips],
+        "dataset": info.dataset, "clips": [asdict(c) for c in info.clips],
     }
     atomic_write_text(root / "events.json", json.dumps(payload, indent=1) + "\n")
 
@@ -319,64 +418,69 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
                  holdout_frac: float = 0.2, no_caption_frac: float = 0.15,
                  no_video_frac: float = 0.15, progress: bool = True, *,
                  classes: Sequence[str] | None = None, caption_split: str = "shared",
-                 palette_seed: int | None = None) -> DatasetInfo:
+                 palette_seed: int | None = None, dataset: str = "shapes") -> DatasetInfo:
     """Write the data set (wavs, mp4s, CSVs, events.json) under `out_dir` and describe it.
 
-    `classes` (a subset of sound_events.CLASS_NAMES, in this order), `caption_split` ("shared" or
-    "heldout") and `palette_seed` vary the data (module docstring); the defaults give the
-    built-in data set."""
+    `dataset` picks the sound classes (DATASETS: the procedural sound events or the recorded
+    instruments). `classes` (a subset of that set's class names, in this order),
+    `caption_split` ("shared" or "heldout") and `palette_seed` vary the data (module
+    docstring); the defaults give the built-in data set."""
     _check_args(n, duration, sample_rate, fps, size, holdout_frac, no_caption_frac, no_video_frac)
-    class_list = _check_classes(classes)
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    kind = KINDS[dataset]
+    class_list = _check_classes(classes, dataset)
     if caption_split not in CAPTION_SPLITS:
         raise ConfigError(f"--caption-split must be one of {', '.join(CAPTION_SPLITS)}, "
                           f"got {caption_split!r}")
     root = Path(out_dir)
     split_of, labels, modes = _plan_clips(n, seed, holdout_frac, no_caption_frac, no_video_frac,
                                           class_list)
-    looks = class_looks(palette_seed)
+    looks = kind.looks(palette_seed)
     total_frames = int(round(duration * fps))
     num_samples = int(round(duration * sample_rate))
     info = DatasetInfo(root=root, seed=seed, sample_rate=sample_rate, duration=duration, fps=fps,
                        size=size, classes=class_list, caption_split=caption_split,
-                       palette_seed=palette_seed)
+                       palette_seed=palette_seed, dataset=dataset)
     width = max(5, len(str(n - 1)))
-    for i in tqdm(range(n), desc="demo data set", disable=not progress):
+    for i in tqdm(range(n), desc=f"{kind.name} data set", disable=not progress):
         rng = np.random.default_rng([seed, 1, i])  # per-clip stream: clip i is independent of n
         clip_id = f"clip_{i:0{width}d}"
         label = labels[i]
-        onset_frames, dur_frames = _plan_events(label, total_frames, fps, rng)
-        description = make_caption(label, len(onset_frames), rng)
+        plan = kind.plan(label, total_frames, fps, rng)
+        description = kind.caption(label, plan, fps, rng, False)
         if caption_split == "heldout" and split_of[i] == "holdout":
             # drawn from a stream of its own, so the clip's sound and frames stay the shared ones
-            description = make_caption(label, len(onset_frames),
-                                       np.random.default_rng([seed, 2, i]), heldout=True)
-        wave = render_audio(label, onset_frames, dur_frames, fps=fps, sample_rate=sample_rate,
-                            num_samples=num_samples, rng=rng)
-        frames = render_frames(label, onset_frames, dur_frames, total_frames=total_frames,
-                               size=size, rng=rng, look=looks[label])
+            description = kind.caption(label, plan, fps, np.random.default_rng([seed, 2, i]), True)
+        wave = kind.audio(label, plan, fps, sample_rate, num_samples, rng)
+        frames = kind.frames(label, plan, total_frames, size, rng, looks[label])
         audio_rel, video_rel = f"audio/{clip_id}.wav", f"video/{clip_id}.mp4"
         atomic_write_bytes(root / audio_rel, wav_bytes(wave, sample_rate))
         atomic_write_bytes(root / video_rel, mp4_bytes(frames, fps))
+        count = len(plan.onset_frames)
         info.clips.append(ClipInfo(
             id=clip_id, split=split_of[i], mode=modes[i], label=label,
-            onsets=[k / fps for k in onset_frames], durations=[dur_frames / fps] * len(onset_frames),
-            onset_frames=list(onset_frames), duration_frames=[dur_frames] * len(onset_frames),
+            onsets=[k / fps for k in plan.onset_frames],
+            durations=[plan.duration_frames / fps] * count,
+            onset_frames=list(plan.onset_frames), duration_frames=[plan.duration_frames] * count,
             caption="" if modes[i] == "V2A" else description, description=description,
-            audio_path=audio_rel, video_path=video_rel,
+            audio_path=audio_rel, video_path=video_rel, details=kind.details(plan),
         ))
     _write_manifests(info)
     return info
 
 
-def _check_classes(classes: Sequence[str] | None) -> list[str]:
-    """The classes to use: all by default, else a subset of at least two known, distinct names."""
+def _check_classes(classes: Sequence[str] | None, dataset: str = "shapes") -> list[str]:
+    """The classes to use: all of the data set's by default, else a subset of at least two
+    known, distinct names."""
+    known = KINDS[dataset].class_names
     if classes is None:
-        return list(CLASS_NAMES)
+        return list(known)
     names = [str(c) for c in classes]
     for name in names:
-        if name not in CLASS_BY_NAME:
-            raise ConfigError(f"--classes: unknown class {name!r}; known classes: "
-                              f"{', '.join(CLASS_NAMES)}")
+        if name not in known:
+            raise ConfigError(f"--classes: unknown class {name!r} of the {dataset} set; known classes: "
+                              f"{', '.join(known)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"--classes lists a class twice: {','.join(names)}")
     if len(names) < 2:
@@ -419,7 +523,8 @@ def load_dataset_info(reference: str | Path) -> DatasetInfo:
                            clips=clips,
                            # older events.json files predate the variations: the defaults
                            caption_split=payload.get("caption_split", "shared"),
-                           palette_seed=payload.get("palette_seed"))
+                           palette_seed=payload.get("palette_seed"),
+                           dataset=payload.get("dataset", "shapes"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"{path} is not a valid demo events.json ({type(exc).__name__}: {exc})"
                             ) from exc
@@ -438,8 +543,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--holdout-frac", type=float, default=0.2)
     parser.add_argument("--no-caption-frac", type=float, default=0.15, help="share of V2A clips")
     parser.add_argument("--no-video-frac", type=float, default=0.15, help="share of T2A clips")
+    parser.add_argument("--dataset", choices=DATASETS, default="shapes",
+                        help="shapes: procedural sound events; instruments: recorded instrument "
+                             "samples from the General MIDI SoundFont in pretty_midi")
     parser.add_argument("--classes", default=None,
-                        help=f"comma-separated subset of {','.join(CLASS_NAMES)} (default: all)")
+                        help=f"comma-separated subset of the set's classes (default: all; shapes: "
+                             f"{','.join(CLASS_NAMES)}; instruments: "
+                             f"{','.join(instruments.INSTRUMENT_NAMES)})")
     parser.add_argument("--caption-split", choices=CAPTION_SPLITS, default="shared",
                         help="heldout: holdout clips get wordings no training caption uses")
     parser.add_argument("--palette-seed", type=int, default=None,
@@ -450,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         sample_rate=args.sample_rate, fps=args.fps, size=args.size,
                         holdout_frac=args.holdout_frac, no_caption_frac=args.no_caption_frac,
                         no_video_frac=args.no_video_frac, classes=classes,
-                        caption_split=args.caption_split, palette_seed=args.palette_seed)
+                        caption_split=args.caption_split, palette_seed=args.palette_seed,
+                        dataset=args.dataset)
     counts = {m: sum(c.mode == m for c in info.clips) for m in MODES}
     print(f"wrote {len(info.clips)} clips to {info.root} "
           f"(train {len(info.split('train'))}, holdout {len(info.split('holdout'))}; "

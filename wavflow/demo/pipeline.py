@@ -121,7 +121,7 @@ def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_
 
 def _settings_stamp(cfg: DictConfig) -> dict:
     """What the reusable stages (data, features, training run) were made with."""
-    keys = [*SHARED_KEYS, "demo.n", "demo.seed", "demo.holdout_frac", "demo.v2a_frac", "demo.t2a_frac",
+    keys = [*SHARED_KEYS, "demo.dataset", "demo.n", "demo.seed", "demo.holdout_frac", "demo.v2a_frac", "demo.t2a_frac",
             "demo.train.batch_size", "demo.train.lr", "demo.train.time_mean", "demo.train.time_scale",
             "data.feature_norm_rms.text_features"]
     return {k: OmegaConf.select(cfg, k) for k in keys}
@@ -163,10 +163,11 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     events = paths.data / "events.json"
     start = time.time()
     if not events.is_file():
-        print(f"=== [data] making {cfg.demo.n} clips in {paths.data}", flush=True)
+        print(f"=== [data] making {cfg.demo.n} {cfg.demo.dataset} clips in {paths.data}", flush=True)
         make_dataset(paths.data, n=int(cfg.demo.n), seed=int(cfg.demo.seed), duration=float(cfg.data.audio_duration),
                      sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(cfg.demo.holdout_frac),
-                     no_caption_frac=float(cfg.demo.v2a_frac), no_video_frac=float(cfg.demo.t2a_frac))
+                     no_caption_frac=float(cfg.demo.v2a_frac), no_video_frac=float(cfg.demo.t2a_frac),
+                     dataset=str(cfg.demo.dataset))
     timings["data"] = time.time() - start
 
     # 2. features: VT2A rows (with video) and T2A rows (caption only), each its own extraction

@@ -215,6 +215,13 @@ def _shape_mask(shape: str, size: int, p: ShapePlacement) -> np.ndarray:
         return mask
     if shape == "bar":
         return (np.abs(dx) <= r) & (np.abs(dy) <= 0.35 * r)
+    if shape == "ring":
+        return ((dx**2 + dy**2) <= r**2) & ((dx**2 + dy**2) >= (0.55 * r) ** 2)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "cross":
+        return (((np.abs(dx) <= r) & (np.abs(dy) <= 0.3 * r))
+                | ((np.abs(dy) <= r) & (np.abs(dx) <= 0.3 * r)))
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -228,24 +235,30 @@ class Look:
 
 
 def class_looks(palette_seed: int | None = None) -> dict[str, Look]:
-    """Each class's look: the built-in colours and shapes, or (with a seed) other ones.
+    """Each class's look: the built-in colours and shapes, or (with a seed) other ones
+    (`palette_looks`)."""
+    builtin = {c.name: Look(c.colour, c.shape) for c in EVENT_CLASSES}
+    return builtin if palette_seed is None else palette_looks(builtin, palette_seed)
 
-    A seed gives evenly spaced hues (random offset, randomly assigned to the classes) with high
-    saturation and value, so colours stay far apart and far above the near-black background that
-    the tiny CLIP vision tower ignores; the shapes are permuted among the classes. The palette
+
+def palette_looks(builtin: dict[str, Look], palette_seed: int) -> dict[str, Look]:
+    """Other colours and shapes for the classes of `builtin`, drawn from `palette_seed`.
+
+    Evenly spaced hues (random offset, randomly assigned to the classes) with high saturation
+    and value, so colours stay far apart and far above the near-black background that the tiny
+    CLIP vision tower ignores; the built-in shapes are permuted among the classes. The palette
     covers all classes, so a class looks the same whichever subset a data set uses."""
-    if palette_seed is None:
-        return {c.name: Look(c.colour, c.shape) for c in EVENT_CLASSES}
     rng = np.random.default_rng([palette_seed, 17])
-    k = len(EVENT_CLASSES)
+    names = list(builtin)
+    k = len(names)
     hues = (rng.uniform(0.0, 1.0) + np.arange(k) / k) % 1.0
     hue_order, shape_order = rng.permutation(k), rng.permutation(k)
     looks = {}
-    for i, cls in enumerate(EVENT_CLASSES):
+    for i, name in enumerate(names):
         sat, val = rng.uniform(0.75, 0.95), rng.uniform(0.9, 1.0)
         rgb = colorsys.hsv_to_rgb(float(hues[hue_order[i]]), float(sat), float(val))
         r, g, b = (int(round(255 * x)) for x in rgb)
-        looks[cls.name] = Look((r, g, b), EVENT_CLASSES[shape_order[i]].shape, tinted=True)
+        looks[name] = Look((r, g, b), builtin[names[shape_order[i]]].shape, tinted=True)
     return looks
 
 

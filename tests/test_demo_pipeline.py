@@ -24,7 +24,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
                WAVFLOW_CACHE_DIR=str(wavflow_cache_dir))
     cmd = ["bash", str(REPO / "scripts/launch/demo.sh"), "demo.n=12", "demo.train.max_steps=6",
            "demo.train.batch_size=4", "demo.train.time_mean=-0.7", "model.name=tiny_16k",
-           "sampling.num_steps=2", "demo.figure_clips=2"]
+           "sampling.num_steps=2", "demo.figure_clips=2", "data.feature_norm_rms.clip_features=0.25"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -43,6 +43,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     demo_scale = OmegaConf.load(REPO / "configs/demo.yaml").demo.train.time_scale
     assert (trained.sampling.mean, trained.sampling.scale) == (-0.7, demo_scale)
     assert trained.data.feature_norm_rms.text_features == 0.3  # captions' scale (docs/encoders.md)
+    assert trained.data.feature_norm_rms.clip_features == 0.25  # a user's override reached the trainer
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # predictions for every held-out row, mp4s for rows with video
@@ -93,6 +94,23 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
         theirs, _ = sf.read(out / "predict" / f"{clip_id}.wav", dtype="float64")
         corr = float(np.dot(mine, theirs) / (np.linalg.norm(mine) * np.linalg.norm(theirs)))
         assert corr > 0.999, (clip_id, corr)
+
+
+def test_every_base_key_the_demo_forwards_reaches_each_launcher_as_set():
+    """A key of the demo's config that a stage reads (feature normalisation, flow-matching
+    settings) is forwarded with the value the user set, not dropped for the stage's default."""
+    from wavflow.config import load_config
+    from wavflow.demo.pipeline import SHARED_KEYS, shared_overrides
+
+    cfg = load_config("demo.yaml", ["data.feature_norm_rms.clip_features=0.3", "sampling.method=heun",
+                                    "sampling.noise_shift=2.0", "data.feature_norm=true"])
+    words = dict(w.split("=", 1) for w in shared_overrides(cfg))
+    assert list(words) == list(SHARED_KEYS)
+    assert (words["data.feature_norm_rms.clip_features"], words["sampling.method"],
+            words["sampling.noise_shift"], words["data.feature_norm"]) == ("0.3", "'heun'", "2.0", "true")
+    for job in ("extract_vt2a.yaml", "extract_t2a.yaml", "train.yaml", "infer.yaml"):
+        stage = load_config(job, shared_overrides(cfg))  # every launcher accepts every forwarded key
+        assert stage.data.feature_norm_rms.clip_features == 0.3 and stage.sampling.method == "heun", job
 
 
 def test_demo_refuses_to_reuse_stages_made_with_other_settings(tmp_path: Path):

@@ -1,8 +1,10 @@
-"""The built-in procedural audio-visual data set of the demo and the metrics that score it.
+"""The built-in audio-visual data sets of the demo and the metrics that score them.
 
-`make_dataset` writes short clips of sound events (six classes) with a matching on-screen shape
-at each event onset and captions naming the class; `metrics` scores generated audio against them
-(event-class accuracy, onset timing error, Fréchet distance of log-mel frames).
+`make_dataset` writes short clips of procedural sound events (`shapes`, six classes) or of
+recorded instrument samples (`instruments`, eight instruments), with a picture that reacts on
+each event's onset frame and captions naming the class (docs/datasets.md); `metrics` scores
+generated audio against them per mode (class accuracy, onset timing error, level, noise floor,
+Fréchet distance of log-mel frames).
 
 Names are imported lazily so `python -m wavflow.demo.make_dataset` / `.metrics` run cleanly.
 The builder function is `wavflow.demo.make_dataset.make_dataset` (the package attribute
@@ -19,6 +21,8 @@ _EXPORTS = {
     "ClipInfo": "wavflow.demo.make_dataset",
     "CLASS_NAMES": "wavflow.demo.sound_events",
     "EVENT_CLASSES": "wavflow.demo.sound_events",
+    "DATASETS": "wavflow.demo.make_dataset",
+    "INSTRUMENTS": "wavflow.demo.instruments",
 }
 
 __all__ = sorted(_EXPORTS)

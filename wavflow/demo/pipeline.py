@@ -30,6 +30,10 @@ log = logging.getLogger("wavflow.demo")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_DIR = REPO_ROOT / "scripts" / "launch"
 # Keys every stage shares with the demo config.
+# Keys of the demo / benchmark config forwarded to every launcher: the data shapes and encoders
+# every stage must agree on, the feature normalisation the trainer applies (and records in the
+# checkpoint), and the flow-matching settings of base.yaml that training and sampling share.
+# A key a user sets on the command line must reach the stage that uses it, never be dropped.
 SHARED_KEYS = (
     "model.name",
     "data.target_sample_rate",
@@ -37,6 +41,15 @@ SHARED_KEYS = (
     "data.clip_seq_len",
     "data.sync_seq_len",
     "data.text_seq_len",
+    "data.feature_norm",
+    "data.feature_norm_rms.clip_features",
+    "data.feature_norm_rms.sync_features",
+    "data.feature_norm_rms.text_features",
+    "sampling.prediction_type",
+    "sampling.min_sigma",
+    "sampling.noise_scale",
+    "sampling.noise_shift",
+    "sampling.method",
     "encoders.profile",
     "encoders.cache_dir",
     "encoders.allow_download",
@@ -122,8 +135,7 @@ def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_
 def _settings_stamp(cfg: DictConfig) -> dict:
     """What the reusable stages (data, features, training run) were made with."""
     keys = [*SHARED_KEYS, "demo.dataset", "demo.n", "demo.seed", "demo.holdout_frac", "demo.v2a_frac", "demo.t2a_frac",
-            "demo.train.batch_size", "demo.train.lr", "demo.train.time_mean", "demo.train.time_scale",
-            "data.feature_norm_rms.text_features"]
+            "demo.train.batch_size", "demo.train.lr", "demo.train.time_mean", "demo.train.time_scale"]
     return {k: OmegaConf.select(cfg, k) for k in keys}
 
 

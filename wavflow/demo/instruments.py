@@ -13,23 +13,20 @@ of its seed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.signal import butter, fftconvolve, sosfilt
 
 from wavflow.demo.soundfont import Note, render_notes
-from wavflow.demo.sound_events import COUNT_WORDS, Look, ShapePlacement, blank_frame, draw_event
-from wavflow.errors import ConfigError
+from wavflow.demo.sound_events import (COUNT_WORDS, Look, ShapePlacement, blank_frame, draw_event,
+                                       spread_events)
 
 ROOM_TONE_RMS = 0.0056  # -45 dBFS of low-passed noise: the room's noise floor
 ROOM_RT60_SEC = 0.25  # reverberation time of the synthetic room
 ROOM_WET_GAIN = 0.2  # reverberant part relative to the dry sound (-14 dB)
 PEAK_AT_FULL_VELOCITY = 0.8  # a velocity-127 clip peaks here; softer clips scale down with it
 IDLE_BRIGHTNESS = 0.3  # the picture's brightness while its instrument is silent
-LEAD_IN_FRAMES = 2  # silence before the first note, so its onset is a clear energy rise
-MIN_GAP_SEC = 0.16  # between the end of one note and the start of the next
 SOFT_VELOCITY, LOUD_VELOCITY = 70, 105  # caption words "soft" below, "loud" above
 SHORT_SEC, LONG_SEC = 0.22, 0.40  # caption words "short" below, "long" above
 
@@ -140,22 +137,7 @@ def plan_notes(label: str, total_frames: int, fps: int, rng: np.random.Generator
     """1-3 non-overlapping notes on the frame grid, with the clip's length, pitch and velocity."""
     inst = INSTRUMENT_BY_NAME[label]
     dur_frames = max(1, int(round(rng.uniform(*inst.note_sec) * fps)))
-    gap_frames = max(1, int(math.ceil(MIN_GAP_SEC * fps)))
-    usable = total_frames - LEAD_IN_FRAMES - 1
-    if dur_frames > usable:
-        raise ConfigError(f"clip duration {total_frames / fps:.2f}s is too short for a {label} "
-                          f"note of {dur_frames / fps:.2f}s; use --duration of at least 1.0")
-    count = int(rng.integers(1, 4))
-    while count > 1 and count * dur_frames + (count - 1) * gap_frames > usable:
-        count -= 1
-    slack = usable - (count * dur_frames + (count - 1) * gap_frames)
-    cuts = np.sort(rng.integers(0, slack + 1, size=count))
-    parts = np.diff(np.concatenate([[0], cuts]))
-    onsets, pos = [], LEAD_IN_FRAMES
-    for part in parts:
-        pos += int(part)
-        onsets.append(pos)
-        pos += dur_frames + gap_frames
+    onsets = spread_events(label, dur_frames, total_frames, fps, rng)
     velocity = int(rng.integers(50, 128))
     pitches = []
     for _ in onsets:

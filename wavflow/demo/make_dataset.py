@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +61,7 @@ from wavflow.demo.sound_events import (
     make_caption,
     palette_looks,
     place_shape,
+    spread_events,
     synthesize_event,
 )
 from wavflow.errors import ConfigError
@@ -70,8 +70,6 @@ from wavflow.io_utils import atomic_write_bytes, atomic_write_csv, atomic_write_
 MODES = ("VT2A", "T2A", "V2A")
 BACKGROUND_NOISE_RMS = 0.01  # -40 dBFS
 PEAK_LIMIT = 0.95
-LEAD_IN_FRAMES = 2  # silence before the first event, so its onset is a clear energy rise
-MIN_GAP_SEC = 0.16  # between the end of one event and the start of the next
 EVENTS_VERSION = 1
 CAPTION_SPLITS = ("shared", "heldout")
 DATASETS = ("shapes", "instruments")  # procedural sound events; recorded instrument samples
@@ -184,25 +182,7 @@ def _plan_events(label: str, total_frames: int, fps: int,
                  rng: np.random.Generator) -> tuple[list[int], int]:
     """Onset frames of 1-3 non-overlapping events that fit in the clip, and the event length."""
     dur_frames = max(1, int(round(CLASS_BY_NAME[label].duration_sec * fps)))
-    gap_frames = max(1, int(math.ceil(MIN_GAP_SEC * fps)))
-    usable = total_frames - LEAD_IN_FRAMES - 1  # one trailing frame so events end inside
-    count = int(rng.integers(1, 4))
-    while count > 1 and count * dur_frames + (count - 1) * gap_frames > usable:
-        count -= 1
-    if dur_frames > usable:
-        raise ConfigError(
-            f"clip duration {total_frames / fps:.2f}s is too short for a {label} event "
-            f"({dur_frames / fps:.2f}s); use --duration of at least 1.0")
-    slack = usable - (count * dur_frames + (count - 1) * gap_frames)
-    # split the slack into count+1 random parts: before, between and after the events
-    cuts = np.sort(rng.integers(0, slack + 1, size=count))
-    parts = np.diff(np.concatenate([[0], cuts]))
-    onsets, pos = [], LEAD_IN_FRAMES
-    for i in range(count):
-        pos += int(parts[i])
-        onsets.append(pos)
-        pos += dur_frames + gap_frames
-    return onsets, dur_frames
+    return spread_events(label, dur_frames, total_frames, fps, rng), dur_frames
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,13 +13,18 @@ recognise the class), and `class_looks(palette_seed)` gives every class another 
 from __future__ import annotations
 
 import colorsys
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 from scipy.signal import butter, sosfilt
 
+from wavflow.errors import ConfigError
+
 ATTACK_SEC = 0.003  # a sharp attack keeps the audio onset precise to a few milliseconds
+LEAD_IN_FRAMES = 2  # silence before the first event, so its onset is a clear energy rise
+MIN_GAP_SEC = 0.16  # between the end of one event and the start of the next
 RELEASE_SEC = 0.015
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
@@ -92,6 +97,32 @@ def make_caption(class_name: str, count: int, rng: np.random.Generator, *,
     if count == 1:
         word = "a single"  # "a single click" reads better than "one click"
     return template.format(count=word, s="" if count == 1 else "s")
+
+
+def spread_events(label: str, dur_frames: int, total_frames: int, fps: int,
+                  rng: np.random.Generator) -> list[int]:
+    """Onset frames of 1-3 non-overlapping events of `dur_frames` frames that fit in the clip
+    (after LEAD_IN_FRAMES, MIN_GAP_SEC apart, ending before the last frame), at random places.
+    Shared by every built-in data set, so their timing statistics are the same."""
+    gap_frames = max(1, int(math.ceil(MIN_GAP_SEC * fps)))
+    usable = total_frames - LEAD_IN_FRAMES - 1  # one trailing frame so events end inside
+    if dur_frames > usable:
+        raise ConfigError(
+            f"clip duration {total_frames / fps:.2f}s is too short for a {label} event "
+            f"({dur_frames / fps:.2f}s); use --duration of at least 1.0")
+    count = int(rng.integers(1, 4))
+    while count > 1 and count * dur_frames + (count - 1) * gap_frames > usable:
+        count -= 1
+    slack = usable - (count * dur_frames + (count - 1) * gap_frames)
+    # split the slack into count+1 random parts: before, between and after the events
+    cuts = np.sort(rng.integers(0, slack + 1, size=count))
+    parts = np.diff(np.concatenate([[0], cuts]))
+    onsets, pos = [], LEAD_IN_FRAMES
+    for part in parts:
+        pos += int(part)
+        onsets.append(pos)
+        pos += dur_frames + gap_frames
+    return onsets
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from wavflow.demo.metrics import (
     evaluate,
     evaluate_waves,
     fit_reference,
-    frechet_distance,
+    frechet_between,
     log_mel,
     main,
     nearest_reference,
@@ -30,6 +30,7 @@ from wavflow.demo.metrics import (
     summarise_onsets,
 )
 from wavflow.errors import ManifestError
+from wavflow.evaluate.metrics import frechet_distance, frechet_from_statistics
 
 SR = 16000
 
@@ -96,10 +97,23 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
     v1, v2 = rng.uniform(0.5, 2, size=4), rng.uniform(0.5, 2, size=4)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
-    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-6)
+    assert frechet_from_statistics(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-6)
     a = rng.normal(size=(6, 6))
     cov = a @ a.T + np.eye(6)
-    assert frechet_distance(mu1[:1].repeat(6), cov, mu1[:1].repeat(6), cov) == pytest.approx(0, abs=1e-6)
+    assert frechet_from_statistics(mu1[:1].repeat(6), cov, mu1[:1].repeat(6), cov) == pytest.approx(0, abs=1e-6)
+
+
+def test_one_frechet_formula_serves_the_demo_and_the_evaluation():
+    """The demo's log-mel Fréchet is the evaluation's FD on the pooled frames, and a covariance
+    whose square root is truly complex is an error in both, never silently made real."""
+    rng = np.random.default_rng(5)
+    a = [rng.normal(size=(4, 30)) for _ in range(3)]
+    b = [rng.normal(loc=0.5, scale=1.5, size=(4, 25)) for _ in range(2)]
+    pooled_a, pooled_b = np.concatenate([m.T for m in a]), np.concatenate([m.T for m in b])
+    assert frechet_between(a, b) == pytest.approx(frechet_distance(pooled_a, pooled_b), rel=1e-12)
+    not_a_covariance = np.diag([1.0, -4.0])  # sqrt(S1 S2) = diag(1, 2i): imaginary, not noise
+    with pytest.raises(ValueError, match="imaginary part"):
+        frechet_from_statistics(np.zeros(2), np.eye(2), np.zeros(2), not_a_covariance)
 
 
 def test_linear_discriminant_classifier_on_toy_clusters():

@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import scipy.linalg
 import torch
 from tqdm import tqdm
 
 from wavflow.audio import load_audio
 from wavflow.demo.make_dataset import MODES, DatasetInfo, load_dataset_info
 from wavflow.errors import AudioError, ManifestError
+from wavflow.evaluate.metrics import frechet_from_statistics
 from wavflow.io_utils import atomic_write_text
 
 N_MELS = 64
@@ -243,20 +243,8 @@ def frame_statistics(logmels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return frames.mean(axis=0), np.cov(frames, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
-    """|mu1-mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as FID code does
-        eps = 1e-6 * np.eye(sigma1.shape[0])
-        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = np.real(covmean)
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
-
 def frechet_between(logmels_a: Sequence[np.ndarray], logmels_b: Sequence[np.ndarray]) -> float:
-    return frechet_distance(*frame_statistics(logmels_a), *frame_statistics(logmels_b))
+    return frechet_from_statistics(*frame_statistics(logmels_a), *frame_statistics(logmels_b))
 
 
 # ----------------------------------------------------------------------------------------------

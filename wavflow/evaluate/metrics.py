@@ -30,18 +30,26 @@ def frechet_distance(gen: np.ndarray, ref: np.ndarray, eps: float = 1e-6) -> flo
         raise ValueError(f"FD needs two (N, D) sets of equal D, got {gen.shape} and {ref.shape}")
     if min(len(gen), len(ref)) < 2:
         raise ValueError(f"FD needs at least 2 embeddings per set, got {len(gen)} and {len(ref)}")
-    mu1, mu2 = gen.mean(axis=0), ref.mean(axis=0)
     s1, s2 = np.atleast_2d(np.cov(gen, rowvar=False)), np.atleast_2d(np.cov(ref, rowvar=False))
-    covmean = linalg.sqrtm(s1.dot(s2))
+    return frechet_from_statistics(gen.mean(axis=0), s1, ref.mean(axis=0), s2, eps)
+
+
+def frechet_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                            eps: float = 1e-6) -> float:
+    """|mu1-mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): the one Fréchet formula of the project
+    (the evaluation's FD and the demo metrics' log-mel Fréchet both call it). A non-finite
+    square root retries with `eps` on both diagonals; an imaginary part that is more than
+    numerical noise (a diagonal entry beyond 1e-3) is an error, not dropped."""
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"FD: matrix square root has an imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
         covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def kl_divergence(gen_logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]:

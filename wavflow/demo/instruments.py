@@ -228,14 +228,10 @@ def render_frames(label: str, plan: NotePlan, *, total_frames: int, size: int,
     placement = ShapePlacement(inst.place[0] * size + float(jitter[0]),
                                inst.place[1] * size + float(jitter[1]), radius,
                                int(rng.integers(2**31)))
-    idle = blank_frame(size)
-    draw_event(idle, label, placement, look)
-    lit_mask = idle != blank_frame(size)
-    idle = idle.astype(np.float64)
-    background = blank_frame(size).astype(np.float64)
-    idle = np.where(lit_mask, background + IDLE_BRIGHTNESS * (idle - background), idle)
     lit = blank_frame(size)
     draw_event(lit, label, placement, look)
+    background = blank_frame(size).astype(np.float64)
+    idle = background + IDLE_BRIGHTNESS * (lit - background)  # the background stays as it is
     frames = np.repeat(np.round(idle).astype(np.uint8)[None], total_frames, axis=0)
     for onset in plan.onset_frames:
         frames[onset:min(onset + plan.duration_frames, total_frames)] = lit

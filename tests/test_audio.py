@@ -249,3 +249,29 @@ def test_container_without_audio_stream(tmp_path):
             container.mux(packet)
     with pytest.raises(AudioError, match="video_only.mp4 has no audio stream"):
         load_audio(path, SR)
+
+
+def test_probe_audio_accepts_what_load_audio_reads_and_names_what_it_cannot(tmp_path):
+    from tests.media import write_video
+    from wavflow.audio import probe_audio
+
+    good = tmp_path / "good.flac"
+    sf.write(good, _sine(), SR)
+    probe_audio(good)
+    with_audio = write_video(tmp_path / "clip.mp4", seconds=1.0, with_audio=True)
+    probe_audio(with_audio)  # a container: PyAV decodes its first audio frame
+    cases = {
+        "text.wav": (lambda p: p.write_text("not audio\n"), "could not be opened"),
+        "empty.wav": (lambda p: p.write_bytes(b""), "could not be opened"),
+        "zero.wav": (lambda p: sf.write(p, np.zeros(0, dtype=np.float32), SR), "zero length"),
+        "silent.mp4": (lambda p: write_video(p, seconds=1.0), "no audio stream"),
+    }
+    for name, (make, reason) in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(AudioError, match=f"{name}.*{reason}"):
+            probe_audio(path)
+    with pytest.raises(AudioError, match="audio file not found"):
+        probe_audio(tmp_path / "absent.wav")
+    with pytest.raises(AudioError, match="audio file not found"):
+        probe_audio(tmp_path)  # a directory given as a file

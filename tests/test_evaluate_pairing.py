@@ -125,12 +125,12 @@ def test_job_without_any_weights_lists_every_metric_and_every_id(layout: dict[st
     assert "missing_generated: f: no generated wav for this id" in printed
 
 
-def test_bad_override_and_no_pairs_exit_2(layout: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_override_exits_2_and_no_pairs_3(layout: dict[str, Path], tmp_path: Path) -> None:
     args = ["--generated", str(layout["gen"]), "--reference", str(layout["reference"])]
     assert main(args + ["metrics.enabled=[FD_Nope]"]) == 2
     assert main(args + ["no.such.key=1"]) == 2
     other = _csv(tmp_path / "other.csv", [{"id": "zzz", "audio_path": "z.wav"}])
-    assert main(["--generated", str(layout["gen"]), "--reference", str(other)]) == 2
+    assert main(["--generated", str(layout["gen"]), "--reference", str(other)]) == 3  # bad input
 
 
 class _Recorder:

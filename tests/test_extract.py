@@ -187,7 +187,7 @@ def test_fatal_csv_problems_are_reported_before_models(
     write_csv(ds["csv"], header, rows)
     rc = extract.main(["--config", "extract_vt2a.yaml", *overrides(tmp_path, ds, "vt2a")])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 3  # bad input
     assert expect in err
     if case != "missing_column":  # one report: the missing audio of the last row is in it too
         assert "audio_path not found" in err and str(ds["csv"]) in err
@@ -311,6 +311,46 @@ def test_every_row_failing_exits_1(tmp_path: Path, never_build: list) -> None:
     assert read_out_csv(out / "train.csv").empty and tuple(read_out_csv(out / "train.csv").columns) == TRAIN_COLUMNS
     assert list(read_errors(out / "train_errors.log")) == ["x"]
     assert not never_build and not (out / "pth" / "empty_string.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["t2a", "vt2a"])
+def test_audio_that_does_not_decode_is_a_failed_row_and_breaks_the_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, mode: str
+) -> None:
+    """A text file posing as a wav is not `done`: its row fails with the decoder's reason, and
+    1 failed row of 4 is above data.max_failed_fraction's default (exit 1, the id named last)."""
+    ds = write_dataset(tmp_path, videos=mode == "vt2a", n=3)
+    (ds["data"] / "a1.wav").write_text("this is not audio\n")
+    (ds["data"] / "a2.wav").write_bytes(b"")  # an empty file: no header, no samples
+    monkeypatch.setattr(extract, "build_encoders", lambda *a, **k: FakeEncoders(need_video=mode == "vt2a"))
+    rc = extract.main(["--config", f"extract_{mode}.yaml", *overrides(tmp_path, ds, mode)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1, last
+    assert last.startswith("[wavflow.extract] error: 3 of 4 rows of the input CSV failed") and "'clip1'" in last
+    assert "train_errors.log" in last and "data.max_failed_fraction" in last
+    out = tmp_path / "out"
+    assert read_out_csv(out / "train.csv")["id"].tolist() == ["clip0"]
+    errors = read_errors(out / "train_errors.log")
+    assert list(errors) == ["clip1", "clip2", "noaudio"]
+    assert errors["clip1"].startswith("audio skipped: audio file") and "could not be opened" in errors["clip1"]
+    assert "a2.wav" in errors["clip2"]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["failed"] == 3 and summary["failed_rows_within_policy"] is False
+    # the same failures within a looser policy: exit 0, the same outputs
+    rc = extract.main(["--config", f"extract_{mode}.yaml", *overrides(tmp_path, ds, mode, "data.max_failed_fraction=0.8")])
+    assert rc == 0 and read_out_csv(out / "train.csv")["id"].tolist() == ["clip0"]
+
+
+@pytest.mark.parametrize("override", ["data.max_failed_fraction=1.0", "data.max_failed_fraction=-0.1",
+                                      "data.max_failed_fraction=lots", "data.audio_duration=-1",
+                                      "data.audio_duration=0"])
+def test_bad_values_are_named_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture, never_build: list,
+                                              override: str) -> None:
+    ds = write_dataset(tmp_path, videos=True, n=1)
+    rc = extract.main(["--config", "extract_vt2a.yaml", *overrides(tmp_path, ds, "vt2a", override)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("[wavflow.extract] error: ") and override.split("=")[0] in last, last
+    assert not never_build and not (tmp_path / "out" / "train.csv").exists()
 
 
 # --------------------------------------------- T2A with the real tiny encoders + resume

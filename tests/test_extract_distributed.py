@@ -53,7 +53,7 @@ def check_training_dataset_accepts(csv_path: Path, mode: str) -> None:
     good = select_rows(rows, reports, {}, "error")
     dataset = TrainDataset(good, data)
     item = dataset[0]
-    assert item is not None
+    assert "failed_row" not in item, item
     assert item["audio_tokens"].shape == (160, 200)  # 2 s at 16 kHz in 200-sample patches
     assert item["text_features"].shape == (77, 1024)
     assert bool(item["video_exist"]) == (mode == "vt2a")

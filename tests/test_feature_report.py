@@ -114,4 +114,4 @@ def test_cli_json_names_streams_as_in_the_files(tmp_path, capsys):
         assert {"mean_cosine", "effective_rank"} <= set(s)
     stats = rep.FeatureStats.load(tmp_path / rep.STATS_FILENAME)
     assert stats.encoder_identity == "mine" and stats.rows["text_features"] == 9
-    assert rep.main(["--csv", str(tmp_path / "nope.csv")]) == 2
+    assert rep.main(["--csv", str(tmp_path / "nope.csv")]) == 3  # bad input

@@ -31,6 +31,13 @@ def test_job_exit_code_from_rank_codes():
     assert job_exit_code([1, 2]) == 2 and job_exit_code([1, 1]) == 1 and job_exit_code([0, 1]) == 1
     assert job_exit_code([-9]) == 137 and job_exit_code([-15, 2]) == 2 and job_exit_code([]) == 1
     assert job_exit_code([1, -15]) == 1  # torchrun SIGTERMs the others after the first failure
+    # a deliberate code beats a runtime failure, which is often another rank's broken collective
+    assert job_exit_code([4, 3]) == 3 and job_exit_code([4, 1]) == 1 and job_exit_code([3, 2]) == 2
+    assert job_exit_code([4, -15]) == 4 and job_exit_code([7, 4]) == 4 and job_exit_code([7]) == 7
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -41,9 +48,17 @@ def test_extract_launcher_keeps_fatal_2_and_all_rows_failed_1(tmp_path, wavflow_
     launcher = str(LAUNCH / "extract_t2a.sh")
     failed = subprocess.run(["bash", launcher, *words], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1, failed.stderr[-3000:]
+    # the job's own line ends the output, after torchrun's report (not its "=====" banner)
+    assert _last_line(failed.stderr).startswith("[wavflow.extract] error: 1 of 1 rows of the input CSV failed")
+    assert "'noaudio'" in _last_line(failed.stderr) and "error_file" in failed.stderr
     fatal = subprocess.run(["bash", launcher, *words, f"data.csv_path={tmp_path / 'none.csv'}"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
-    assert fatal.returncode == 2, fatal.stderr[-3000:]
+    assert fatal.returncode == 3, fatal.stderr[-3000:]  # bad input: the CSV does not exist
+    assert _last_line(fatal.stderr).startswith("[wavflow.extract] error: ") and "none.csv" in _last_line(fatal.stderr)
+    usage = subprocess.run(["bash", launcher, *words, "extraction.batch_size=0"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 2, usage.stderr[-3000:]
+    assert _last_line(usage.stderr).startswith("[wavflow.extract] error: ") and "extraction.batch_size" in _last_line(usage.stderr)
 
 
 @pytest.mark.slow
@@ -52,7 +67,7 @@ def test_train_and_predict_launchers_keep_exit_code_2(tmp_path):
     train = subprocess.run(["bash", str(LAUNCH / "train_single_node.sh"), *overrides(tmp_path, csv, training__epochs=0)],
                            env=_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert train.returncode == 2, train.stderr[-3000:]
-    assert "training.epochs must be" in train.stderr
+    assert _last_line(train.stderr).startswith("[wavflow.train] error: training.epochs must be")
     predict = subprocess.run(["bash", str(LAUNCH / "predict.sh"), "--bogus"], env=_env(), capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert predict.returncode == 2, predict.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.test_train_common import make_config, make_dataset, overrides, write_sample
-from wavflow.errors import CheckpointError, ManifestError
+from wavflow.errors import CheckpointError, ManifestError, RowsFailedError
 from wavflow.io_utils import safe_torch_load
 from wavflow.train.trainer import Trainer, run_training
 
@@ -133,10 +133,16 @@ def test_bad_csv_rows_are_reported_together(tmp_path):
     with pytest.raises(ManifestError) as err:  # other.csv lost its only row: never silently dropped
         Trainer(make_config(tmp_path, [str(csv), str(other)], data__on_bad_row="skip"))
     assert f"training CSV {other}: all 1 row(s) failed the check" in str(err.value)
-    tr = Trainer(make_config(tmp_path, str(csv), data__on_bad_row="skip"))
+    # skipped rows count against data.max_failed_fraction (default 1 %): 6 of 11 stop the run
+    with pytest.raises(RowsFailedError) as err:
+        Trainer(make_config(tmp_path, str(csv), data__on_bad_row="skip"))
+    assert str(err.value).startswith("6 of 11 training CSV rows (data.on_bad_row=skip) failed (54.5% failed, above "
+                                     "data.max_failed_fraction=0.01); first: 'vt2a_0': ")
+    assert not (tmp_path / "out" / "exp" / "checkpoint_latest.pth").exists()
+    tr = Trainer(make_config(tmp_path, str(csv), data__on_bad_row="skip", data__max_failed_fraction=0.6))
     assert sorted(r.sample_id for r in tr.dataset.rows) == ["dup_0", "t2a_1", "v2a_2", "vt2a_0", "vt2a_3"]
     log = (tmp_path / "out" / "exp" / "training.log").read_text()
-    assert log.count("skipping ") == 6 and "(id 'shape')" in log
+    assert log.count("skipping ") == 12 and "(id 'shape')" in log  # 6 by each of the two runs
 
     missing_col = tmp_path / "nocol.csv"
     missing_col.write_text("id,audio_path\nx,y\n")
@@ -167,7 +173,7 @@ def test_mixed_csvs_train_in_one_run_and_read_failures_are_skipped(tmp_path):
     t2a_csv.write_text(text)
     vt_csv = make_dataset(vt_root, modes=("vt2a", "v2a", "vt2a"))
     cfg = make_config(tmp_path, [str(t2a_csv), str(vt_csv)], data__data_root=str(t2a_root),
-                      training__epochs=1, training__gen_train_freq=1)
+                      training__epochs=1, training__gen_train_freq=1, data__max_failed_fraction=0.2)
     trainer = Trainer(cfg)
     assert sorted(r.sample_id for r in trainer.dataset.rows) == ["tt_0", "tt_1", "v2a_1", "vt2a_0", "vt2a_2"]
     assert {(r.video_exist, r.text_exist) for r in trainer.dataset.rows} == {(False, True), (True, False), (True, True)}
@@ -251,23 +257,43 @@ def test_features_extracted_for_other_clip_lengths_stop_with_a_data_hint(tmp_pat
         Trainer(make_config(tmp_path, str(mixed)))
 
 
-def test_step_where_every_row_failed_moves_nothing(tmp_path):
+def test_a_run_whose_rows_all_fail_stops_and_writes_no_checkpoint(tmp_path):
+    """Every row unreadable: no optimiser/EMA step (not even AdamW's decay on zero gradients), no
+    checkpoint claiming a finished epoch, and a RowsFailedError (exit 1) naming the rows."""
     csv = make_dataset(tmp_path, modes=("t2a", "vt2a"))
-    trainer = Trainer(make_config(tmp_path, csv, training__epochs=1, training__weight_decay=0.1))
+    trainer = Trainer(make_config(tmp_path, csv, training__epochs=1, training__weight_decay=0.1,
+                                  data__max_failed_fraction=0.5))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     ema_before = trainer.ema1.state_dict()
     for row in trainer.dataset.rows:
-        row.audio_path.write_bytes(b"garbage")  # both rows of the only batch fail at read time
-    result = trainer.train()
-    assert (result.global_step, result.skipped_rows, result.epoch) == (0, 2, 1)
+        row.audio_path.write_text("not audio\n")  # both rows of the only batch fail at read time
+    with pytest.raises(RowsFailedError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert msg.startswith("2 of 2 row reads of epoch 1 (rows x training.repeat_factor) failed (every row failed); ")
+    assert "'t2a_0': AudioError: audio file" in msg and "'vt2a_1': AudioError: " in msg
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), before[n]), n  # no AdamW decay/momentum step on zero grads
     for n, v in trainer.ema1.state_dict().items():
         assert torch.equal(v, ema_before[n]), n
     assert not trainer.optimizer.state  # AdamW never stepped
-    log = (result.exp_dir / "training.log").read_text()
-    assert "nan" not in log.lower() and "no optimiser/EMA step" in log
-    assert f"Checkpoint saved to {result.exp_dir / 'checkpoint_latest.pth'} (epoch 1, global step 0)" in log
+    exp = tmp_path / "out" / "exp"
+    assert not list(exp.glob("*.pth")), "no checkpoint may claim the epoch was trained"
+    log = (exp / "training.log").read_text()
+    assert "nan" not in log.lower() and "Training completed" not in log
+
+
+def test_main_exits_1_naming_the_rows_when_reads_fail_beyond_the_policy(tmp_path, capsys):
+    """The command line's view of the case above with one bad row in four (25 % > 1 %)."""
+    from wavflow.train.__main__ import main
+
+    csv = make_dataset(tmp_path, modes=("t2a", "vt2a", "v2a", "t2a"))
+    next((tmp_path / "audio").glob("v2a_2.wav")).write_text("not audio\n")
+    rc = main(overrides(tmp_path, csv, training__epochs=1))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1, last
+    assert last.startswith("[wavflow.train] error: 1 of 4 row reads of epoch 1") and "'v2a_2'" in last
+    assert not list((tmp_path / "out" / "exp").glob("*.pth"))
 
 
 def test_rerun_at_max_steps_trains_nothing_and_exits_0(tmp_path):

@@ -242,7 +242,9 @@ def test_read_failure_is_warned_once_per_id_but_counted_every_time(tmp_path, cap
     ds = TrainDataset(rows, cfg.data, repeat_factor=3)
     with caplog.at_level("WARNING", logger="wavflow.train"):
         items = [ds[i] for i in range(len(ds))]
-    assert [it is None for it in items] == [True, False] * 3  # still skipped (and counted) each time
+    # still skipped (and counted, with the reason) each time
+    assert [list(it) == ["failed_row"] for it in items] == [True, False] * 3
+    assert items[0]["failed_row"][0] == "t2a_0" and items[0]["failed_row"][1].startswith("AudioError: ")
     warned = [r.getMessage() for r in caplog.records if "at read time" in r.getMessage()]
     assert len(warned) == 1 and "'t2a_0'" in warned[0]
 

@@ -108,6 +108,44 @@ def load_audio(path: str | os.PathLike, target_sr: int) -> Tensor:
     return wave.reshape(-1).to(torch.float32)
 
 
+def probe_audio(path: str | os.PathLike) -> None:
+    """Raise `AudioError` naming `path` unless it opens as audio that holds at least one sample.
+
+    Cheap, for checking many files before a job counts them as usable: libsndfile reads the
+    header only; a container (or a file libsndfile cannot open) is decoded by PyAV up to its
+    first audio frame.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    sf_problem = "a container format"
+    if path.suffix.lower() not in CONTAINER_SUFFIXES:
+        try:
+            info = sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            sf_problem = f"soundfile said '{exc}'"
+        else:
+            if info.frames <= 0:
+                raise AudioError(f"audio file {path} holds no audio samples (zero length)")
+            return
+    import av  # imported lazily: only containers need it
+
+    try:
+        container = av.open(str(path))
+    except Exception as exc:  # PyAV raises several error kinds for foreign files
+        raise AudioError(f"audio file {path} could not be opened ({sf_problem}; PyAV: {type(exc).__name__}: {exc})") from exc
+    with container:
+        if not container.streams.audio:
+            raise AudioError(f"audio file {path} has no audio stream")
+        try:
+            for frame in container.decode(container.streams.audio[0]):
+                if frame.samples > 0:
+                    return
+        except Exception as exc:
+            raise AudioError(f"audio stream of {path} could not be decoded ({type(exc).__name__}: {exc})") from exc
+    raise AudioError(f"audio file {path} holds no audio samples (zero length)")
+
+
 @functools.lru_cache(maxsize=16)
 def _resampler(orig_sr: int, target_sr: int) -> torch.nn.Module:
     """`torchaudio.transforms.Resample` with default parameters, as the reference data set uses.

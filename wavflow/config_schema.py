@@ -103,6 +103,7 @@ class TrainModel(ModelBase):
 class TrainData(DataBase):
     train_csv: Any = MISSING  # str | list[str] | null: check_str_or_list
     on_bad_row: str = MISSING
+    max_failed_fraction: float = MISSING
     validate_features: bool = MISSING
 
 
@@ -233,6 +234,7 @@ class InferConfig:
 @dataclass
 class ExtractData(DataBase):
     csv_path: str = MISSING
+    max_failed_fraction: float = MISSING
 
 
 @dataclass

@@ -33,3 +33,8 @@ class WeightsError(WavFlowError):
 
 class FeatureError(WavFlowError):
     """A cached feature file is missing, unreadable or holds tensors of the wrong shape."""
+
+
+class RowsFailedError(WavFlowError):
+    """More rows failed than data.max_failed_fraction allows, or none succeeded: the job's
+    result is not what was asked for (exit code 1)."""

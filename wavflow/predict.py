@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
+from wavflow.exit_codes import run_job
 from wavflow.errors import ConfigError, ManifestError, WavFlowError
 
 log = logging.getLogger("wavflow.predict")
@@ -438,20 +439,18 @@ def require_gpu(gpu: str, cfg: DictConfig) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args, gpu = _pop_gpu(args)
-        from wavflow.config import load_config, parse_cli
+    return run_job("predict", lambda: _predict(args))
 
-        path, overrides = parse_cli(args, "infer.yaml")
-        cfg = load_config(path, overrides, job="infer")
-        if gpu is not None:
-            require_gpu(gpu, cfg)
-        result = run(cfg)
-    except WavFlowError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        return 2
-    return result.exit_code
 
+def _predict(args: list[str]) -> int:
+    args, gpu = _pop_gpu(args)
+    from wavflow.config import load_config, parse_cli
+
+    path, overrides = parse_cli(args, "infer.yaml")
+    cfg = load_config(path, overrides, job="infer")
+    if gpu is not None:
+        require_gpu(gpu, cfg)
+    return run(cfg).exit_code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,13 @@ run it, with two fixes over plain torchrun:
   included), and torchrun then stops its ranks; the ranks in turn die with torchrun
   (`wavflow.distributed.die_with_parent`, armed in every job under torchrun). Nothing keeps
   training, or writing checkpoints, after its launcher is gone.
-- Its exit code is the job's: torchrun reports any failed rank as 1, which would erase the
-  difference between a fatal error (2) and "finished, but rows failed" (1). Here a rank's 2
-  wins, then the highest other code; a rank killed by signal N gives 128 + N.
+- Its exit code is the job's (docs/errors.md): torchrun reports any failed rank as 1, which
+  would erase the difference between a usage error (2), bad input (3), failed rows (1) and a
+  runtime failure (4). Here the ranks' own codes are kept, in that order of precedence; a rank
+  killed by signal N gives 128 + N.
+- Its last line is the job's one-line error, not torchrun's banner: each rank leaves that line
+  in a folder this guard makes (`$WAVFLOW_ERROR_DIR`), and it is printed again after
+  torchrun's report, so the line a user (or a scheduler's mail) reads last names the fault.
 
 `--own-session` puts torchrun in a session of its own (as `setsid` would), so a terminal's
 Ctrl-C reaches the ranks only through the launcher's forwarding (see scripts/launch/_env.sh).
@@ -18,11 +22,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Iterable
 
 from wavflow.distributed import die_with_parent
+from wavflow.exit_codes import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_ROWS_FAILED, EXIT_RUNTIME, EXIT_USAGE
 
-EXIT_FATAL = 2
+# A rank's deliberate codes say what went wrong; a runtime failure (4) on another rank is often
+# only the echo of the first rank's exit (a broken collective), so it ranks last.
+CODE_PRIORITY = (EXIT_USAGE, EXIT_BAD_INPUT, EXIT_ROWS_FAILED, EXIT_RUNTIME)
 
 
 def job_exit_code(rank_codes: Iterable[int]) -> int:
@@ -33,10 +42,37 @@ def job_exit_code(rank_codes: Iterable[int]) -> int:
     """
     codes = list(rank_codes)
     exited = [c for c in codes if c > 0]
+    for code in CODE_PRIORITY:
+        if code in exited:
+            return code
     if exited:
-        return EXIT_FATAL if EXIT_FATAL in exited else max(exited)
+        return max(exited)
     signalled = [128 - c for c in codes if c < 0]
     return max(signalled) if signalled else 1  # no rank failure at all (e.g. rendezvous): torchrun's 1
+
+
+def job_error_line(error_dir: Path, failures: dict[int, int], code: int) -> str | None:
+    """The one-line error of the lowest rank that exited with `code` and left one."""
+    for rank in sorted(r for r, c in failures.items() if c == code):
+        try:
+            recorded_code, line = (error_dir / f"rank{rank}.txt").read_text(encoding="utf-8").split("\n", 2)[:2]
+        except (OSError, ValueError):
+            continue
+        if recorded_code.strip() == str(code) and line.strip():
+            return line.strip()
+    return None
+
+
+def report_failure(failures: dict[int, int], error_dir: Path) -> int:
+    """After torchrun's own report: one line per failed rank, then the job's error line, last."""
+    code = job_exit_code(failures.values())
+    for rank, rank_code in sorted(failures.items()):
+        how = f"was killed by signal {-rank_code}" if rank_code < 0 else f"exited with code {rank_code}"
+        print(f"[wavflow] rank {rank} {how}", file=sys.stderr)
+    line = job_error_line(error_dir, failures, code)
+    print(line or f"[wavflow] error: the job failed with exit code {code} (see the ranks' output above)",
+          file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: list[str]) -> int:
@@ -53,11 +89,13 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    try:
-        torchrun_main(argv)
-    except ChildFailedError as exc:
-        print(str(exc), file=sys.stderr)  # torchrun's own summary table (ranks, codes, times)
-        return job_exit_code(failure.exitcode for failure in exc.failures.values())
+    with tempfile.TemporaryDirectory(prefix="wavflow_errors_") as folder:
+        os.environ[ERROR_DIR_ENV] = folder  # the ranks inherit it (wavflow/exit_codes.py)
+        try:
+            torchrun_main(argv)
+        except ChildFailedError as exc:
+            print(str(exc), file=sys.stderr)  # torchrun's own summary table (ranks, codes, times)
+            return report_failure({rank: f.exitcode for rank, f in exc.failures.items()}, Path(folder))
     return 0
 
 

@@ -6,24 +6,23 @@ import logging
 import sys
 from typing import Sequence
 
-from wavflow.errors import WavFlowError
+from wavflow.exit_codes import EXIT_OK, run_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    return run_job("demo", lambda: _demo(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _demo(argv: list[str]) -> int:
     from wavflow.config import load_config, parse_cli
     from wavflow.demo.pipeline import describe, run_demo
 
-    try:
-        path, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv), "demo.yaml")
-        cfg = load_config(path, overrides, job="demo")
-        result = run_demo(cfg)
-    except WavFlowError as exc:
-        logging.getLogger("wavflow.demo").error("%s: %s", type(exc).__name__, exc)
-        return 2
+    path, overrides = parse_cli(argv, "demo.yaml")
+    cfg = load_config(path, overrides, job="demo")
+    result = run_demo(cfg)
     print(describe(result, int(cfg.demo.train.max_steps)))
-    return 0
-
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

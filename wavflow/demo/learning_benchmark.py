@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from wavflow.config import format_override
 from wavflow.demo.pipeline import REPO_ROOT, loudness_overrides, run_stage, shared_overrides
 from wavflow.errors import WavFlowError
+from wavflow.exit_codes import EXIT_OK, run_job
 from wavflow.io_utils import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("wavflow.bench")
@@ -524,17 +525,17 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    return run_job("bench_learning", lambda: _bench(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _bench(argv: list[str]) -> int:
     from wavflow.config import load_config, parse_cli
 
-    try:
-        path, overrides = parse_cli(list(sys.argv[1:] if argv is None else argv), "bench_learning.yaml")
-        result = run_benchmark(load_config(path, overrides, job="bench_learning"))
-    except WavFlowError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        return 2
+    path, overrides = parse_cli(argv, "bench_learning.yaml")
+    result = run_benchmark(load_config(path, overrides, job="bench_learning"))
     for name, stage in result["stages"].items():
         print(stage_summary(name, stage))
-    return 0
+    return EXIT_OK
 
 
 def stage_summary(name: str, stage: dict[str, Any]) -> str:

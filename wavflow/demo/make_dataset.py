@@ -37,6 +37,7 @@ that no training caption uses (their audio and video stay those of the shared sp
 from __future__ import annotations
 
 import argparse
+import sys
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,7 @@ from wavflow.demo.sound_events import (
     synthesize_event,
 )
 from wavflow.errors import ConfigError
+from wavflow.exit_codes import EXIT_OK, run_job
 from wavflow.io_utils import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 MODES = ("VT2A", "T2A", "V2A")
@@ -510,7 +512,11 @@ def load_dataset_info(reference: str | Path) -> DatasetInfo:
                             ) from exc
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job("make_dataset", lambda: _make(argv))
+
+
+def _make(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (the data root)")
@@ -546,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {len(info.clips)} clips to {info.root} "
           f"(train {len(info.split('train'))}, holdout {len(info.split('holdout'))}; "
           f"modes {counts}); set data.data_root={info.root.resolve()}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

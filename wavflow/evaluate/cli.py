@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wavflow.exit_codes import run_job
 from wavflow.errors import ConfigError, WavFlowError, WeightsError
 
 log = logging.getLogger("wavflow.evaluate")
@@ -187,9 +188,4 @@ def run(args: argparse.Namespace, cfg: DictConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_eval_config(args.config, overrides)
-        return run(args, cfg)
-    except WavFlowError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        return 2
+    return run_job("evaluate", lambda: run(args, load_eval_config(args.config, overrides)))

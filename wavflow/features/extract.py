@@ -42,10 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from wavflow.audio import probe_audio
 from wavflow.config import load_config, parse_cli
 from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_indices
-from wavflow.errors import FeatureError, VideoError, WavFlowError
-from wavflow.features.extract_outputs import OutputPaths, RankOutputs, merge_outputs, write_summary
+from wavflow.exit_codes import EXIT_OK, EXIT_ROWS_FAILED, run_job
+from wavflow.errors import AudioError, FeatureError, VideoError
+from wavflow.features.extract_outputs import OutputPaths, RankOutputs, first_errors, merge_outputs, write_summary
 from wavflow.features.extract_plan import (
     ExtractRow,
     ExtractSettings,
@@ -56,10 +58,9 @@ from wavflow.features.extract_plan import (
     plan_rows,
 )
 from wavflow.io_utils import atomic_torch_save
+from wavflow.row_policy import LISTED, RowFailures, check_rows, policy_broken
 
 DEFAULT_CONFIG = "extract_vt2a.yaml"
-# Same meaning in every job: 2 = fatal before any work (config, CSV, weights), 1 = finished with failed rows.
-EXIT_OK, EXIT_FATAL, EXIT_ALL_FAILED = 0, 2, 1
 
 
 # ------------------------------------------------------------------ seams (tests patch these)
@@ -110,7 +111,8 @@ def _close_logger(logger: logging.Logger) -> None:
 
 # ------------------------------------------------------------------------ decoding dataset
 class _DecodeDataset(Dataset):
-    """Item i of the rows to encode: decoded frames (VT2A) or nothing to decode (T2A).
+    """Item i of the rows to encode: decoded frames (VT2A) or nothing to decode (T2A), once
+    the row's audio has been found to decode (`probe_audio`).
 
     A decode failure is returned as an `error` item, never raised, so one bad file cannot
     stop a worker or the batch it is in.
@@ -124,9 +126,13 @@ class _DecodeDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
+        row = self.rows[pos]
+        try:  # training reads this audio: a row whose audio does not decode is not done
+            probe_audio(row.audio_path)
+        except AudioError as exc:
+            return {"pos": pos, "error": f"audio skipped: {exc}"}
         if not self.settings.needs_video:
             return {"pos": pos}
-        row = self.rows[pos]
         try:
             clip, sync = decode_clip(row.video_path, self.settings.duration_sec)
         except VideoError as exc:
@@ -227,10 +233,22 @@ class ExtractResult:
     csv_path: Path
     errors_log: Path
     summary_path: Path
+    max_failed_fraction: float = 0.0
+    first_failures: tuple[tuple[str, str], ...] = ()  # (id, reason) of the first failed rows
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self.rows > 0 else EXIT_ALL_FAILED
+        return EXIT_ROWS_FAILED if self.policy_broken else EXIT_OK
+
+    @property
+    def policy_broken(self) -> bool:
+        return policy_broken(self.failed, self.done + self.skipped + self.failed, self.max_failed_fraction)
+
+    def check_failed_rows(self) -> None:
+        """Raise RowsFailedError (exit 1) when more rows failed than data.max_failed_fraction allows."""
+        failures = RowFailures(count=self.failed, first=list(self.first_failures))
+        check_rows(failures, self.done + self.skipped + self.failed, self.max_failed_fraction,
+                   what="rows of the input CSV", where=str(self.errors_log))
 
 
 class _Counts:
@@ -382,6 +400,8 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                 "csv_rows": merged.rows,
                 "csv_path": str(paths.csv_path),
                 "errors_log": str(paths.errors_log),
+                "max_failed_fraction": settings.max_failed_fraction,
+                "failed_rows_within_policy": not policy_broken(failed, len(plan), settings.max_failed_fraction),
                 "pth_dir": str(settings.pth_dir),
                 "world_size": info.world_size,
                 "seconds": round(time.time() - started, 3),
@@ -394,10 +414,8 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
             )
         # Wait for rank 0's merge: a rank leaving with code 1 makes torchrun stop the others.
         barrier(info)
-        rows = done + skipped
-        if rows == 0:
-            logger.error("every row failed: see %s", paths.errors_log)
-        return ExtractResult(done, skipped, failed, rows, paths.csv_path, paths.errors_log, paths.summary_json)
+        return ExtractResult(done, skipped, failed, done + skipped, paths.csv_path, paths.errors_log,
+                             paths.summary_json, settings.max_failed_fraction, first_errors(paths.errors_log, LISTED))
     finally:
         _close_logger(logger)
         cleanup(info)
@@ -405,19 +423,18 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config_path, overrides = parse_cli(argv, DEFAULT_CONFIG)
-        # no model is built: skip model checks. A user file without a configs/ parent composes
-        # over the defaults of the mode the launcher asks for (extraction.mode=...).
-        modes = [o.split("=", 1)[1] for o in overrides if o.startswith("extraction.mode=")]
-        job = f"extract_{modes[-1]}" if modes and modes[-1] in ("t2a", "vt2a") else Path(DEFAULT_CONFIG).stem
-        cfg = load_config(config_path, overrides, validate=False, job=job)
-        result = run_extraction(cfg)
-    except WavFlowError as exc:
-        print(f"[wavflow.extract] error: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    return result.exit_code
+    return run_job("extract", lambda: _extract(argv))
 
+
+def _extract(argv: list[str]) -> int:
+    config_path, overrides = parse_cli(argv, DEFAULT_CONFIG)
+    # no model is built: skip model checks. A user file without a configs/ parent composes
+    # over the defaults of the mode the launcher asks for (extraction.mode=...).
+    modes = [o.split("=", 1)[1] for o in overrides if o.startswith("extraction.mode=")]
+    job = f"extract_{modes[-1]}" if modes and modes[-1] in ("t2a", "vt2a") else Path(DEFAULT_CONFIG).stem
+    cfg = load_config(config_path, overrides, validate=False, job=job)
+    run_extraction(cfg).check_failed_rows()
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

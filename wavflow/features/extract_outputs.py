@@ -132,6 +132,14 @@ def _read_errors(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def first_errors(path: Path, limit: int = 5) -> tuple[tuple[str, str], ...]:
+    """The first `limit` (id, reason) lines of a merged error log (none when it is absent)."""
+    try:
+        return tuple(_read_errors(path)[:limit])
+    except ManifestError:
+        return ()
+
+
 def merge_outputs(paths: OutputPaths, world_size: int, input_ids: Sequence[str]) -> MergeResult:
     """Rank 0, after every rank closed its parts: write the merged CSV and error log.
 

@@ -39,6 +39,7 @@ from wavflow.manifest import (
     resolve_path,
 )
 from wavflow.shapes import sync_segment_count, video_seq_lens
+from wavflow.row_policy import POLICY_KEY, max_failed_fraction
 
 MODES = ("t2a", "vt2a")
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,6 +87,7 @@ class ExtractSettings:
     device: str
     save_interval: int
     strict_paths: bool
+    max_failed_fraction: float  # data.max_failed_fraction (wavflow/row_policy.py)
     clip_seq_len: int
     sync_seq_len: int
     text_seq_len: int
@@ -120,6 +122,11 @@ class ExtractSettings:
         duration = _key(cfg, "extraction.duration_sec")
         if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration <= 0:
             raise ConfigError(f"extraction.duration_sec must be a positive number of seconds, got {duration!r}")
+        # Not used to decode, but the features are made for training at this duration: a
+        # nonsense value must stop here, named, not later as a sequence-length mismatch.
+        audio_duration = _key(cfg, "data.audio_duration")
+        if not isinstance(audio_duration, (int, float)) or isinstance(audio_duration, bool) or audio_duration <= 0:
+            raise ConfigError(f"data.audio_duration must be a positive number of seconds, got {audio_duration!r}")
         data_root = _key(cfg, "data.data_root")
         settings = cls(
             mode=mode,
@@ -133,6 +140,7 @@ class ExtractSettings:
             device=device,
             save_interval=_positive_int(cfg, "extraction.save_interval"),
             strict_paths=bool(_key(cfg, "extraction.strict_paths")),
+            max_failed_fraction=max_failed_fraction(_key(cfg, POLICY_KEY)),
             clip_seq_len=_positive_int(cfg, "data.clip_seq_len"),
             sync_seq_len=_positive_int(cfg, "data.sync_seq_len"),
             text_seq_len=_positive_int(cfg, "data.text_seq_len"),

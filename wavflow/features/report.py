@@ -31,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from wavflow.errors import CheckpointError, ManifestError, WavFlowError
+from wavflow.exit_codes import run_job
 from wavflow.io_utils import atomic_torch_save, safe_torch_load
 
 STREAMS = ("text_features", "clip_features", "sync_features")
@@ -335,22 +336,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoder-identity", default="unknown",
                         help="names the encoders in the statistics file (extraction records its own)")
     args = parser.parse_args(argv)
-    try:
-        meta = None
-        if args.meta:
-            meta = pd.read_csv(args.meta, dtype=str, keep_default_na=False, na_filter=False)
-            if "id" not in meta.columns:
-                raise ManifestError(f"--meta CSV {args.meta} has no id column")
-        report, stats = analyse_csv(Path(args.csv), meta=meta, max_rows=args.max_rows, progress=not args.json,
-                                    encoder_identity=args.encoder_identity)
-        if args.write_stats:
-            folders = {Path(p).parent for p in pd.read_csv(args.csv, dtype=str)["features_path"]}
-            if len(folders) != 1:
-                raise ManifestError(f"--write-stats: the features of {args.csv} lie in {len(folders)} folders, not one")
-            stats.save(folders.pop() / STATS_FILENAME)
-    except (WavFlowError, OSError) as exc:
-        print(f"[wavflow.features.report] error: {exc}", file=sys.stderr)
-        return 2
+    return run_job("features.report", lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> int:
+    for flag, path in (("--csv", args.csv), ("--meta", args.meta)):
+        if path and not Path(path).is_file():
+            raise ManifestError(f"{flag} {path}: no such file")
+    meta = None
+    if args.meta:
+        meta = pd.read_csv(args.meta, dtype=str, keep_default_na=False, na_filter=False)
+        if "id" not in meta.columns:
+            raise ManifestError(f"--meta CSV {args.meta} has no id column")
+    report, stats = analyse_csv(Path(args.csv), meta=meta, max_rows=args.max_rows, progress=not args.json,
+                                encoder_identity=args.encoder_identity)
+    if args.write_stats:
+        folders = {Path(p).parent for p in pd.read_csv(args.csv, dtype=str)["features_path"]}
+        if len(folders) != 1:
+            raise ManifestError(f"--write-stats: the features of {args.csv} lie in {len(folders)} folders, not one")
+        stats.save(folders.pop() / STATS_FILENAME)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 

@@ -11,34 +11,34 @@ import sys
 from typing import Sequence
 
 from wavflow.config import load_config, parse_launch
-from wavflow.errors import ConfigError, WavFlowError
+from wavflow.errors import ConfigError
+from wavflow.exit_codes import EXIT_OK, run_job
 
 DEFAULT_CONFIG = "train.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_launch(argv, DEFAULT_CONFIG)
-        if args.multirun:
-            if "LOCAL_RANK" in os.environ:
-                # every rank would start the whole sweep: torchrun inside torchrun
-                raise ConfigError(
-                    "-m under torchrun: sweeps are expanded by the launcher, one torchrun per point "
-                    "(bash scripts/launch/train_single_node.sh -m ...)"
-                )
-            from wavflow.train.sweep import run_sweep
+    return run_job("train", lambda: _train(argv))
 
-            return run_sweep(args.config, args.overrides)
-        cfg = load_config(args.config, args.overrides, job="train")
-        from wavflow.train.trainer import run_training  # heavy imports after the config is known good
 
-        run_training(cfg)
-    except WavFlowError as exc:
-        print(f"[wavflow.train] error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def _train(argv: list[str]) -> int:
+    args = parse_launch(argv, DEFAULT_CONFIG)
+    if args.multirun:
+        if "LOCAL_RANK" in os.environ:
+            # every rank would start the whole sweep: torchrun inside torchrun
+            raise ConfigError(
+                "-m under torchrun: sweeps are expanded by the launcher, one torchrun per point "
+                "(bash scripts/launch/train_single_node.sh -m ...)"
+            )
+        from wavflow.train.sweep import run_sweep
 
+        return run_sweep(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, job="train")
+    from wavflow.train.trainer import run_training  # heavy imports after the config is known good
+
+    run_training(cfg)
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

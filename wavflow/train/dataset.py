@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from wavflow.errors import CheckpointError, FeatureError, ManifestError
 from wavflow.io_utils import safe_torch_load
+from wavflow.row_policy import RowFailures, check_rows
 from wavflow.manifest import ManifestReport, check_files, check_ids, check_flags, parse_flag, read_manifest, resolve_path
 from wavflow.shapes import latent_seq_len
 
@@ -236,11 +237,13 @@ def select_rows(
     reports: list[ManifestReport],
     feature_problems: Mapping[int, str],
     on_bad_row: str,
+    max_failed: float = 0.0,
 ) -> list[TrainRow]:
     """Fold feature problems into the reports, then skip (logging each) or stop.
 
     Even under `skip`, a CSV whose rows all fail (or whose features are mis-shaped throughout)
-    stops the run with a ManifestError naming the CSV and the data.* keys to set."""
+    stops the run with a ManifestError naming the CSV and the data.* keys to set, and more bad
+    rows than `max_failed` (data.max_failed_fraction) of all rows with a RowsFailedError."""
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ManifestError(f"data.on_bad_row={on_bad_row!r} is not one of {', '.join(BAD_ROW_POLICIES)}")
     for pos, reason in sorted(feature_problems.items()):
@@ -253,9 +256,15 @@ def select_rows(
         if on_bad_row == "error":
             raise ManifestError(f"training CSV check failed (data.on_bad_row=error):\n{text}")
         _check_each_csv_kept_rows(rows, reports, feature_problems)
+        failures = RowFailures()
         for report in bad_reports:
             for problem in report.problems:
                 log.warning("skipping %s line %d (id %r): %s", report.path, problem.line, problem.row_id, problem.reason)
+                failures.add(str(problem.row_id), f"{report.path} line {problem.line}: {problem.reason}")
+        # rows holds the CSV rows that passed the file checks; the feature problems are among them
+        total = len(rows) + sum(len(r.bad_rows) for r in reports) - len(feature_problems)
+        check_rows(failures, total, max_failed,
+                   what="training CSV rows (data.on_bad_row=skip)", where="the 'skipping' warnings above")
     if not good:
         raise ManifestError("no usable training rows left after the CSV check" + (f":\n{text}" if bad_reports else ""))
     return good
@@ -282,9 +291,12 @@ def warn_if_audio_short(rows: Sequence[TrainRow], duration: float, probe: int = 
         )
 
 
+FAILED_KEY = "failed_row"  # the one key of an item whose row could not be read: (id, reason)
+
+
 class TrainDataset(Dataset):
     """Items `{id, audio_tokens (N, audio_dim), clip_features, sync_features, text_features,
-    video_exist, text_exist}`; None when the row cannot be read (logged)."""
+    video_exist, text_exist}`, or `{failed_row: (id, reason)}` when the row cannot be read."""
 
     def __init__(self, rows: Sequence[TrainRow], data_cfg: Any, repeat_factor: int = 1) -> None:
         if repeat_factor < 1:
@@ -313,14 +325,14 @@ class TrainDataset(Dataset):
             if tuple(tokens.shape) != (self.num_tokens, self.audio_dim):
                 raise FeatureError(f"audio tokens have shape {tuple(tokens.shape)}, expected {(self.num_tokens, self.audio_dim)}")
             feats = load_features(row, self.shapes)
-        except Exception as exc:  # one bad file must never stop a rank
+        except Exception as exc:  # one bad file must never stop a rank; the trainer counts it
             if row.sample_id not in self._warned_ids:
                 self._warned_ids.add(row.sample_id)
                 log.warning(
                     "skipping id %r at read time (%s): %s (not repeated for this id; failures are counted per epoch)",
                     row.sample_id, row.audio_path, exc,
                 )
-            return None
+            return {FAILED_KEY: (row.sample_id, f"{type(exc).__name__}: {exc}")}
         return {
             "id": row.sample_id,
             "audio_tokens": tokens.float(),
@@ -330,10 +342,11 @@ class TrainDataset(Dataset):
         }
 
 
-def collate_train(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """Drop None items, stack tensors, list the rest; `num_failed` counts the dropped ones."""
-    kept = [it for it in items if it is not None]
-    batch: dict[str, Any] = {"num_failed": len(items) - len(kept)}
+def collate_train(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors and list the rest of the rows that were read; `failed_rows` lists
+    (id, reason) of those that were not."""
+    kept = [it for it in items if FAILED_KEY not in it]
+    batch: dict[str, Any] = {"failed_rows": [it[FAILED_KEY] for it in items if FAILED_KEY in it]}
     if not kept:
         return batch
     for key in kept[0]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from wavflow.config import format_override, load_config, parse_launch
-from wavflow.errors import ConfigError, WavFlowError
+from wavflow.exit_codes import run_job
+from wavflow.errors import ConfigError
 
 _LOSS = re.compile(r"GlobalStep (\d+) Loss: (\S+)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]")
@@ -137,19 +138,17 @@ def run_sweep(config: str, overrides: Sequence[str], nproc: int | None = None) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m wavflow.train.sweep [--nproc N] [--config PATH] -m key=a,b ...`"""
-    args = list(sys.argv[1:] if argv is None else argv)
-    nproc = None
-    try:
-        if args[:1] == ["--nproc"]:
-            if len(args) < 2 or not args[1].isdigit() or int(args[1]) < 1:
-                raise ConfigError("--nproc needs a positive number of processes")
-            nproc, args = int(args[1]), args[2:]
-        launch = parse_launch(args, "train.yaml")
-        return run_sweep(launch.config, launch.overrides, nproc)
-    except WavFlowError as exc:
-        print(f"[wavflow.sweep] error: {exc}", file=sys.stderr)
-        return 2
+    return run_job("sweep", lambda: _sweep(list(sys.argv[1:] if argv is None else argv)))
 
+
+def _sweep(args: list[str]) -> int:
+    nproc = None
+    if args[:1] == ["--nproc"]:
+        if len(args) < 2 or not args[1].isdigit() or int(args[1]) < 1:
+            raise ConfigError("--nproc needs a positive number of processes")
+        nproc, args = int(args[1]), args[2:]
+    launch = parse_launch(args, "train.yaml")
+    return run_sweep(launch.config, launch.overrides, nproc)
 
 if __name__ == "__main__":
     sys.exit(main())

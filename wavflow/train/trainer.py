@@ -36,6 +36,7 @@ from wavflow.config import save_config
 from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError, WavFlowError
 from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
+from wavflow.row_policy import POLICY_KEY, RowFailures, check_rows, max_failed_fraction, policy_broken
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
@@ -196,6 +197,7 @@ def _check_training_config(cfg: DictConfig) -> None:
             raise ConfigError(f"training.{key} must lie in [0, 1), got {tr[key]}")
     for key in ("min_lr", "weight_decay", "clip_grad_norm", "gamma"):
         _float_key(tr, key)
+    max_failed_fraction(OmegaConf.select(cfg, POLICY_KEY, default=None))
     if tr.lr is None and tr.blr is None:
         raise ConfigError("set training.lr or training.blr")
     if tr.lr is not None and _float_key(tr, "lr") <= 0:
@@ -384,6 +386,7 @@ class Trainer:
         self._old_handlers: dict[int, Any] = {}
         self.last_batch: dict[str, Any] | None = None
         self.skipped_rows = 0
+        self.row_limit = max_failed_fraction(cfg.data.max_failed_fraction)
         self.nonfinite_in_a_row = 0  # optimiser steps skipped for a non-finite gradient norm
 
     # ------------------------------------------------------------------- start-up agreement
@@ -452,7 +455,7 @@ class Trainer:
                     problems.update(part)
             else:
                 problems = found
-        return select_rows(rows, reports, problems, str(data.on_bad_row))
+        return select_rows(rows, reports, problems, str(data.on_bad_row), max_failed_fraction(data.max_failed_fraction))
 
     def _rest_of_epoch(self, epoch: int) -> RestOfEpochSampler:
         return RestOfEpochSampler(len(self.dataset), epoch=epoch, consumed=self.samples_in_epoch,
@@ -662,8 +665,11 @@ class Trainer:
         loss = out.loss if real else out.loss * 0.0
         return loss, out.per_sample, out.t_s, (x1.shape[0] if real else 0)
 
-    def optimizer_update(self, micro_batches: Sequence[dict[str, Any]], lr_epoch: float) -> dict[str, Any]:
-        """One optimiser step over `micro_batches` (gradient accumulation, DDP no_sync inside)."""
+    def optimizer_update(self, micro_batches: Sequence[dict[str, Any]], lr_epoch: float,
+                         failed_in_epoch: int = 0) -> dict[str, Any]:
+        """One optimiser step over `micro_batches` (gradient accumulation, DDP no_sync inside).
+        `failed_in_epoch`: this rank's rows that failed to read so far this epoch; the stats'
+        `failed_in_epoch` is that count summed over ranks (one all-reduce with the row count)."""
         lr = lr_at(
             global_step=self.global_step, lr_epoch=lr_epoch, lr_base=self.lr_base,
             warmup_steps=int(self.tr.warmup_steps), schedule=str(self.tr.lr_schedule),
@@ -687,11 +693,18 @@ class Trainer:
                 rows += n
         # Every row of every rank failed to read: the gradients are all zero, but AdamW
         # (momentum, decay) and the EMAs would still move. All ranks agree, then skip.
-        total_rows = int(all_reduce_sum(self.info, [float(rows)])[0]) if self.info.is_distributed else rows
+        total_rows, failed = (int(x) for x in all_reduce_sum(self.info, [float(rows), float(failed_in_epoch)]))
         if total_rows == 0:
             self.optimizer.zero_grad(set_to_none=True)
-            return {"skipped": True, "loss": float("nan"), "lr": lr, "grad_norm": 0.0, "rows": 0,
-                    "per_sample": torch.zeros(0), "t_s": torch.zeros(0)}
+            stats = {"skipped": True, "loss": float("nan"), "lr": lr, "grad_norm": 0.0, "rows": 0,
+                     "per_sample": torch.zeros(0), "t_s": torch.zeros(0)}
+        else:
+            stats = self._step_on(lr, rows, losses, per_samples, times)
+        return {**stats, "failed_in_epoch": failed}
+
+    def _step_on(self, lr: float, rows: int, losses: list[float], per_samples: list[torch.Tensor],
+                 times: list[torch.Tensor]) -> dict[str, Any]:
+        """Clip, step the optimiser and the EMAs (gradients are in place, some rank had rows)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = float(self.tr.clip_grad_norm)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -845,18 +858,23 @@ class Trainer:
         rows_since_log = 0
         bucket_sum = torch.zeros(T_BUCKETS, dtype=torch.float64)
         bucket_count = torch.zeros(T_BUCKETS, dtype=torch.float64)
-        failed = 0
+        failures = RowFailures()
         data_iter_step = skip
         pending: list[dict[str, Any]] = []
         bar = tqdm(total=num_batches, initial=skip, desc=f"epoch {epoch + 1}", disable=not self.is_main, leave=False)
         for batch in self._epoch_loader(epoch):
-            failed += int(batch.get("num_failed", 0))
+            for row_id, reason in batch.get("failed_rows", ()):
+                failures.add(row_id, reason)
             if "audio_tokens" in batch:
                 self.last_batch = batch
             pending.append(batch)
             if len(pending) < self.accum and data_iter_step + len(pending) < num_batches:
                 continue
-            stats = self.optimizer_update(pending, lr_epoch=data_iter_step / num_batches + epoch)
+            stats = self.optimizer_update(pending, lr_epoch=data_iter_step / num_batches + epoch,
+                                          failed_in_epoch=failures.count)
+            if policy_broken(stats["failed_in_epoch"], len(self.dataset), self.row_limit):
+                bar.close()
+                self._stop_for_failed_rows(failures, stats["failed_in_epoch"])
             data_iter_step += len(pending)
             self.batch_in_epoch = data_iter_step
             self.samples_in_epoch = consumed + (data_iter_step - skip) * batch_size * self.world_size
@@ -900,19 +918,44 @@ class Trainer:
                 self.save_checkpoints([LATEST_NAME])
             if self._should_stop():
                 bar.close()
-                self._count_failed(failed)
+                self._count_failed(failures)
                 return True
         bar.close()
-        self._count_failed(failed)
+        self._count_failed(failures)
         if self.is_main:
             self.logger.info("Epoch %d completed in %.2fs", epoch + 1, time.time() - epoch_start)
         return False
 
-    def _count_failed(self, failed: int) -> None:
-        total = int(all_reduce_sum(self.info, [float(failed)])[0])
-        self.skipped_rows += total
-        if total and self.is_main:
-            self.logger.warning("%d row(s) failed at read time this epoch and were skipped", total)
+    def _gather_failures(self, failures: RowFailures) -> RowFailures:
+        """Every rank's failures in one (count summed; the first few of rank 0, then rank 1, ...)."""
+        if not self.info.is_distributed:
+            return failures
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, (failures.count, failures.first))
+        merged = RowFailures()
+        for count, first in parts:
+            merged.merge(RowFailures(count=int(count), first=list(first)))
+        return merged
+
+    def _count_failed(self, failures: RowFailures) -> None:
+        """End of an epoch (or a stop): log how many rows failed to read, and which."""
+        merged = self._gather_failures(failures)
+        self.skipped_rows += merged.count
+        if merged.count and self.is_main:
+            self.logger.warning("%d row(s) failed at read time this epoch and were skipped: %s",
+                                merged.count, merged.examples())
+        if policy_broken(merged.count, len(self.dataset), self.row_limit) and merged.count:
+            self._stop_for_failed_rows(failures, merged.count)
+
+    def _stop_for_failed_rows(self, failures: RowFailures, failed: int) -> None:
+        """More rows failed this epoch than data.max_failed_fraction allows (the same verdict on
+        every rank): stop without a checkpoint; the last one written stays the run's state."""
+        merged = self._gather_failures(failures)
+        merged.count = failed
+        self.tb.close()
+        check_rows(merged, len(self.dataset), self.row_limit,
+                   what=f"row reads of epoch {self.epoch + 1} (rows x training.repeat_factor)",
+                   where=str(self.exp_dir / "training.log"))
 
     def _end_of_epoch(self, epochs: int) -> None:
         """docs/method.md §8.6, in order: latest checkpoint, samples, epoch checkpoint, EMA checkpoint."""

@@ -146,14 +146,31 @@ def check_files(
     only_if: pd.Series | None = None,
     id_column: str = "id",
 ) -> None:
-    """Report rows whose `column` path is empty or does not exist (optionally only where `only_if`)."""
+    """Report rows whose `column` path is empty, does not exist, or is relative and leaves
+    `data_root` through '..' (optionally only where `only_if`). An absolute path is the user's
+    explicit choice and may point anywhere."""
     for idx, value in df[column].items():
         if only_if is not None and not bool(only_if.loc[idx]):
             continue
         if not value.strip():
             report.add(idx, _row_id(df, idx, id_column), f"{column} is empty")
+        elif (escape := _leaves_root(value, data_root)) is not None:
+            report.add(idx, _row_id(df, idx, id_column), escape.format(column=column))
         elif not resolve_path(value, data_root).is_file():
             report.add(idx, _row_id(df, idx, id_column), f"{column} not found: {resolve_path(value, data_root)}")
+
+
+def _leaves_root(value: str, data_root: str | os.PathLike | None) -> str | None:
+    """A message template when relative `value` climbs out of `data_root`, else None."""
+    path = Path(os.path.expanduser(value))
+    if not data_root or path.is_absolute():
+        return None
+    root = os.path.normpath(os.path.abspath(data_root))
+    target = os.path.normpath(os.path.join(root, path))
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return (f"{{column}} {value!r} leads outside data.data_root ({root}) through '..'; "
+            "give an absolute path to read a file there")
 
 
 def _row_id(df: pd.DataFrame, idx: int, id_column: str) -> str:

@@ -14,6 +14,7 @@ from wavflow.errors import ConfigError, RowsFailedError
 
 POLICY_KEY = "data.max_failed_fraction"
 LISTED = 5  # failed rows named in a message; the full list is in the job's log / errors file
+REASON_CHARS = 240  # a decoder's reason can be long: the message stays readable in one line
 
 
 @dataclass
@@ -33,9 +34,14 @@ class RowFailures:
         self.first.extend(other.first[: LISTED - len(self.first)])
 
     def examples(self) -> str:
-        shown = "; ".join(f"{row_id!r}: {reason}" for row_id, reason in self.first)
+        shown = "; ".join(f"{row_id!r}: {_short(reason)}" for row_id, reason in self.first)
         more = self.count - len(self.first)
         return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def _short(reason: str) -> str:
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 3] + "..."
 
 
 def max_failed_fraction(value: object) -> float:

@@ -41,7 +41,7 @@ def _last_line(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_extract_launcher_keeps_fatal_2_and_all_rows_failed_1(tmp_path, wavflow_cache_dir):
+def test_extract_launcher_keeps_each_exit_code_and_ends_with_the_jobs_line(tmp_path, wavflow_cache_dir):
     ds = write_dataset(tmp_path, videos=False, n=0)  # only the row whose audio is missing
     env = _env(NPROC_PER_NODE="2", WAVFLOW_CACHE_DIR=str(wavflow_cache_dir))
     words = [w for w in extract_overrides(tmp_path, ds, "t2a") if not w.startswith("extraction.mode")]
@@ -71,6 +71,21 @@ def test_train_and_predict_launchers_keep_exit_code_2(tmp_path):
     predict = subprocess.run(["bash", str(LAUNCH / "predict.sh"), "--bogus"], env=_env(), capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert predict.returncode == 2, predict.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_when_reads_fail_beyond_the_policy(tmp_path):
+    """Both ranks reach the same verdict from the all-reduced count: exit 1 (no hang, no
+    checkpoint), and the last line names the unreadable row."""
+    csv = make_dataset(tmp_path, modes=("t2a", "vt2a", "v2a", "t2a"))
+    (tmp_path / "audio" / "v2a_2.wav").write_text("not audio\n")
+    args = overrides(tmp_path, csv, training__epochs=2, data__validate_features=False)
+    proc = subprocess.run(["bash", str(LAUNCH / "train_single_node.sh"), *args], env=_env(NPROC_PER_NODE="2"),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = _last_line(proc.stderr)
+    assert last.startswith("[wavflow.train] error: 1 of 4 row reads of epoch 1") and "'v2a_2'" in last, last
+    assert not list((tmp_path / "out" / "exp").glob("*.pth"))
 
 
 def _processes_mentioning(text: str) -> list[int]:

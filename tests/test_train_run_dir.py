@@ -120,7 +120,7 @@ def test_ranks_that_read_another_checkpoint_stop_the_run_with_one_clear_line(tmp
 def test_rest_of_epoch_sampler_is_distributed_samplers_order(n, world):
     from torch.utils.data import DistributedSampler
 
-    from wavflow.train.trainer import RestOfEpochSampler
+    from wavflow.train.epoch_data import RestOfEpochSampler
 
     for rank in range(world):
         ds = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, drop_last=False, seed=0)

@@ -13,7 +13,8 @@ from wavflow.errors import ConfigError, WavFlowError
 from wavflow.train.ema import ParamEMA, ema_decay
 from wavflow.train.lr_schedule import base_lr, lr_at
 from wavflow.train.step import StepNoise, apply_label_drop, draw_step_noise
-from wavflow.train.trainer import Trainer, optimizer_groups
+from wavflow.train.optimizer import optimizer_groups
+from wavflow.train.trainer import Trainer
 
 
 def test_lr_schedule_matches_reference_values():
@@ -109,7 +110,7 @@ def test_video_and_text_drop_rates_can_be_set_apart():
 
 
 def test_drop_rates_default_to_label_drop_prob_and_are_validated(tmp_path):
-    from wavflow.train.trainer import drop_probs
+    from wavflow.train.config_checks import drop_probs
 
     tr = _trainer(tmp_path, training__label_drop_prob=0.2, training__video_drop_prob=0.6)
     assert drop_probs(tr.tr) == (0.6, 0.2)
@@ -209,21 +210,21 @@ def test_optimizer_groups_split_like_reference(tmp_path):
 )
 def test_training_keys_are_validated_at_start_up(tmp_path, key, value, fragment):
     from wavflow.errors import ConfigError
-    from wavflow.train.trainer import _check_training_config
+    from wavflow.train.config_checks import check_training_config
 
     from wavflow.config import load_config
     from tests.test_train_common import overrides
 
     with pytest.raises(ConfigError) as err:
         cfg = load_config("train.yaml", [*overrides(tmp_path, "unused.csv"), f"{key}={value}"])  # as typed on a CLI
-        _check_training_config(cfg)
+        check_training_config(cfg)
     assert fragment in str(err.value)
     good = make_config(tmp_path, "unused.csv", training__max_steps=3, training__experiment_id="run_1")
-    _check_training_config(good)  # the valid neighbours pass
+    check_training_config(good)  # the valid neighbours pass
 
 
 def test_cpu_warning_only_for_reference_presets_on_cpu():
-    from wavflow.train.trainer import cpu_reference_preset_warning
+    from wavflow.train.config_checks import cpu_reference_preset_warning
 
     msg = cpu_reference_preset_warning("medium_16k", torch.device("cpu"))
     assert msg is not None and "624 M parameters on CPU" in msg and "model.name=small_16k/tiny_16k" in msg

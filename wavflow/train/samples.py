@@ -4,6 +4,7 @@ training randomness is untouched."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from torch import nn
 from wavflow.io_utils import sanitize_filename
 from wavflow.model.flow import cfg_denoiser, euler_sample
 from wavflow.shapes import target_num_samples
+from wavflow.train.logging_utils import TensorBoard
 from wavflow.train.step import fill_missing_modalities
+
+MAX_SAMPLE_RANKS = 8  # ranks that write samples at the end of an epoch
 
 
 def sample_seed(seed: int, rank: int, epoch: int) -> int:
@@ -80,3 +84,22 @@ def generate_training_sample(
     write_wav(gt_path, gt_wave, sr)
     write_wav(gen_path, gen_wave, sr)
     return gt_path, gen_path, gt_wave, gen_wave
+
+
+def write_epoch_samples(model: nn.Module, batch: dict[str, Any], *, cfg: Any, exp_dir: Path, epoch: int, rank: int,
+                        device: torch.device, autocast: AbstractContextManager, logger: logging.Logger,
+                        tb: TensorBoard, global_step: int) -> None:
+    """The end-of-epoch sample pair of one rank (the first MAX_SAMPLE_RANKS ranks), as wavs and
+    in TensorBoard. Samples are a side product: a failure is logged, never stops training."""
+    if rank >= MAX_SAMPLE_RANKS:
+        return
+    try:
+        gt_path, gen_path, gt, gen = generate_training_sample(
+            model, batch, cfg=cfg, exp_dir=exp_dir, epoch=epoch, rank=rank, device=device, autocast=autocast,
+        )
+        logger.info("Wrote samples %s and %s", gt_path, gen_path)
+        sr = int(cfg.data.target_sample_rate)
+        tb.audio(f"samples/gt_rank{rank}", gt, sr, global_step)
+        tb.audio(f"samples/gen_rank{rank}", gen, sr, global_step)
+    except Exception as exc:
+        logger.warning("sample generation at epoch %d failed: %s: %s", epoch, type(exc).__name__, exc)

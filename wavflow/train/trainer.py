@@ -5,23 +5,25 @@ random in the optimisation comes from one generator per process, seeded with
 `training.seed + global rank`; its state (and the global RNGs) is saved per rank in every
 checkpoint, together with the position inside the epoch, so a stopped run resumes to the
 same weights as an uninterrupted one (bit-identical on CPU fp32).
+
+Here: the loop and the optimiser step. Elsewhere: config_checks, epoch_data (rows, order,
+loaders), resume (run folder, rank agreement, checkpoint writes), checkpointing (file layout),
+optimizer, ema, empty_string, step, step_log, samples, signals, wavflow.runtime (autocast).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import random
 import signal
-import threading
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,45 +35,36 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from wavflow.config import save_config
-from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from wavflow.errors import CheckpointError, ConfigError, FeatureError, ManifestError, WavFlowError
-from wavflow.io_utils import atomic_torch_save, check_safe_id, safe_torch_load
-from wavflow.row_policy import POLICY_KEY, RowFailures, check_rows, max_failed_fraction, policy_broken
+from wavflow.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from wavflow.errors import CheckpointError, WavFlowError
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
-from wavflow.model.cond_norm import state_has_cond_norm
-from wavflow.speed import (
-    SpeedOptions, combined, make_adamw, resolve_optimizer_impl, sdpa_context, set_conv_impl, with_kernel_flags_of,
-)
-from wavflow.train.feature_norm import resolve_feature_norm
+from wavflow.row_policy import RowFailures, check_rows, max_failed_fraction, policy_broken
+from wavflow.runtime import autocast_context
+from wavflow.speed import SpeedOptions, set_conv_impl, with_kernel_flags_of
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
     LATEST_NAME,
-    capture_rng,
-    ema_checkpoint_name,
     epoch_checkpoint_name,
     load_initial_checkpoint,
     load_latest_checkpoint,
     model_state_cpu,
-    restore_rng,
 )
-from wavflow.train.dataset import (
-    FeatureShapes,
-    TrainDataset,
-    TrainRow,
-    collate_train,
-    csv_list,
-    find_feature_problems,
-    read_train_csvs,
-    select_rows,
-    warn_if_audio_short,
-)
+from wavflow.train.config_checks import check_training_config, cpu_reference_preset_warning, drop_probs
+from wavflow.train.dataset import TrainDataset, TrainRow, warn_if_audio_short
 from wavflow.train.ema import ParamEMA
+from wavflow.train.empty_string import resolve_empty_string_feat
+from wavflow.train.epoch_data import RestOfEpochSampler, epoch_loader, gather_failures, prepare_rows
+from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.train.logging_utils import TensorBoard, close_logging, setup_logging
-from wavflow.train.lr_schedule import SCHEDULES, apply_lr, base_lr, lr_at
-from wavflow.train.run_dir import RunLock, release_run_locks, remove_stale_temporaries
-from wavflow.train.samples import generate_training_sample
+from wavflow.train.lr_schedule import apply_lr, base_lr, lr_at
+from wavflow.train.optimizer import build_optimizer
+from wavflow.train.resume import RunFolder, restore_rank_rng, restore_weights, weights_digest, weights_in_sync
+from wavflow.train.run_dir import release_run_locks
+from wavflow.train.samples import write_epoch_samples
+from wavflow.train.signals import StopSignals
+from wavflow.train.step_log import StepLog
 from wavflow.train.step import (
     StepNoise,
     apply_label_drop,
@@ -80,8 +73,6 @@ from wavflow.train.step import (
     flow_matching_loss,
 )
 
-T_BUCKETS = 4  # loss is also logged per t_s quarter
-MAX_SAMPLE_RANKS = 8
 
 
 @dataclass
@@ -93,201 +84,9 @@ class TrainResult:
     skipped_rows: int  # rows that failed at read time (all ranks, all epochs of this run)
 
 
-class RestOfEpochSampler(Sampler):
-    """This rank's share of an epoch's global sample order after its first `consumed` samples.
-
-    The global order is DistributedSampler's (shuffle=True, drop_last=False): `randperm(n)`
-    seeded with `seed + epoch`, padded by repeating its start to a multiple of the world size.
-    Its rest is dealt round-robin to this run's ranks, so a mid-epoch resume continues at the
-    exact sample where the checkpoint was written, whatever the world size was then. With an
-    unchanged world size it yields exactly what DistributedSampler would still have yielded.
-    """
-
-    def __init__(self, n: int, *, epoch: int, consumed: int, rank: int, world_size: int, seed: int = 0) -> None:
-        self.n, self.epoch, self.consumed = n, epoch, consumed
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-
-    def _indices(self) -> list[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        rest = perm[self.consumed:]
-        pad = (-len(rest)) % self.world_size if rest else 0
-        if pad:
-            rest += (perm * math.ceil(pad / len(perm)))[:pad]  # DistributedSampler's wrap-around
-        return rest[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        rest = max(0, self.n - self.consumed)
-        return math.ceil(rest / self.world_size)
-
-
-def _seed_worker(base_seed: int, worker_id: int) -> None:
-    seed = (base_seed + worker_id) % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _int_key(tr: DictConfig, key: str, minimum: int, *, nullable: bool = False) -> int | None:
-    """training.<key> as an int >= minimum (ConfigError naming the key otherwise)."""
-    value = tr[key]
-    if value is None and nullable:
-        return None
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(value, str):  # OmegaConf keeps quoted/odd CLI values as strings
-        ok = value.strip().lstrip("-").isdigit()
-        value = int(value) if ok else value
-    if not ok or value < minimum:  # type: ignore[operator]
-        null = "null or " if nullable else ""
-        raise ConfigError(f"training.{key} must be {null}an integer >= {minimum}, got {tr[key]!r}")
-    return int(value)  # type: ignore[arg-type]
-
-
-def _float_key(tr: DictConfig, key: str) -> float:
-    try:
-        if isinstance(tr[key], bool):
-            raise TypeError
-        return float(tr[key])
-    except (TypeError, ValueError):
-        raise ConfigError(f"training.{key} must be a number, got {tr[key]!r}") from None
-
-
-def check_experiment_id(value: Any) -> str:
-    """A non-empty name usable as one folder inside training.output_dir."""
-    text = "" if value is None else str(value)
-    try:
-        check_safe_id(text, where="training.experiment_id")
-    except ManifestError as exc:
-        raise ConfigError(
-            f"training.experiment_id={value!r} must be a non-empty folder name without '/', '\\' or '..' "
-            f"(outputs go to <training.output_dir>/<training.experiment_id>/): {exc}"
-        ) from None
-    return text
-
-
-def _check_training_config(cfg: DictConfig) -> None:
-    tr = cfg.training
-    if tr.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"training.precision={tr.precision!r} is not one of auto, fp32, bf16")
-    if tr.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"training.device={tr.device!r} is not one of auto, cpu, cuda")
-    if tr.lr_schedule not in SCHEDULES:
-        raise ConfigError(f"training.lr_schedule={tr.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if tr.loss_type not in ("x", "v"):
-        raise ConfigError(f"training.loss_type={tr.loss_type!r} is not one of x, v")
-    for key in ("batch_size", "grad_accum_steps", "epochs", "repeat_factor", "log_freq"):
-        _int_key(tr, key, 1)
-    _int_key(tr, "max_steps", 1, nullable=True)
-    for key in ("num_workers", "warmup_steps", "gen_train_freq", "checkpoint_freq", "checkpoint_save_epoch",
-                "ema_checkpoint_save_epoch", "save_every_steps", "seed", "max_nonfinite_steps"):
-        _int_key(tr, key, 0)
-    for key in ("label_drop_prob", "video_drop_prob", "text_drop_prob"):
-        if key != "label_drop_prob" and tr[key] is None:
-            continue  # null: label_drop_prob
-        if not 0.0 <= _float_key(tr, key) <= 1.0:
-            raise ConfigError(f"training.{key} must lie in [0, 1], got {tr[key]}")
-    if not 0.0 <= float(cfg.sampling.uniform_frac) <= 1.0:
-        raise ConfigError(f"sampling.uniform_frac must lie in [0, 1], got {cfg.sampling.uniform_frac}")
-    for key in ("ema_decay1", "ema_decay2"):
-        if not 0.0 <= _float_key(tr, key) < 1.0:
-            raise ConfigError(f"training.{key} must lie in [0, 1), got {tr[key]}")
-    for key in ("min_lr", "weight_decay", "clip_grad_norm", "gamma"):
-        _float_key(tr, key)
-    max_failed_fraction(OmegaConf.select(cfg, POLICY_KEY, default=None))
-    if tr.lr is None and tr.blr is None:
-        raise ConfigError("set training.lr or training.blr")
-    if tr.lr is not None and _float_key(tr, "lr") <= 0:
-        raise ConfigError(f"training.lr must be > 0 (or null to use training.blr), got {tr.lr}")
-    check_experiment_id(tr.experiment_id)
-    SpeedOptions.from_config(tr, "training")
-
-
-REFERENCE_PRESET_PREFIXES = ("medium_", "large_")
-
-
-def cpu_reference_preset_warning(model_name: str, device: torch.device) -> str | None:
-    """The start-up warning for a reference-size preset trained on CPU, or None."""
-    if device.type != "cpu" or not str(model_name).startswith(REFERENCE_PRESET_PREFIXES):
-        return None
-    size = "624 M" if str(model_name).startswith("medium_") else "1032 M"
-    return (
-        f"model.name={model_name} is a reference preset: {size} parameters on CPU: ~minutes per step and "
-        ">20 GB RAM; use model.name=small_16k/tiny_16k for CPU runs"
-    )
-
-
-def _autocast(device: torch.device, precision: str, attention_backend: str = "auto") -> AbstractContextManager:
-    """The forward context: bf16 autocast per training.precision, plus the SDPA backend."""
-    ctx: AbstractContextManager = nullcontext()
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16)
-    if attention_backend == "auto":
-        return ctx
-    return combined(ctx, sdpa_context(attention_backend))
-
-
-def drop_probs(tr: DictConfig) -> tuple[float, float]:
-    """(video, text) drop probabilities: `training.video_drop_prob` / `text_drop_prob`, each
-    defaulting to `training.label_drop_prob` (the reference's one rate for both)."""
-    base = float(tr.label_drop_prob)
-    video, text = tr.get("video_drop_prob"), tr.get("text_drop_prob")
-    return (base if video is None else float(video)), (base if text is None else float(text))
-
-
-def load_empty_string_feat(path: Path, shape: tuple[int, int], what: str) -> torch.Tensor:
-    feat = safe_torch_load(path, what=what)
-    if not isinstance(feat, torch.Tensor):
-        raise FeatureError(f"{what} {path} does not hold a tensor")
-    if feat.dim() == 3 and feat.shape[0] == 1:
-        feat = feat[0]
-    if tuple(feat.shape) != shape or not feat.is_floating_point():
-        raise FeatureError(f"{what} {path} has shape {tuple(feat.shape)} ({feat.dtype}), expected a float {shape}")
-    return feat.float()
-
-
-def resolve_empty_string_feat(cfg: DictConfig, first_row: TrainRow) -> tuple[torch.Tensor, str]:
-    """The learned empty-caption feature and where it came from (see configs/train.yaml)."""
-    shape = FeatureShapes.from_data_config(cfg.data).text
-    if cfg.model.empty_string_feat_path:
-        path = Path(str(cfg.model.empty_string_feat_path)).expanduser()
-        return load_empty_string_feat(path, shape, "model.empty_string_feat_path"), str(path)
-    beside = first_row.features_path.parent / "empty_string.pt"
-    if beside.is_file():
-        return load_empty_string_feat(beside, shape, "empty string feature"), str(beside)
-    from wavflow.features.encoders import FeatureEncoders
-
-    encoders = FeatureEncoders.from_config(cfg.encoders, need_video=False)
-    feat = encoders.empty_string_feature().detach().float().cpu()
-    if feat.dim() == 3 and feat.shape[0] == 1:
-        feat = feat[0]
-    if tuple(feat.shape) != shape:
-        raise FeatureError(
-            f"the text encoder (encoders.profile={cfg.encoders.profile}) gives an empty-string feature of shape "
-            f"{tuple(feat.shape)}, but data.text_seq_len/text_dim ask for {shape}"
-        )
-    return feat, f"computed by the text encoder (encoders.profile={cfg.encoders.profile}; no {beside})"
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """no_decay (1-D, '.bias', 'diffloss') first, then decay; frozen parameters left out."""
-    no_decay, decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim == 1 or name.endswith(".bias") or "diffloss" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": float(weight_decay)}]
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, info: DistInfo | None = None) -> None:
-        _check_training_config(cfg)
+        check_training_config(cfg)
         self.cfg = cfg
         tr = cfg.training
         self.tr = tr
@@ -299,17 +98,19 @@ class Trainer:
         self.logger = setup_logging(self.exp_dir, self.is_main, self.rank)
         self.speed = SpeedOptions.from_config(tr, "training")
         self.autocast_factory = functools.partial(
-            _autocast, self.device, str(tr.precision), self.speed.attention_backend
+            autocast_context, self.device, str(tr.precision), attention_backend=self.speed.attention_backend,
+            key="training.precision",
         )
         self.seed = int(tr.seed)
         self.accum = int(tr.grad_accum_steps)
         cpu_warning = cpu_reference_preset_warning(str(cfg.model.name), self.device)
         if cpu_warning and self.is_main:
             self.logger.warning(cpu_warning)
-        self.latest_path = self.exp_dir / LATEST_NAME
-        resuming = self._agree_on_start()
+        self.folder = RunFolder(self.exp_dir, self.info, self.logger)
+        self.latest_path = self.folder.latest_path
+        resuming = self.folder.agree_on_start(bool(tr.resume))
 
-        rows = self._prepare_rows()
+        rows = prepare_rows(self.cfg.data, self.info)
         if self.is_main:
             warn_if_audio_short(rows, float(cfg.data.audio_duration))
         self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))
@@ -317,28 +118,8 @@ class Trainer:
             self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, drop_last=False, seed=0
         )
 
-        # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
-        torch.manual_seed(self.seed)
-        empty_string = None
-        if not resuming:  # a resumed checkpoint carries its own copy
-            empty_string, source = resolve_empty_string_feat(cfg, rows[0])
-            self.logger.info("Empty string feature: %s", source)
-        self.model = build_model_from_config(
-            cfg, empty_string_feat=empty_string, gradient_checkpointing=bool(tr.gradient_checkpointing)
-        ).to(self.device)
-        norm_stats, norm_why = resolve_feature_norm(cfg.data.feature_norm, [r.features_path.parent for r in rows])
-        self.logger.info("Feature normalisation: %s", norm_why)
-        if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
-            self.model.attach_condition_norm().set_statistics(
-                norm_stats.streams, identity_tag(norm_stats.encoder_identity),
-                rms=OmegaConf.to_container(cfg.data.feature_norm_rms))
-            # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
-        self.model.train()
-        set_conv_impl(self.model, self.speed.conv_impl)
-        self.optimizer = make_adamw(
-            optimizer_groups(self.model, float(tr.weight_decay)),
-            resolve_optimizer_impl(self.speed.optimizer_impl, self.device), lr=1e-3, betas=(0.9, 0.95),
-        )
+        self.model = self._build_network(rows, resuming)
+        self.optimizer = build_optimizer(self.model, tr, self.speed, self.device)
         self.eff_batch = int(tr.batch_size) * self.world_size * self.accum
         self.lr_base = base_lr(tr.lr, float(tr.blr), self.eff_batch)
         self.last_lr = self.lr_base
@@ -358,105 +139,67 @@ class Trainer:
         self.samples_in_epoch = 0  # samples of the epoch's global order already trained (all ranks)
         self._load_start_state(resuming)
 
-        if self.info.is_distributed:
-            with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rot tables local
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self.ddp_model: nn.Module = DistributedDataParallel(
-                    self.model,
-                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    broadcast_buffers=False,
-                )
-        else:
-            self.ddp_model = self.model
+        self.ddp_model = self._wrap_for_ddp()
         self.forward_model: nn.Module = torch.compile(self.ddp_model) if bool(tr.compile) else self.ddp_model
 
         self.tb = TensorBoard(self.exp_dir / "tensorboard", enabled=self.is_main and bool(tr.tensorboard))
         if self.is_main:
-            save_config(cfg, self.exp_dir / "config.yaml")
-            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
-            self.logger.info("Number of trainable parameters: %.6fM", n_train)
-            self.logger.info("Base lr: %s", "from training.lr" if tr.lr is not None else f"{float(tr.blr):.2e}")
-            self.logger.info("Actual lr: %.2e", self.lr_base)
-            self.logger.info("Effective batch size: %d", self.eff_batch)
-            self.logger.info(
-                "World size %d, device %s, precision %s, %d training rows (x%d repeat)",
-                self.world_size, self.device, tr.precision, len(rows), int(tr.repeat_factor),
-            )
-        self._stop_signal: int | None = None
-        self._old_handlers: dict[int, Any] = {}
+            self._log_start(len(rows))
+        self.signals = StopSignals()
         self.last_batch: dict[str, Any] | None = None
         self.skipped_rows = 0
         self.row_limit = max_failed_fraction(cfg.data.max_failed_fraction)
         self.nonfinite_in_a_row = 0  # optimiser steps skipped for a non-finite gradient norm
 
-    # ------------------------------------------------------------------- start-up agreement
-    def _agree_on_start(self) -> bool:
-        """Rank 0 takes the folder's lock, removes stale temporaries and decides between resume
-        and a fresh start; every rank follows that one decision (never its own view of the disk)."""
-        decision: dict[str, Any] = {}
-        failure: WavFlowError | None = None
-        if self.is_main:
-            try:
-                RunLock(self.exp_dir).acquire()  # held until run_training ends or the process dies
-                for path in remove_stale_temporaries(self.exp_dir):
-                    self.logger.warning("Removed %s, left by an interrupted checkpoint write", path)
-                decision = {"resume": bool(self.tr.resume) and self.latest_path.exists()}
-            except WavFlowError as exc:
-                failure, decision = exc, {"error": f"{type(exc).__name__}: {exc}"}
-        if self.info.is_distributed:
-            box = [decision]
-            dist.broadcast_object_list(box, src=0)
-            decision = box[0]
-        if failure is not None:
-            raise failure
-        if "error" in decision:
-            raise ConfigError(f"rank 0 stopped the run: {decision['error']}")
-        return bool(decision["resume"])
 
-    def _check_same_resume_point(self, mine: dict[str, Any], failure: WavFlowError | None) -> None:
-        """Every rank must have read the same checkpoint (step, position, weights digest)."""
+    def _build_network(self, rows: Sequence[TrainRow], resuming: bool) -> nn.Module:
+        """The network in training mode: the same initial weights on every rank (DDP also
+        broadcasts rank 0's at wrap time), the empty-caption feature unless a checkpoint will
+        bring its own, and the feature normalisation its features need."""
+        cfg, tr = self.cfg, self.tr
+        torch.manual_seed(self.seed)
+        empty_string = None
+        if not resuming:  # a resumed checkpoint carries its own copy
+            empty_string, source = resolve_empty_string_feat(cfg, rows[0])
+            self.logger.info("Empty string feature: %s", source)
+        model = build_model_from_config(
+            cfg, empty_string_feat=empty_string, gradient_checkpointing=bool(tr.gradient_checkpointing)
+        ).to(self.device)
+        norm_stats, norm_why = resolve_feature_norm(cfg.data.feature_norm, [r.features_path.parent for r in rows])
+        self.logger.info("Feature normalisation: %s", norm_why)
+        if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
+            model.attach_condition_norm().set_statistics(
+                norm_stats.streams, identity_tag(norm_stats.encoder_identity),
+                rms=OmegaConf.to_container(cfg.data.feature_norm_rms))
+            # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
+        model.train()
+        set_conv_impl(model, self.speed.conv_impl)
+        return model
+
+    def _wrap_for_ddp(self) -> nn.Module:
         if not self.info.is_distributed:
-            if failure is not None:
-                raise failure
-            return
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        if failure is not None and self.is_main:
-            raise failure
-        if "error" in gathered[0]:
-            raise CheckpointError(f"rank 0 could not load {self.latest_path}: {gathered[0]['error']}")
-        for rank, got in enumerate(gathered):
-            if got != gathered[0]:
-                seen = got.get("error") or (
-                    f"global step {got['global_step']}, epoch {got['epoch']}, batch {got['batch_in_epoch']}, "
-                    f"weights sha1 {got['digest'][:12]}"
-                )
-                ref = gathered[0]
-                raise CheckpointError(
-                    f"rank {rank} does not see the checkpoint rank 0 resumes from ({self.latest_path}: rank 0 read "
-                    f"global step {ref['global_step']}, weights sha1 {ref['digest'][:12]}; rank {rank}: {seen}). "
-                    "training.output_dir must be on a file system shared by all nodes (see TRAINING.md)"
-                )
+            return self.model
+        with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rot tables local
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+    def _log_start(self, n_rows: int) -> None:
+        tr = self.tr
+        save_config(self.cfg, self.exp_dir / "config.yaml")
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
+        self.logger.info("Number of trainable parameters: %.6fM", n_train)
+        self.logger.info("Base lr: %s", "from training.lr" if tr.lr is not None else f"{float(tr.blr):.2e}")
+        self.logger.info("Actual lr: %.2e", self.lr_base)
+        self.logger.info("Effective batch size: %d", self.eff_batch)
+        self.logger.info(
+            "World size %d, device %s, precision %s, %d training rows (x%d repeat)",
+            self.world_size, self.device, tr.precision, n_rows, int(tr.repeat_factor),
+        )
 
     # ------------------------------------------------------------------------------ data
-    def _prepare_rows(self) -> list[TrainRow]:
-        data = self.cfg.data
-        rows, reports = read_train_csvs(csv_list(data.train_csv), data.data_root)
-        problems: dict[int, str] = {}
-        if bool(data.validate_features):
-            shapes = FeatureShapes.from_data_config(data)
-            mine = list(range(self.rank, len(rows), self.world_size))
-            local = find_feature_problems([rows[i] for i in mine], shapes, show_progress=self.is_main)
-            found = {mine[pos]: reason for pos, reason in local.items()}
-            if self.info.is_distributed:
-                gathered: list[Any] = [None] * self.world_size
-                dist.all_gather_object(gathered, found)
-                for part in gathered:
-                    problems.update(part)
-            else:
-                problems = found
-        return select_rows(rows, reports, problems, str(data.on_bad_row), max_failed_fraction(data.max_failed_fraction))
-
     def _rest_of_epoch(self, epoch: int) -> RestOfEpochSampler:
         return RestOfEpochSampler(len(self.dataset), epoch=epoch, consumed=self.samples_in_epoch,
                                   rank=self.rank, world_size=self.world_size, seed=self.sampler.seed)
@@ -467,19 +210,9 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         if sampler is None:
             sampler = self._rest_of_epoch(epoch) if self.samples_in_epoch else self.sampler
-        base_seed = (self.seed * 1_000 + self.rank * 100_003 + epoch * 7) % 2**62
-        workers = int(self.tr.num_workers)
-        return DataLoader(
-            self.dataset,
-            batch_size=int(self.tr.batch_size),
-            sampler=sampler,
-            collate_fn=collate_train,
-            num_workers=workers,
-            worker_init_fn=functools.partial(_seed_worker, base_seed) if workers else None,
-            generator=torch.Generator().manual_seed(base_seed),
-            pin_memory=self.device.type == "cuda",
-            drop_last=False,
-        )
+        return epoch_loader(self.dataset, sampler, batch_size=int(self.tr.batch_size),
+                            num_workers=int(self.tr.num_workers), seed=self.seed, rank=self.rank, epoch=epoch,
+                            pin_memory=self.device.type == "cuda")
 
     def num_batches(self) -> int:
         return math.ceil(len(self.sampler) / int(self.tr.batch_size))
@@ -494,11 +227,11 @@ class Trainer:
                 self._load_full(ckpt, model_only=False, source=str(self.latest_path))
                 mine: dict[str, Any] = {
                     "global_step": self.global_step, "epoch": self.epoch,
-                    "batch_in_epoch": self.batch_in_epoch, "digest": self.weights_digest(),
+                    "batch_in_epoch": self.batch_in_epoch, "digest": weights_digest(self.model),
                 }
             except WavFlowError as exc:
                 failure, mine = exc, {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
-            self._check_same_resume_point(mine, failure)
+            self.folder.check_same_resume_point(mine, failure)
             self.logger.info(
                 "Resumed from %s: %d completed epoch(s), global step %d, batch %d of epoch %d",
                 self.latest_path, self.epoch, self.global_step, self.batch_in_epoch, self.epoch + 1,
@@ -522,19 +255,8 @@ class Trainer:
             )
 
     def _load_full(self, ckpt: dict[str, Any], *, model_only: bool, source: str) -> None:
-        has_norm, want_norm = state_has_cond_norm(ckpt["model"]), self.model.cond_norm is not None
-        if has_norm != want_norm:
-            raise ConfigError(
-                f"{source} was trained {'with' if has_norm else 'without'} feature normalisation, but "
-                f"data.feature_norm={self.cfg.data.feature_norm} now resolves to {'on' if want_norm else 'off'}: "
-                f"set data.feature_norm={str(has_norm).lower()} to continue it"
-            )
-        load_weights(self.model, ckpt["model"], source=source)  # the checkpoint's statistics win
-        for ema, key in ((self.ema1, "model_ema1"), (self.ema2, "model_ema2")):
-            if key in ckpt:
-                ema.load_state_dict(ckpt[key], source=f"{source} [{key}]")
-            else:
-                ema.reset_to(self.model)
+        restore_weights(ckpt, self.model, (self.ema1, self.ema2), source=source,
+                        feature_norm_setting=self.cfg.data.feature_norm)
         if model_only or "optimizer" not in ckpt or "epoch" not in ckpt:
             return
         try:
@@ -554,23 +276,9 @@ class Trainer:
                 "trains the epoch's remaining samples in the same global order, none repeated or skipped",
                 source, self.samples_in_epoch, self.epoch + 1, saved_world, self.world_size,
             )
-        rng = ckpt.get("rng")
-        if isinstance(rng, list) and len(rng) == self.world_size:
-            skipped = restore_rng(rng[self.rank], self.generator)
-            if any(s.startswith("the training generator") for s in skipped):
-                self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
-            if skipped and self.is_main:
-                self.logger.warning(
-                    "%s comes from another kind of machine: not restored: %s; reseeded where needed. "
-                    "Training continues, but not bit-identically to an uninterrupted run", source, "; ".join(skipped),
-                )
-        else:
-            if rng is not None:
-                self.logger.warning(
-                    "%s holds RNG states of %d ranks, this run has %d: reseeding (training continues, "
-                    "but not bit-identically)", source, len(rng), self.world_size,
-                )
-            self.generator.manual_seed(self.seed + self.rank + 1_000_003 * self.global_step)
+        reseed = self.seed + self.rank + 1_000_003 * self.global_step
+        restore_rank_rng(ckpt.get("rng"), self.generator, info=self.info, reseed=reseed, source=source,
+                         logger=self.logger)
 
     def checkpoint_dict(self, rng_states: list[Any]) -> dict[str, Any]:
         return {
@@ -590,34 +298,13 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
         }
 
-    def _gather_rng(self) -> list[Any]:
-        """Every rank's RNG states (collective: all ranks call this together)."""
-        mine = capture_rng(self.generator)
-        if not self.info.is_distributed:
-            return [mine]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        return gathered
-
     def save_checkpoints(self, names: Sequence[str]) -> None:
         """Write the full checkpoint under each name (rank 0; all ranks must call)."""
-        rng = self._gather_rng()
-        if self.is_main:
-            ckpt = self.checkpoint_dict(rng)
-            for name in names:
-                path = atomic_torch_save(ckpt, self.exp_dir / name)
-                # docs/method.md §8.5: the display epoch; mid-epoch saves name the epoch in progress
-                display = self.epoch if self.batch_in_epoch == 0 else self.epoch + 1
-                where = "" if self.batch_in_epoch == 0 else f", {self.batch_in_epoch} batch(es) into it"
-                self.logger.info(
-                    "Checkpoint saved to %s (epoch %d%s, global step %d)", path, display, where, self.global_step
-                )
-        barrier(self.info)
+        self.folder.save(names, self.checkpoint_dict, self.generator, epoch=self.epoch,
+                         batch_in_epoch=self.batch_in_epoch, global_step=self.global_step)
 
     def save_ema(self, epoch: int) -> None:
-        if self.is_main:
-            path = atomic_torch_save(self.ema1.state_dict(), self.exp_dir / ema_checkpoint_name(epoch))
-            self.logger.info("Saved EMA checkpoint to %s", path)
+        self.folder.save_ema(self.ema1.state_dict(), epoch)
 
     # ------------------------------------------------------------------------------ step
     def draw_noise(self, x1: torch.Tensor) -> StepNoise:
@@ -747,53 +434,9 @@ class Trainer:
         return {"skipped": True, "reason": "nonfinite", "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "rows": 0, "per_sample": torch.zeros(0), "t_s": torch.zeros(0)}
 
-    def weights_digest(self) -> str:
-        """sha1 over the bytes of every parameter (bitwise identity check across ranks)."""
-        h = hashlib.sha1()
-        for _, p in self.model.named_parameters():
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def check_weights_in_sync(self) -> bool:
-        """Log whether every rank holds bit-identical weights (collective under DDP)."""
-        mine = self.weights_digest()
-        digests = [mine]
-        if self.info.is_distributed:
-            digests = [None] * self.world_size  # type: ignore[list-item]
-            dist.all_gather_object(digests, mine)
-        same = len(set(digests)) == 1
-        if self.is_main:
-            if same:
-                self.logger.info("Weights identical on all %d rank(s) (sha1 %s)", self.world_size, mine)
-            else:
-                self.logger.error("Weights differ across ranks: %s", digests)
-        return same
-
-    # ---------------------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, _frame: Any) -> None:
-            self._stop_signal = signum
-            # A second signal falls back to the old behaviour (e.g. KeyboardInterrupt).
-            signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, old in self._old_handlers.items():
-            try:
-                signal.signal(sig, old)
-            except (ValueError, TypeError):
-                pass
-        self._old_handlers.clear()
-
     def _should_stop(self) -> bool:
         """All ranks agree: a signal on any rank, or training.max_steps reached."""
-        flag = 1.0 if self._stop_signal is not None else 0.0
+        flag = 1.0 if self.signals.requested else 0.0
         if self.info.is_distributed:
             t = torch.tensor([flag], device=self.device if self.info.backend == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -821,7 +464,7 @@ class Trainer:
                 )
             self.tb.close()
             return TrainResult(self.exp_dir, self.epoch, self.global_step, True, 0)
-        self._install_signal_handlers()
+        self.signals.install()
         try:
             while self.epoch < epochs and not stopped:
                 stopped = self._train_epoch(epochs)
@@ -829,17 +472,17 @@ class Trainer:
                     self._end_of_epoch(epochs)
             if stopped:
                 self.save_checkpoints([LATEST_NAME])
-                why = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "training.max_steps"
+                why = signal.Signals(self.signals.received).name if self.signals.received is not None else "training.max_steps"
                 self.logger.info(
                     "Stopped by %s at epoch %d, global step %d; %s written. Run the same command to resume.",
                     why, self.epoch + 1, self.global_step, self.latest_path,
                 )
             else:
-                self.check_weights_in_sync()
+                weights_in_sync(self.info, self.model, self.logger)
                 total = int(time.time() - start)
                 self.logger.info("Training completed. Total time: %s", str(timedelta(seconds=total)))
         finally:
-            self._restore_signal_handlers()
+            self.signals.restore()
             self.tb.close()
         return TrainResult(self.exp_dir, self.epoch, self.global_step, stopped, self.skipped_rows)
 
@@ -854,10 +497,8 @@ class Trainer:
         skip = num_batches - math.ceil(len(self._rest_of_epoch(epoch)) / batch_size) if consumed else 0
         if self.is_main:
             self.logger.info("Starting epoch %d", epoch + 1)
-        epoch_start = last_log = time.time()
-        rows_since_log = 0
-        bucket_sum = torch.zeros(T_BUCKETS, dtype=torch.float64)
-        bucket_count = torch.zeros(T_BUCKETS, dtype=torch.float64)
+        epoch_start = time.time()
+        step_log = StepLog(self.logger, self.tb, epochs=epochs, num_batches=num_batches)
         failures = RowFailures()
         data_iter_step = skip
         pending: list[dict[str, Any]] = []
@@ -880,39 +521,14 @@ class Trainer:
             self.samples_in_epoch = consumed + (data_iter_step - skip) * batch_size * self.world_size
             bar.update(len(pending))
             pending = []
-            rows_since_log += stats["rows"]
-            if stats["rows"]:
-                idx = torch.clamp((stats["t_s"] * T_BUCKETS).long(), 0, T_BUCKETS - 1)
-                bucket_sum.index_add_(0, idx, stats["per_sample"].double())
-                bucket_count.index_add_(0, idx, torch.ones_like(stats["per_sample"], dtype=torch.float64))
+            step_log.add(stats)
             last_of_epoch = data_iter_step >= num_batches
             if stats["skipped"]:
                 if self.is_main and stats.get("reason") != "nonfinite":  # that one is logged where it happens
-                    self.logger.warning(
-                        "Epoch [%d/%d] Step [%d/%d]: every row of this step failed to read on every rank; "
-                        "no optimiser/EMA step (global step stays %d)",
-                        epoch + 1, epochs, data_iter_step, num_batches, self.global_step,
-                    )
+                    step_log.skipped_step(epoch, data_iter_step, self.global_step)
             elif self.is_main and (self.global_step % int(tr.log_freq) == 0 or last_of_epoch) and stats["rows"]:
-                now = time.time()
-                throughput = rows_since_log / max(now - last_log, 1e-9)
-                self.logger.info(
-                    "Epoch [%d/%d] Step [%d/%d] GlobalStep %d Loss: %.4f LR: %.2e GradNorm: %.4f Throughput: %.1f samples/s",
-                    epoch + 1, epochs, data_iter_step, num_batches, self.global_step,
-                    stats["loss"], stats["lr"], stats["grad_norm"], throughput,
-                )
-                scalars = {
-                    "train/loss": stats["loss"], "train/lr": stats["lr"],
-                    "train/grad_norm": stats["grad_norm"], "train/samples_per_sec": throughput,
-                }
-                for b in range(T_BUCKETS):
-                    if bucket_count[b] > 0:
-                        scalars[f"train/loss_t{b / T_BUCKETS:.2f}-{(b + 1) / T_BUCKETS:.2f}"] = float(bucket_sum[b] / bucket_count[b])
-                self.tb.scalars(scalars, self.global_step)
+                step_log.write(stats, epoch, data_iter_step, self.global_step)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                last_log, rows_since_log = now, 0
-                bucket_sum.zero_()
-                bucket_count.zero_()
             save_every = int(tr.save_every_steps)
             if save_every > 0 and self.global_step % save_every == 0 and not last_of_epoch:
                 self.save_checkpoints([LATEST_NAME])
@@ -926,20 +542,9 @@ class Trainer:
             self.logger.info("Epoch %d completed in %.2fs", epoch + 1, time.time() - epoch_start)
         return False
 
-    def _gather_failures(self, failures: RowFailures) -> RowFailures:
-        """Every rank's failures in one (count summed; the first few of rank 0, then rank 1, ...)."""
-        if not self.info.is_distributed:
-            return failures
-        parts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(parts, (failures.count, failures.first))
-        merged = RowFailures()
-        for count, first in parts:
-            merged.merge(RowFailures(count=int(count), first=list(first)))
-        return merged
-
     def _count_failed(self, failures: RowFailures) -> None:
         """End of an epoch (or a stop): log how many rows failed to read, and which."""
-        merged = self._gather_failures(failures)
+        merged = gather_failures(self.info, failures)
         self.skipped_rows += merged.count
         if merged.count and self.is_main:
             self.logger.warning("%d row(s) failed at read time this epoch and were skipped: %s",
@@ -950,7 +555,7 @@ class Trainer:
     def _stop_for_failed_rows(self, failures: RowFailures, failed: int) -> None:
         """More rows failed this epoch than data.max_failed_fraction allows (the same verdict on
         every rank): stop without a checkpoint; the last one written stays the run's state."""
-        merged = self._gather_failures(failures)
+        merged = gather_failures(self.info, failures)
         merged.count = failed
         self.tb.close()
         check_rows(merged, len(self.dataset), self.row_limit,
@@ -976,24 +581,14 @@ class Trainer:
         self.tb.flush()
 
     def _write_samples(self, epoch: int) -> None:
-        if self.rank >= MAX_SAMPLE_RANKS or self.last_batch is None:
-            return
-        try:
-            gt_path, gen_path, gt, gen = generate_training_sample(
-                self.model, self.last_batch, cfg=self.cfg, exp_dir=self.exp_dir, epoch=epoch,
-                rank=self.rank, device=self.device, autocast=self.autocast_factory(),
-            )
-            self.logger.info("Wrote samples %s and %s", gt_path, gen_path)
-            sr = int(self.cfg.data.target_sample_rate)
-            self.tb.audio(f"samples/gt_rank{self.rank}", gt, sr, self.global_step)
-            self.tb.audio(f"samples/gen_rank{self.rank}", gen, sr, self.global_step)
-        except Exception as exc:  # samples are a side product: never stop training for them
-            self.logger.warning("sample generation at epoch %d failed: %s: %s", epoch, type(exc).__name__, exc)
-
+        if self.last_batch is not None:
+            write_epoch_samples(self.model, self.last_batch, cfg=self.cfg, exp_dir=self.exp_dir, epoch=epoch,
+                                rank=self.rank, device=self.device, autocast=self.autocast_factory(),
+                                logger=self.logger, tb=self.tb, global_step=self.global_step)
 
 def run_training(cfg: DictConfig, info: DistInfo | None = None) -> TrainResult:
     """Build the trainer, train, and tear the process group down (when this call made it)."""
-    _check_training_config(cfg)  # before a process group exists: bad keys fail fast and alone
+    check_training_config(cfg)  # before a process group exists: bad keys fail fast and alone
     own = info is None
     info = info or init_distributed(str(cfg.training.device))
     try:

@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
-from wavflow.config import load_config
+from wavflow.config import apply_overrides, copy_config, explicit_keys, load_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.generator import ConditionFeatures, WavFlowGenerator, row_seed
 from wavflow.model import build_model_from_config
@@ -153,14 +153,64 @@ def test_checkpoint_config_mismatch_is_an_error_naming_key_and_values(tmp_path, 
     with pytest.raises(ConfigError) as err:
         WavFlowGenerator.from_checkpoint(paths["full"], config=cfg, device="cpu")
     msg = str(err.value)
-    assert "data.audio_duration: checkpoint was trained with 2.0, inference config has 1.0" in msg
+    assert "data.audio_duration=1.0 is set but the checkpoint was trained with data.audio_duration=2.0" in msg
+    assert "\n" not in msg and str(paths["full"]) in msg and "inference.allow_config_mismatch=true" in msg
     assert "data.clip_seq_len" in msg and "data.sync_seq_len" in msg and "data.target_sample_rate" not in msg
     # Deliberate override: loads, with the shapes of the inference config.
     ok = WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("inference.allow_config_mismatch=true"), device="cpu")
     assert ok.model.latent_seq_len == N
-    # Without an explicit config the API adopts the training run's shapes.
+    # Keys the caller leaves unset come from the checkpoint.
     adopted = WavFlowGenerator.from_checkpoint(paths["full"], device="cpu", overrides=["encoders.profile=tiny"])
     assert adopted.duration == 2.0 and adopted.model.latent_seq_len == 160 and adopted.model.preset_name == "tiny_16k"
+
+
+def test_api_adopts_the_checkpoint_values_the_caller_left_unset(tmp_path, ckpts, caplog):
+    """A config from load_config takes the checkpoint's model, shapes and encoders wherever it
+    does not set them; what it sets must agree. A config built by hand is checked as given."""
+    _, cfg = ckpts
+    trained = tiny_cfg("data.audio_duration=2.0", "data.clip_seq_len=16", "data.sync_seq_len=40")
+    paths = save_checkpoints(tmp_path, cfg, train_cfg=trained)
+    loaded = load_config("infer.yaml", ["sampling.num_steps=2"])  # medium_16k, 8 s, default encoders
+    with caplog.at_level(logging.INFO, logger="wavflow.generator"):
+        g = WavFlowGenerator.from_checkpoint(paths["full"], config=loaded, device="cpu")
+    assert g.duration == 2.0 and g.model.latent_seq_len == 160 and g.model.preset_name == "tiny_16k"
+    assert g.cfg.encoders.profile == "tiny" and g.cfg.sampling.num_steps == 2
+    assert loaded.model.name == "medium_16k"  # the caller's config is left alone
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("adopted from the config recorded in")]
+    assert len(said) == 1 and "model.name='tiny_16k'" in said[0] and "data.audio_duration=2.0" in said[0]
+    assert "data.audio_dim" not in said[0]  # equal values are not listed
+    # Overrides equal to the checkpoint's values load; others are errors naming both values.
+    same = WavFlowGenerator.from_checkpoint(paths["full"], device="cpu", overrides=["model=tiny_16k", "data.audio_duration=2"])
+    assert same.duration == 2.0 and same.model.clip_seq_len == 16
+    with pytest.raises(ConfigError, match=r"data\.audio_duration=4\.0 is set but the checkpoint was trained with "
+                       r"data\.audio_duration=2\.0"):
+        WavFlowGenerator.from_checkpoint(paths["full"], device="cpu", overrides=["data.audio_duration=4.0"])
+    with pytest.raises(ConfigError, match=r"model\.name='small_16k' is set"):
+        WavFlowGenerator.from_checkpoint(paths["full"], config=loaded, overrides=["model.name=small_16k"], device="cpu")
+    by_hand = OmegaConf.create(OmegaConf.to_container(loaded))
+    with pytest.raises(ConfigError, match=r"model\.name='medium_16k' is set but the checkpoint was trained with "
+                       r"model\.name='tiny_16k'"):
+        WavFlowGenerator.from_checkpoint(paths["full"], config=by_hand, device="cpu")
+
+
+def test_explicit_keys_are_the_ones_the_user_set(tmp_path):
+    assert explicit_keys(load_config("infer.yaml")) == frozenset()
+    # A group choice sets its values; tiny_16k's condition lengths follow data.audio_duration.
+    assert explicit_keys(load_config("infer.yaml", ["model=tiny_16k"])) == {"model.name", "data.target_sample_rate"}
+    both = explicit_keys(load_config("infer.yaml", ["model=tiny_16k", "inference.duration_sec=2"]))  # a reference key
+    assert {"data.audio_duration", "data.clip_seq_len", "data.sync_seq_len"} <= both
+    assert {"data.audio_duration", "data.clip_seq_len"} <= explicit_keys(load_config("infer.yaml", ["model=medium_16k"]))
+    assert "encoders.profile" in explicit_keys(load_config("infer.yaml", ["encoders=tiny"]))
+    user = tmp_path / "user.yaml"  # the user's own file counts, not the infer.yaml it extends
+    user.write_text("_base_: infer.yaml\ndata:\n  audio_duration: 3.0\nsampling:\n  num_steps: 2\n")
+    loaded = load_config(user, ["inference.cfg=2.0"])
+    assert explicit_keys(loaded) == {"data.audio_duration", "sampling.num_steps", "inference.cfg"}
+    copied = copy_config(loaded)
+    apply_overrides(copied, ["inference.seed=3"])
+    assert explicit_keys(copied) == explicit_keys(loaded) | {"inference.seed"}
+    copied.model.name = "tiny_16k"  # edited in place: set too
+    assert explicit_keys(copied) == explicit_keys(loaded) | {"inference.seed", "model.name"}
+    assert explicit_keys(OmegaConf.create({"model": {"name": "tiny_16k"}})) is None  # unknown: all count
 
 
 def test_model_name_that_does_not_fit_the_weights_says_which(ckpts):
@@ -168,7 +218,8 @@ def test_model_name_that_does_not_fit_the_weights_says_which(ckpts):
     with pytest.raises(CheckpointError) as err:  # flat file: only the weight shapes can tell
         WavFlowGenerator.from_checkpoint(paths["flat"], config=tiny_cfg("model.name=small_16k"), device="cpu")
     assert "small_16k" in str(err.value) and "tiny_16k" in str(err.value)
-    with pytest.raises(ConfigError, match="model.name: checkpoint was trained with 'tiny_16k'"):
+    with pytest.raises(ConfigError, match="model.name='small_16k' is set but the checkpoint was trained with "
+                       "model.name='tiny_16k'"):
         WavFlowGenerator.from_checkpoint(paths["full"], model_name="small_16k", config=tiny_cfg(), device="cpu")
 
 
@@ -289,7 +340,7 @@ def test_loudness_normalised_to_target_and_silence_is_safe(gen, tmp_path):
 # ------------------------------------------------------------------------ job config
 
 
-def test_heun_sampler_and_job_config_errors(gen, tmp_path, caplog):
+def test_heun_sampler_and_job_config_errors(gen, tmp_path, capsys):
     out = gen.generate_batch([random_features(gen, 40, False, True)], [1], steps=2, method="heun")
     assert out.shape == (1, SR) and torch.isfinite(out).all()
     with pytest.raises(ConfigError, match="sampling.method must be one of"):
@@ -304,16 +355,16 @@ def test_heun_sampler_and_job_config_errors(gen, tmp_path, caplog):
     assert main(["--config", "infer.yaml", "--bogus"]) == 2
     csv = tmp_path / "rows.csv"
     csv.write_text("id,video_path,caption,video_exist,text_exist\nr0,,a dog barks,false,true\n")
-    # ... and so does a checkpoint error, on a CSV that is fine: missing, then corrupt.
+    # A checkpoint that cannot be used, on a CSV that is fine (missing, then corrupt): bad input, exit 3.
     for ckpt, said in ((tmp_path / "none.pth", "not found"), (tmp_path / "bad.pth", "could not be loaded")):
         if ckpt.name == "bad.pth":
             ckpt.write_bytes(b"not a torch file")
-        caplog.clear()
+        capsys.readouterr()
         args = [*TINY_OVERRIDES, f"data.csv_path={csv}", f"model.ckpt_path={ckpt}",
                 f"output.output_dir={tmp_path / 'out'}"]
-        with caplog.at_level(logging.ERROR, logger="wavflow.predict"):
-            assert main(["--config", "infer.yaml", *args]) == 2
-        assert any(str(ckpt) in r.getMessage() and said in r.getMessage() for r in caplog.records), caplog.text
+        assert main(["--config", "infer.yaml", *args]) == 3
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("[wavflow.predict] error: ") and str(ckpt) in last and said in last, last
 
 
 def test_checkpoints_of_a_real_short_training_run_load(tmp_path, caplog):
@@ -355,18 +406,23 @@ def test_encoder_profile_and_clip_model_are_checked_against_the_checkpoint(tmp_p
     paths = save_checkpoints(tmp_path / "tiny", cfg, train_cfg=tiny_cfg())
     with pytest.raises(ConfigError) as err:
         WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default"), device="cpu")
-    assert "encoders.profile: checkpoint was trained with 'tiny', inference config has 'default'" in str(err.value)
+    assert "encoders.profile='default' is set but the checkpoint was trained with encoders.profile='tiny'" in str(err.value)
     assert "encoders.clip_model" not in str(err.value)  # unused by the tiny profile
     allowed = tiny_cfg("encoders.profile=default", "inference.allow_config_mismatch=true")
     assert WavFlowGenerator.from_checkpoint(paths["full"], config=allowed, device="cpu").cfg.encoders.profile == "default"
     # Same (default) profile, another CLIP.
     trained = tiny_cfg("encoders.profile=default", "encoders.clip_model=hf-hub:org/other-clip")
     paths = save_checkpoints(tmp_path / "clip", cfg, train_cfg=trained)
+    default_clip = "encoders.clip_model=hf-hub:apple/DFN5B-CLIP-ViT-H-14-384"
     with pytest.raises(ConfigError) as err:
-        WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default"), device="cpu")
+        WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default", default_clip),
+                                         device="cpu")
     msg = str(err.value)
-    assert "encoders.clip_model: checkpoint was trained with 'hf-hub:org/other-clip', inference config has " \
-           "'hf-hub:apple/DFN5B-CLIP-ViT-H-14-384'" in msg and "encoders.profile" not in msg
+    assert "encoders.clip_model='hf-hub:apple/DFN5B-CLIP-ViT-H-14-384' is set but the checkpoint was trained with " \
+           "encoders.clip_model='hf-hub:org/other-clip'" in msg and "encoders.profile" not in msg
+    # Left unset, the CLIP is the checkpoint's.
+    adopted = WavFlowGenerator.from_checkpoint(paths["full"], config=tiny_cfg("encoders.profile=default"), device="cpu")
+    assert adopted.cfg.encoders.clip_model == "hf-hub:org/other-clip"
     # A recorded config without an encoders section: nothing to compare, it loads.
     no_enc = OmegaConf.to_container(tiny_cfg())
     del no_enc["encoders"]
@@ -385,7 +441,7 @@ def test_video_conditions_from_features_only_and_missing_ones_named(gen, tmp_pat
         gen.encode_row(video=None, text="x", features_path=path, want_video=True)
 
 
-def test_gpu_flag_must_be_device_indices_and_needs_cuda(tmp_path, monkeypatch, caplog):
+def test_gpu_flag_must_be_device_indices_and_needs_cuda(tmp_path, monkeypatch, capsys):
     from wavflow.predict import _pop_gpu, main
 
     monkeypatch.delenv("GPU", raising=False)
@@ -410,16 +466,16 @@ def test_gpu_flag_must_be_device_indices_and_needs_cuda(tmp_path, monkeypatch, c
     out = tmp_path / "out"
     args = ["--config", "infer.yaml", "--gpu", "0", *TINY_OVERRIDES, f"data.csv_path={tmp_path / 'x.csv'}",
             "model.ckpt_path=c.pth", f"output.output_dir={out}"]
-    with caplog.at_level(logging.ERROR, logger="wavflow.predict"):
-        assert main(args) == 2
-    assert any("--gpu 0" in r.getMessage() and "CUDA is not available" in r.getMessage() for r in caplog.records)
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--gpu 0" in last and "CUDA is not available" in last, last
     assert not out.exists()  # stopped before anything was written
     import os
 
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # restricted before torch touched CUDA
 
 
-def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog):
+def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog, capsys):
     from wavflow.predict import main
 
     csv = tmp_path / "rows.csv"
@@ -427,9 +483,10 @@ def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog):
     args = ["--config", "infer.yaml", *TINY_OVERRIDES, f"data.csv_path={csv}", "model.ckpt_path=c.pth",
             f"output.output_dir={tmp_path / 'out'}", "inference.device=cpu"]
     with caplog.at_level(logging.INFO, logger="wavflow.predict"):
-        assert main(args) == 2
+        assert main(args) == 3  # bad input
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"[wavflow.predict] error: CSV {csv} has a header but no rows: nothing to predict", last
     messages = [r.getMessage() for r in caplog.records]
-    assert any(f"ManifestError: CSV {csv} has a header but no rows" in m for m in messages)
     assert any(m.startswith("device: cpu, precision: fp32") for m in messages)
 
 

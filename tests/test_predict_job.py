@@ -3,6 +3,7 @@ bad rows, skipping existing outputs, seeds per row id. Tiny model and encoders, 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -226,3 +227,76 @@ def test_inputs_are_never_overwritten_and_video_features_from_file(tmp_path, wav
     cfg_path = write_job_config(tmp_path / "own.yaml", ckpt=paths["full"], csv=own, out=media)
     assert main(job_args(cfg_path, "sampling.num_steps=2")) == 2
     assert own.read_bytes() == own_bytes and not (media / "t.wav").exists()
+
+
+# 2 s clips (not the 1 s of TINY_OVERRIDES, nor infer.yaml's 8 s): 16 CLIP frames, 5 x 8 = 40 sync tokens.
+TRAINED_DUR = 2.0
+TRAINED_SHAPES = [f"data.audio_duration={TRAINED_DUR}", "data.clip_seq_len=16", "data.sync_seq_len=40"]
+
+
+def _adopt_job(tmp_path: Path, *file_lines: str) -> tuple[dict[str, Path], Path]:
+    """A tiny_16k checkpoint of 2 s clips (tiny encoders) and a user config that names only
+    the checkpoint, the CSV (a T2A and an unconditional row) and the output folder."""
+    paths = save_checkpoints(tmp_path / "ckpt", tiny_cfg(*TRAINED_SHAPES))
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,video_path,caption,video_exist,text_exist\nt,,rain on a roof,0,1\nu,,,0,0\n")
+    cfg_path = write_job_config(tmp_path / "job.yaml", ckpt=paths["full"], csv=csv, out=tmp_path / "out")
+    if file_lines:
+        cfg_path.write_text(cfg_path.read_text() + "\n".join(file_lines) + "\n")
+    return paths, cfg_path
+
+
+def test_job_adopts_the_checkpoints_preset_duration_and_encoders(tmp_path, wavflow_cache_dir, caplog):
+    """No model= / data.* / encoders= on the command line: the job samples with what the
+    checkpoint records (tiny_16k, 2 s, tiny encoders), not infer.yaml's medium_16k / 8 s."""
+    paths, cfg_path = _adopt_job(tmp_path)
+    with caplog.at_level(logging.INFO, logger="wavflow.generator"):
+        assert main(["--config", str(cfg_path), "sampling.num_steps=2"]) == 0
+    for name in ("t", "u"):
+        data, sr = sf.read(tmp_path / "out" / f"{name}.wav", dtype="float32")
+        assert sr == SR and data.shape == (round(SR * TRAINED_DUR),) and np.isfinite(data).all()
+    adopted = [r.getMessage() for r in caplog.records if "adopted from the config recorded in" in r.getMessage()]
+    assert len(adopted) == 1 and str(paths["full"]) in adopted[0]
+    for item in ("model.name='tiny_16k'", "data.audio_duration=2.0", "data.clip_seq_len=16", "encoders.profile='tiny'"):
+        assert item in adopted[0]
+
+
+def test_job_override_that_contradicts_the_checkpoint_is_a_usage_error(tmp_path, capsys):
+    """An explicit value (command line or the user's file) that differs from the checkpoint's
+    is exit 2 with one line naming the key, both values and the checkpoint."""
+    paths, cfg_path = _adopt_job(tmp_path)
+    cases = [
+        (["data.audio_duration=1.0"], "data.audio_duration=1.0", "data.audio_duration=2.0"),
+        (["model=small_16k"], "model.name='small_16k'", "model.name='tiny_16k'"),
+    ]
+    for extra, given, recorded in cases:
+        assert main(["--config", str(cfg_path), "sampling.num_steps=2", *extra]) == 2, extra
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("[wavflow.predict] error: ") and "(details above)" not in last, last
+        assert given in last and recorded in last and str(paths["full"]) in last, last
+        assert "inference.allow_config_mismatch=true" in last
+    _, in_file = _adopt_job(tmp_path / "file", "sampling:", "  prediction_type: v")  # set in the user's file
+    assert main(["--config", str(in_file), "sampling.num_steps=2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "sampling.prediction_type='v'" in last and "sampling.prediction_type='x'" in last, last
+    assert not list(tmp_path.rglob("*.wav"))  # stopped before sampling
+
+
+def test_job_override_equal_to_the_checkpoint_works(tmp_path, wavflow_cache_dir):
+    """Explicit values equal to the checkpoint's; `model=tiny_16k` does not pin the condition
+    lengths, which it derives from the (adopted) duration."""
+    _, cfg_path = _adopt_job(tmp_path)
+    for i, extra in enumerate([["data.audio_duration=2"], ["model=tiny_16k", "encoders=tiny"]]):
+        out = tmp_path / f"out{i}"
+        assert main(["--config", str(cfg_path), "sampling.num_steps=2", f"output.output_dir={out}", *extra]) == 0, extra
+        data, _ = sf.read(out / "t.wav", dtype="float32")
+        assert data.shape == (round(SR * TRAINED_DUR),)
+
+
+def test_job_with_a_flat_checkpoint_keeps_the_configs_values(tmp_path, capsys):
+    """ema_epoch_N.pth records no config: infer.yaml's medium_16k stays, and the weight shapes
+    say which preset they fit."""
+    paths, cfg_path = _adopt_job(tmp_path)
+    assert main(["--config", str(cfg_path), f"model.ckpt_path={paths['flat']}"]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(paths["flat"]) in last and "medium_16k" in last and "tiny_16k" in last, last

@@ -16,6 +16,9 @@ A user's own file (`--config PATH` outside configs/) may be written in the refer
 implementation's layout: `_base_: parent.yaml` chains (resolved beside the file, then in
 configs/) and its key names, mapped to ours (wavflow/config_reference.py). Errors are one-line
 ConfigErrors naming the key.
+
+`explicit_keys(cfg)` tells which keys of a loaded config the user set (command line, own file):
+inference adopts a checkpoint's recorded values for the others.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -291,7 +295,9 @@ def load_config(
         user.body = reference.map_tree(name, user.body)
         _check_user_body(name, user.body, resolved)
     hydra_overrides = [o for o in (prepare_override(name, item) for item in overrides) if o is not None]
-    cfg = _compose(name, user.body if user else {}, hydra_overrides, list(overrides))
+    body = user.body if user else {}
+    cfg, unresolved = _compose(name, body, hydra_overrides, list(overrides))
+    _remember_explicit(cfg, _derived_keys(_set_keys(body, hydra_overrides), unresolved))
     if validate:
         validate_config(cfg)
     return cfg
@@ -308,7 +314,10 @@ def _check_user_body(job: str, body: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"config key '{key}' in {path}: {_one_line(exc)}") from None
 
 
-def _compose(job: str, body: dict[str, Any], hydra_overrides: list[str], typed: list[str]) -> DictConfig:
+def _compose(
+    job: str, body: dict[str, Any], hydra_overrides: list[str], typed: list[str]
+) -> tuple[DictConfig, dict[str, Any]]:
+    """(the resolved, key-locked config; the composed tree before interpolations are resolved)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
@@ -340,7 +349,7 @@ def _compose(job: str, body: dict[str, Any], hydra_overrides: list[str], typed: 
     # Jobs get a plain DictConfig (locked keys), as before Hydra: they may copy and extend it.
     cfg = OmegaConf.create(plain)
     OmegaConf.set_struct(cfg, True)
-    return cfg
+    return cfg, OmegaConf.to_container(composed, resolve=False)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -413,6 +422,8 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str], job: str = "infer
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         finally:
             OmegaConf.set_struct(cfg, was)
+        if id(cfg) in _EXPLICIT:
+            _remember_explicit(cfg, {key})  # set, even where the value stays the same
     return cfg
 
 
@@ -425,6 +436,118 @@ def _typed_value(job: str, key: str, value: Any) -> Any:
         return OmegaConf.to_container(out) if isinstance(out, (DictConfig, ListConfig)) else out
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"config key '{key}': {_one_line(exc)}") from None
+
+
+# ------------------------------------------------------------------ which keys the user set
+# A loaded config is plain data; what the user set is kept beside it, per config object, so that
+# a job gets it with the config from load_config (an entry is dropped with its config).
+@dataclass(frozen=True)
+class _SetKeys:
+    keys: frozenset[str]  # set by the user when the config was loaded (or by apply_overrides)
+    loaded: dict[str, Any]  # every leaf's value then: a key edited in place later counts as set too
+
+
+_EXPLICIT: dict[int, _SetKeys] = {}
+_INTERPOLATED_KEY = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${data.audio_duration}, not ${resolver:...}
+
+
+def explicit_keys(cfg: DictConfig) -> frozenset[str] | None:
+    """The dotted keys of a `load_config` result that the user set: command-line overrides, the
+    keys of a user's own `--config` file (not configs/<job>.yaml's defaults), the values a group
+    choice sets (`model=tiny_16k`: model.name, data.target_sample_rate), keys interpolated from
+    any of these (tiny_16k's data.clip_seq_len follows data.audio_duration), and keys changed
+    since (apply_overrides, or edited in place).
+    None for a config of other origin (built by hand, copied without copy_config): treat every
+    key as set."""
+    record = _EXPLICIT.get(id(cfg))
+    if record is None:
+        return None
+    now = _leaf_keys(OmegaConf.to_container(cfg, resolve=True))
+    edited = {k for k, v in now if k not in record.loaded or record.loaded[k] != v}
+    return record.keys | edited
+
+
+def is_explicit(key: str, explicit: frozenset[str] | None) -> bool:
+    """Whether the user set `key` (or a block holding it, e.g. `encoders={...}`)."""
+    if explicit is None:
+        return True
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in explicit for i in range(1, len(parts) + 1))
+
+
+def copy_config(cfg: DictConfig) -> DictConfig:
+    """A copy that keeps the record of which keys the user set."""
+    out = cfg.copy()
+    record = _EXPLICIT.get(id(cfg))
+    if record is not None:
+        _remember(out, record)
+    return out
+
+
+def _remember_explicit(cfg: DictConfig, keys: Iterable[str]) -> None:
+    """Record `keys` as set in `cfg` (a config just loaded, or one already recorded)."""
+    record = _EXPLICIT.get(id(cfg))
+    loaded = record.loaded if record is not None else dict(_leaf_keys(OmegaConf.to_container(cfg, resolve=True)))
+    _remember(cfg, _SetKeys(frozenset(keys) | (record.keys if record else frozenset()), loaded))
+
+
+def _remember(cfg: DictConfig, record: _SetKeys) -> None:
+    if id(cfg) not in _EXPLICIT:
+        weakref.finalize(cfg, _EXPLICIT.pop, id(cfg), None)  # ids are reused once cfg is gone
+    _EXPLICIT[id(cfg)] = record
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping; an empty mapping is a leaf."""
+    if isinstance(tree, dict) and tree:
+        for k, v in tree.items():
+            yield from _leaf_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    elif prefix:
+        yield prefix, tree
+
+
+def _set_keys(body: dict[str, Any], hydra_overrides: Sequence[str]) -> set[str]:
+    """The keys the user's own file and the command line set (before interpolations)."""
+    keys = {k for k, _ in _leaf_keys(body)}
+    for item in hydra_overrides:
+        _, key, text = _split(item)
+        keys |= _group_keys(key, text.strip()) if key in GROUPS else {key}
+    return keys
+
+
+def _group_keys(group: str, option: str) -> set[str]:
+    """The keys configs/<group>/<option>.yaml (and the options it extends) sets to a value;
+    interpolated ones are left to follow their sources (`_derived_keys`)."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return set()  # Hydra has said which options exist
+    text = path.read_text(encoding="utf-8")
+    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    keys: set[str] = set()
+    for parent in tree.pop("defaults", None) or []:
+        if isinstance(parent, str) and parent != "_self_":
+            keys |= _group_keys(group, parent)
+    package = "" if re.search(r"^#\s*@package\s+_global_\s*$", text, re.M) else f"{group}."
+    for key, value in _leaf_keys(tree):
+        if not (isinstance(value, str) and "${" in value):
+            keys.add(package + key)
+    return keys
+
+
+def _derived_keys(keys: set[str], unresolved: dict[str, Any]) -> set[str]:
+    """`keys` plus every key whose value interpolates one of them, transitively."""
+    refs = {
+        key: _INTERPOLATED_KEY.findall(value)
+        for key, value in _leaf_keys(unresolved)
+        if isinstance(value, str) and "${" in value
+    }
+    out, grew = set(keys), True
+    while grew:
+        known = frozenset(out)
+        new = {k for k, r in refs.items() if k not in out and any(is_explicit(x, known) for x in r)}
+        out |= new
+        grew = bool(new)
+    return out
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
@@ -440,6 +563,9 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return value
 
 
+MAX_CLIP_SECONDS = 600  # one clip's length: 10 minutes is already ~48 k waveform tokens at 16 kHz
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Shape and value checks shared by every job (each job adds its own)."""
     from wavflow.model.presets import PRESETS  # late import: the model package is heavy
@@ -453,6 +579,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.target_sample_rate must be a positive integer, got {sr!r}")
     if not (isinstance(dur, (int, float)) and dur > 0):
         raise ConfigError(f"data.audio_duration must be a positive number of seconds, got {dur!r}")
+    if dur > MAX_CLIP_SECONDS:  # the network attends over the whole clip: memory grows with its square
+        raise ConfigError(f"data.audio_duration={dur!r} s is longer than one clip can be (at most "
+                          f"{MAX_CLIP_SECONDS} s; the reference presets train on 8 s)")
     if _get(cfg, "data.audio_dim") != preset.latent_dim:
         raise ConfigError(
             f"data.audio_dim={_get(cfg, 'data.audio_dim')} disagrees with model.name '{name}' "

@@ -7,8 +7,9 @@
 
 Fixes over the reference, on purpose (docs/design.md §4): the initial noise of every item comes
 from its own `torch.Generator` (drawn on CPU, then moved), so a clip does not depend on the
-batch size or on the rows around it; everything runs on CPU too; a checkpoint whose recorded
-config disagrees with the inference config is an error instead of silent garbage.
+batch size or on the rows around it; everything runs on CPU too; a checkpoint's recorded
+config supplies the network and data settings the user left unset, and one the user set
+differently is an error instead of silent garbage.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from wavflow.config import load_config, validate_config
+from wavflow.config import copy_config, explicit_keys, is_explicit, load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.io_utils import safe_torch_load
 from wavflow.shapes import latent_seq_len, target_num_samples, video_seq_lens
@@ -37,8 +38,9 @@ log = logging.getLogger("wavflow.generator")
 
 DEFAULT_INFER_CONFIG = "infer.yaml"
 DEFAULT_EMA_DECAY = 0.9999
-# Keys whose value in the training run's config must match the inference config: the network
-# shapes and the meaning of its input/output. Weight shapes alone cannot reveal most of them.
+# Keys whose value in the training run's config the inference config takes, or must match where
+# the user set it: the network shapes and the meaning of its input/output. Weight shapes alone
+# cannot reveal most of them.
 CHECKED_CONFIG_KEYS = (
     "model.name",
     "data.target_sample_rate",
@@ -137,10 +139,34 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def adopt_checkpoint_config(
+    cfg: DictConfig, ckpt_cfg: DictConfig, explicit: frozenset[str] | None, ckpt_path: str | os.PathLike
+) -> dict[str, Any]:
+    """Set each CHECKED_CONFIG_KEYS key the user did not set (`explicit`, see
+    wavflow.config.explicit_keys) to the checkpoint's recorded value, in place.
+
+    Returns the keys whose value changed (logged in one line)."""
+    adopted = {}
+    with _unlocked(cfg):
+        for key in CHECKED_CONFIG_KEYS:
+            trained = _select(ckpt_cfg, key)
+            if trained is _MISSING or trained is None or is_explicit(key, explicit):
+                continue
+            current = _select(cfg, key)
+            if current is _MISSING or not _same(trained, current):
+                OmegaConf.update(cfg, key, trained, merge=False, force_add=True)
+                adopted[key] = trained
+    if adopted:
+        log.info("adopted from the config recorded in %s: %s", ckpt_path,
+                 ", ".join(f"{k}={v!r}" for k, v in adopted.items()))
+    return adopted
+
+
 def check_config_against_checkpoint(
     cfg: DictConfig, ckpt_cfg: DictConfig, ckpt_path: str | os.PathLike, *, allow_mismatch: bool
 ) -> list[str]:
-    """Compare CHECKED_CONFIG_KEYS; ConfigError naming each differing key and both values.
+    """Compare CHECKED_CONFIG_KEYS; a one-line ConfigError naming each differing key, the value
+    given and the checkpoint's (after `adopt_checkpoint_config` only values the user set differ).
 
     With `allow_mismatch` the differences are only returned (and logged as warnings).
     """
@@ -153,16 +179,15 @@ def check_config_against_checkpoint(
         if key == "encoders.clip_model" and profiles & set(_PROFILES_WITHOUT_CLIP_MODEL):
             continue  # unused there; a profile difference is reported on its own
         if not _same(trained, wanted):
-            diffs.append(f"{key}: checkpoint was trained with {trained!r}, inference config has {wanted!r}")
+            diffs.append(f"{key}={wanted!r} is set but the checkpoint was trained with {key}={trained!r}")
     if diffs and not allow_mismatch:
         raise ConfigError(
-            f"the inference config disagrees with the config recorded in {ckpt_path}:\n  - "
-            + "\n  - ".join(diffs)
-            + "\nSet these keys to the training values, or inference.allow_config_mismatch=true "
-            "if the difference is deliberate."
+            f"config disagrees with checkpoint {ckpt_path}: " + "; ".join(diffs) + ". Drop these settings "
+            "(keys left unset take the checkpoint's values), or set inference.allow_config_mismatch=true "
+            "if the difference is deliberate"
         )
     for d in diffs:
-        log.warning("config differs from checkpoint (allowed): %s", d)
+        log.warning("config differs from checkpoint %s (allowed): %s", ckpt_path, d)
     return diffs
 
 
@@ -263,37 +288,38 @@ class WavFlowGenerator:
     ) -> "WavFlowGenerator":
         """Load a full trainer checkpoint (model / model_ema1) or a flat `ema_epoch_N.pth`.
 
-        `config` (a loaded config or a YAML path, default configs/infer.yaml) gives the data,
-        sampling and encoder settings. When it is not given and the checkpoint records its
-        training config, the network and data keys are taken from there; when it is given they
-        must agree (ConfigError naming the key, unless inference.allow_config_mismatch=true).
+        `config` (a loaded config or a YAML path, default configs/infer.yaml) and `overrides`
+        give the data, sampling and encoder settings. When the checkpoint records its training
+        config, the network and data keys (CHECKED_CONFIG_KEYS) the caller did not set are taken
+        from there; a key set to another value (an override, a key of the caller's own file,
+        `model_name`, any key of a config not made by wavflow.config.load_config) is a
+        ConfigError naming both values, unless inference.allow_config_mismatch=true. A flat
+        file records nothing: the config decides, and the weight shapes must fit it.
         """
         from wavflow.model import build_model_from_config
         from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path, state_dict_from_checkpoint
 
-        explicit = config is not None
         if isinstance(config, DictConfig):
-            cfg = config.copy()
+            cfg = copy_config(config)
             if overrides:
                 from wavflow.config import apply_overrides
 
                 apply_overrides(cfg, overrides)
         else:
             cfg = load_config(config if config is not None else DEFAULT_INFER_CONFIG, overrides)
+        explicit = explicit_keys(cfg)
+        if model_name is not None:
+            with _unlocked(cfg):
+                cfg.model.name = model_name
+            explicit = explicit | {"model.name"} if explicit is not None else None
         path = resolve_checkpoint_path(path)  # a run directory stands for its checkpoint_latest.pth
         ckpt = safe_torch_load(path, what="model checkpoint")
         if not isinstance(ckpt, Mapping):
             raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
         ckpt_cfg = _config_from_checkpoint(ckpt)
 
-        with _unlocked(cfg):
-            if ckpt_cfg is not None and not explicit:
-                for key in CHECKED_CONFIG_KEYS:  # adopt the training run's shapes
-                    value = _select(ckpt_cfg, key)
-                    if value is not _MISSING and value is not None:
-                        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-            if model_name is not None:
-                cfg.model.name = model_name
+        if ckpt_cfg is not None:
+            adopt_checkpoint_config(cfg, ckpt_cfg, explicit, path)
         validate_config(cfg)
         if ckpt_cfg is not None:
             allow = bool(OmegaConf.select(cfg, "inference.allow_config_mismatch", default=False))

@@ -8,8 +8,9 @@ tokens, i.e. the CFG unconditional branch). A row with `video_exist=1`, a `featu
 and no video file takes its video conditions from the features file; it gets no mp4 (the
 summary's reason says so). A bad row (missing / corrupt / too short video, unreadable
 features, bad flag) is reported in summary.csv and skipped; the other rows are still written.
-Exit code 1 if any row failed, 0 otherwise; 2 when the job cannot start (config, checkpoint,
-a CSV without rows, `--gpu` without CUDA).
+Exit code 1 if any row failed (the last line names the first ones), 0 otherwise; 2 for a bad
+command line or config value (`--gpu` without CUDA), 3 for an input it cannot use (checkpoint,
+a CSV without rows): docs/errors.md.
 
 Inputs are never written: when `<output_dir>/<name>.wav` or `.mp4` would be one of the run's
 input files (a video, a features file, the CSV), that row's outputs are named
@@ -34,8 +35,9 @@ from typing import Optional, Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
-from wavflow.exit_codes import run_job
-from wavflow.errors import ConfigError, ManifestError, WavFlowError
+from wavflow.exit_codes import EXIT_OK, run_job
+from wavflow.row_policy import RowFailures
+from wavflow.errors import ConfigError, ManifestError, RowsFailedError, WavFlowError
 
 log = logging.getLogger("wavflow.predict")
 
@@ -236,6 +238,17 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return 1 if any(r.status == STATUS_FAILED for r in self.rows) else 0
+
+    def check_failed_rows(self) -> None:
+        """Raise RowsFailedError (exit 1) naming the first failed rows when any row failed:
+        every row is meant to be generated (the others were written)."""
+        failures = RowFailures()
+        for row in self.rows:
+            if row.status == STATUS_FAILED:
+                failures.add(row.name, row.reason)
+        if failures.count:
+            raise RowsFailedError(f"{failures.count} of {len(self.rows)} row(s) failed; first: {failures.examples()}. "
+                                  f"Every row's status and reason is in {self.summary_path}")
 
 
 def _output_paths(out_dir: Path, row: InferRow, mux: bool) -> tuple[Path, Optional[Path]]:
@@ -450,7 +463,8 @@ def _predict(args: list[str]) -> int:
     cfg = load_config(path, overrides, job="infer")
     if gpu is not None:
         require_gpu(gpu, cfg)
-    return run(cfg).exit_code
+    run(cfg).check_failed_rows()
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ torchrun each rank also writes that line to $WAVFLOW_ERROR_DIR/rank<RANK>.txt, f
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -33,6 +34,14 @@ EXIT_BAD_INPUT = 3
 EXIT_RUNTIME = 4
 EXIT_INTERRUPTED = 130
 ERROR_DIR_ENV = "WAVFLOW_ERROR_DIR"
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError (exit 2, with the job's one last line and the usage
+    above it) instead of a SystemExit from inside a job's main()."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message}\n{self.format_usage().strip()}")
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -50,7 +50,9 @@ class ManifestReport:
         self.bad_rows.add(int(index))
 
     def format(self, limit: int = 50) -> str:
-        lines = [f"{len(self.problems)} problem(s) in {self.path} ({len(self.bad_rows)} bad row(s)):"]
+        # The head line is the one a job's error message ends with: it names the first bad row.
+        head = f"{len(self.problems)} problem(s) in {self.path} ({len(self.bad_rows)} bad row(s))"
+        lines = [f"{head}; first: {self.problems[0]}" if self.problems else head]
         lines += [f"  - {p}" for p in self.problems[:limit]]
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more")
@@ -70,6 +72,8 @@ def read_manifest(
     optional columns are added as empty strings so callers need not special-case them.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"CSV {path} is a directory, not a CSV file")
     if not path.is_file():
         raise ManifestError(f"CSV not found: {path}")
     try:

@@ -66,7 +66,7 @@ from wavflow.demo.sound_events import (
     synthesize_event,
 )
 from wavflow.errors import ConfigError
-from wavflow.exit_codes import EXIT_OK, run_job
+from wavflow.exit_codes import EXIT_OK, JobArgumentParser, run_job
 from wavflow.io_utils import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 MODES = ("VT2A", "T2A", "V2A")
@@ -471,19 +471,25 @@ def _check_classes(classes: Sequence[str] | None, dataset: str = "shapes") -> li
     return names
 
 
+# What the checks below call each value: the command-line flags; the demo passes its config keys.
+CLI_NAMES = {"n": "--n", "duration": "--duration", "sample_rate": "--sample-rate", "fps": "--fps",
+             "size": "--size", "holdout_frac": "--holdout-frac", "no_caption_frac": "--no-caption-frac",
+             "no_video_frac": "--no-video-frac"}
+
+
 def _check_args(n: int, duration: float, sample_rate: int, fps: int, size: int,
-                *fracs: float) -> None:
+                *fracs: float, names: dict[str, str] = CLI_NAMES) -> None:
     if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
+        raise ConfigError(f"{names['n']} must be >= 1, got {n}")
     if duration < 1.0:
-        raise ConfigError(f"--duration must be >= 1.0 s (room for one event), got {duration}")
+        raise ConfigError(f"{names['duration']} must be >= 1.0 s (room for one event), got {duration}")
     if sample_rate < 8000:
-        raise ConfigError(f"--sample-rate must be >= 8000 Hz, got {sample_rate}")
+        raise ConfigError(f"{names['sample_rate']} must be >= 8000 Hz, got {sample_rate}")
     if fps < 1 or size < 32 or size % 2:
-        raise ConfigError(f"--fps must be >= 1 and --size an even number >= 32 (got {fps}, {size})")
-    for name, frac in zip(("--holdout-frac", "--no-caption-frac", "--no-video-frac"), fracs):
+        raise ConfigError(f"{names['fps']} must be >= 1 and {names['size']} an even number >= 32 (got {fps}, {size})")
+    for key, frac in zip(("holdout_frac", "no_caption_frac", "no_video_frac"), fracs):
         if not 0.0 <= frac < 1.0:
-            raise ConfigError(f"{name} must be in [0, 1), got {frac}")
+            raise ConfigError(f"{names[key]} must be in [0, 1), got {frac}")
 
 
 def load_dataset_info(reference: str | Path) -> DatasetInfo:
@@ -517,8 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _make(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (the data root)")
     parser.add_argument("--n", type=int, default=48, help="number of clips")
     parser.add_argument("--seed", type=int, default=0)

@@ -157,10 +157,34 @@ def _check_reuse(cfg: DictConfig, root: Path) -> None:
         atomic_write_text(stamp_path, json.dumps(want, indent=1) + "\n")
 
 
+# The demo keys behind each make_dataset argument (its checks name these, not its flags).
+DATASET_KEYS = {"n": "demo.n", "duration": "data.audio_duration", "sample_rate": "data.target_sample_rate",
+                "fps": "fps", "size": "size", "holdout_frac": "demo.holdout_frac",
+                "no_caption_frac": "demo.v2a_frac", "no_video_frac": "demo.t2a_frac"}
+
+
+def check_demo_config(cfg: DictConfig) -> None:
+    """The demo's own keys, checked before anything is written (ConfigError naming the key): a
+    bad value found later would leave demo_settings.json recording it, and the next run with
+    the value fixed would refuse the folder."""
+    from wavflow.demo.make_dataset import DATASETS, _check_args
+
+    d = cfg.demo
+    if str(d.dataset) not in DATASETS:
+        raise ConfigError(f"demo.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
+    _check_args(int(d.n), float(cfg.data.audio_duration), int(cfg.data.target_sample_rate), 25, 96,
+                float(d.holdout_frac), float(d.v2a_frac), float(d.t2a_frac), names=DATASET_KEYS)
+    for key in ("demo.nproc", "demo.train.max_steps", "demo.train.batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+
+
 def run_demo(cfg: DictConfig) -> DemoResult:
     from wavflow.demo.make_dataset import make_dataset
     from wavflow.demo.metrics import evaluate
 
+    check_demo_config(cfg)
     paths = DemoPaths(Path(cfg.demo.out_dir).absolute())
     if cfg.demo.fresh and paths.root.exists():
         shutil.rmtree(paths.root)

@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wavflow.exit_codes import run_job
-from wavflow.errors import ConfigError, WavFlowError, WeightsError
+from wavflow.exit_codes import JobArgumentParser, run_job
+from wavflow.errors import ConfigError, RowsFailedError, WavFlowError, WeightsError
 
 log = logging.getLogger("wavflow.evaluate")
 
@@ -24,7 +24,7 @@ PAPER_WAVFLOW_M_16K = {"FD_PaSST": 62.64, "KL": 1.68, "IS": 17.24, "IB_score": 0
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m wavflow.evaluate", description=__doc__)
+    parser = JobArgumentParser(prog="python -m wavflow.evaluate", description=__doc__)
     parser.add_argument("--generated", required=True, help="folder of generated wavs (a predict output)")
     parser.add_argument("--reference", required=True, help="CSV id,audio_path[,video_path][,caption]")
     parser.add_argument("--infer-csv", default=None, help="the inference CSV (video_exist/text_exist give the modes)")
@@ -180,12 +180,21 @@ def run(args: argparse.Namespace, cfg: DictConfig) -> int:
         for why in problems:
             print(f"clip {rid}: {why}")
     print(f"metrics.json: {out_dir / 'metrics.json'}")
-    complete = not (not_computed or pairing.missing_generated or pairing.missing_reference or pairing.unreadable
-                    or clip_problems)
-    return 0 if complete else 1
+    left_out = ([f"id {rid!r}: {why}" for what in ("unreadable", "missing_generated", "missing_reference")
+                 for rid, why in summary[what].items()]  # type: ignore[union-attr]
+                + [f"clip {rid!r}: {why}" for rid, whys in clip_problems.items() for why in whys]
+                + [f"{metric} not computed: {why}" for metric, why in not_computed.items()])
+    if left_out:  # exit 1, and the last line names the first thing left out (docs/errors.md)
+        raise RowsFailedError(f"{len(left_out)} item(s) left out of the evaluation, each listed above and in "
+                              f"{out_dir / 'metrics.json'}; first: {left_out[0]}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job("evaluate", lambda: run(args, load_eval_config(args.config, overrides)))
+    return run_job("evaluate", lambda: _evaluate(sys.argv[1:] if argv is None else argv))
+
+
+def _evaluate(argv: Sequence[str]) -> int:
+    args, overrides = parse_args(argv)
+    return run(args, load_eval_config(args.config, overrides))

@@ -53,6 +53,9 @@ def _generated(gen_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """id -> wav, and id -> reason for ids the predict job did not produce."""
     from wavflow.manifest import read_manifest
 
+    if gen_dir.exists() and not gen_dir.is_dir():
+        raise ManifestError(f"generated folder {gen_dir} is a file, not a folder: give the predict job's "
+                            "output.output_dir")
     if not gen_dir.is_dir():
         raise ManifestError(f"generated folder not found: {gen_dir}")
     summary = gen_dir / "summary.csv"

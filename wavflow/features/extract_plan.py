@@ -1,7 +1,9 @@
 """What an extraction run will do, decided before any model loads.
 
 - `ExtractSettings.from_config(cfg)`: the typed view of the `extract_*.yaml` keys, with the
-  checks that make a bad config fail at start-up (ConfigError naming the keys).
+  checks that make a bad config fail at start-up (ConfigError naming the keys);
+  `extraction.batch_size` is at most `MAX_BATCH_SIZE` (4096): a batch holds its decoded clips in
+  memory at once, so a larger value is a typo heading for an out-of-memory kill.
 - `plan_rows(settings)`: read and validate the input CSV. Missing columns, an empty CSV,
   duplicate ids and ids unsafe as file names are fatal (one ManifestError listing every bad
   row). Missing audio/video files become *error rows* (they end up in the error log and the
@@ -64,6 +66,21 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
     value = _key(cfg, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+# extraction.batch_size decoded clips are held at once (VT2A: ~115 MB of CLIP frames per 8 s
+# clip): a value past this bound is a typo that would end in an out-of-memory kill, not a run.
+MAX_BATCH_SIZE = 4096
+
+
+def _batch_size(cfg: DictConfig) -> int:
+    value = _positive_int(cfg, "extraction.batch_size")
+    if value > MAX_BATCH_SIZE:
+        raise ConfigError(
+            f"extraction.batch_size={value} is above the limit of {MAX_BATCH_SIZE}: a batch holds that many "
+            "decoded clips and their features in memory at once (16-64 suits most machines)"
+        )
     return value
 
 
@@ -135,7 +152,7 @@ class ExtractSettings:
             pth_dir=_path(cfg, "output.pth_dir"),
             output_csv=_path(cfg, "output.csv_path"),
             duration_sec=float(duration),
-            batch_size=_positive_int(cfg, "extraction.batch_size"),
+            batch_size=_batch_size(cfg),
             num_workers=_positive_int(cfg, "extraction.num_workers", minimum=0),
             device=device,
             save_interval=_positive_int(cfg, "extraction.save_interval"),

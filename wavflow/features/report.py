@@ -38,8 +38,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from wavflow.errors import CheckpointError, ManifestError, WavFlowError
-from wavflow.exit_codes import run_job
+from wavflow.errors import CheckpointError, ManifestError, RowsFailedError, WavFlowError
+from wavflow.exit_codes import JobArgumentParser, run_job
 from wavflow.io_utils import atomic_torch_save, safe_torch_load
 
 STREAMS = ("text_features", "clip_features", "sync_features")
@@ -243,21 +243,25 @@ def _flag(value: Any) -> bool:
     return str(value).strip() not in ("0", "false", "False", "")
 
 
+LISTED_UNREADABLE = 5  # unreadable feature files named in the report (all are counted)
+
+
 def analyse_csv(csv_path: Path, *, meta: pd.DataFrame | None = None, max_rows: int = 512, seed: int = 0,
                 encoder_identity: str = "unknown", progress: bool = True,
                 data_root: Path | None = None) -> tuple[dict[str, Any], FeatureStats]:
     """Read every feature file of a training CSV once: statistics over all rows, the report over
     at most `max_rows` rows (a seeded random subset)."""
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False)
-    if "features_path" not in df.columns or "id" not in df.columns:
-        raise ManifestError(f"CSV {csv_path} has no id/features_path columns: give a training CSV (extraction output)")
+    from wavflow.manifest import read_manifest
+
+    # read_manifest: a file that is not a CSV, or lacks the columns, is a ManifestError naming it
+    df = read_manifest(csv_path, ("id", "features_path"))
     extra = meta if meta is not None else df
     labels = dict(zip(extra["id"], extra["label"])) if "label" in extra.columns else None
     onsets = {i: _parse_onsets(o) for i, o in zip(extra["id"], extra["onsets"])} if "onsets" in extra.columns else None
     picked = set(np.random.default_rng(seed).permutation(len(df))[:max_rows].tolist())
     moments: dict[str, _Moments] = {}
     kept: dict[str, list[tuple[str, torch.Tensor]]] = {s: [] for s in STREAMS}
-    unreadable = 0
+    unreadable: list[tuple[str, str]] = []  # (id, why) of feature files that do not load
     rows = tqdm(df.itertuples(index=False), total=len(df), desc="feature report", disable=not progress, leave=False)
     for pos, row in enumerate(rows):
         path = Path(row.features_path)
@@ -265,11 +269,11 @@ def analyse_csv(csv_path: Path, *, meta: pd.DataFrame | None = None, max_rows: i
             path = data_root / path
         try:
             feats = safe_torch_load(path, what="features file")
-        except WavFlowError:
-            unreadable += 1
+        except WavFlowError as exc:
+            unreadable.append((str(row.id), str(exc)))
             continue
         if not isinstance(feats, Mapping):
-            unreadable += 1
+            unreadable.append((str(row.id), f"features file {path} holds a {type(feats).__name__}, not a dict"))
             continue
         video = _flag(getattr(row, "video_exist", "1"))
         text = _flag(getattr(row, "text_exist", "1"))
@@ -288,8 +292,13 @@ def analyse_csv(csv_path: Path, *, meta: pd.DataFrame | None = None, max_rows: i
             m.add(x)
             if pos in picked:
                 kept[name].append((str(row.id), x))
-    report: dict[str, Any] = {"csv": str(csv_path), "rows": len(df), "unreadable": unreadable,
+    report: dict[str, Any] = {"csv": str(csv_path), "rows": len(df), "unreadable": len(unreadable),
                               "max_rows": max_rows, "streams": {}, "warnings": []}
+    if unreadable:  # named, never only counted: the report of the other rows says nothing of them
+        first = "; ".join(f"{rid!r}: {why}" for rid, why in unreadable[:3])
+        report["unreadable_first"] = [list(item) for item in unreadable[:LISTED_UNREADABLE]]
+        report["warnings"].append(f"{len(unreadable)} of {len(df)} feature file(s) could not be read, "
+                                  f"left out of the report; first: {first}")
     for name in STREAMS:
         items = kept[name]
         if not items:
@@ -326,7 +335,11 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wavflow.features.report", description=__doc__.split("\n\n")[0])
+    return run_job("features.report", lambda: _report(_parse(argv)))
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = JobArgumentParser(prog="python -m wavflow.features.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", required=True, help="training CSV (extraction output)")
     parser.add_argument("--meta", help="optional CSV with id and label and/or onsets columns")
     parser.add_argument("--max-rows", type=int, default=512, help="clips the pairwise metrics use")
@@ -335,21 +348,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"also write {STATS_FILENAME} (for data.feature_norm) into the features' folder")
     parser.add_argument("--encoder-identity", default="unknown",
                         help="names the encoders in the statistics file (extraction records its own)")
-    args = parser.parse_args(argv)
-    return run_job("features.report", lambda: _report(args))
+    return parser.parse_args(argv)
 
 
 def _report(args: argparse.Namespace) -> int:
     for flag, path in (("--csv", args.csv), ("--meta", args.meta)):
+        if path and Path(path).is_dir():
+            raise ManifestError(f"{flag} {path} is a directory, not a CSV file")
         if path and not Path(path).is_file():
             raise ManifestError(f"{flag} {path}: no such file")
     meta = None
     if args.meta:
-        meta = pd.read_csv(args.meta, dtype=str, keep_default_na=False, na_filter=False)
-        if "id" not in meta.columns:
-            raise ManifestError(f"--meta CSV {args.meta} has no id column")
+        from wavflow.manifest import read_manifest
+
+        meta = read_manifest(args.meta, ("id",))
     report, stats = analyse_csv(Path(args.csv), meta=meta, max_rows=args.max_rows, progress=not args.json,
                                 encoder_identity=args.encoder_identity)
+    if report["rows"] and report["unreadable"] == report["rows"]:  # an empty report is no success
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+        first = report["unreadable_first"][0]
+        raise RowsFailedError(f"every feature file of {args.csv} failed to load ({report['rows']} row(s)); "
+                              f"first: {first[0]!r}: {first[1]}")
     if args.write_stats:
         folders = {Path(p).parent for p in pd.read_csv(args.csv, dtype=str)["features_path"]}
         if len(folders) != 1:

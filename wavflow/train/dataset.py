@@ -253,8 +253,10 @@ def select_rows(
     bad_reports = [r for r in reports if r.problems]
     if bad_reports:
         text = "\n".join(r.format(limit=10_000) for r in bad_reports)
-        if on_bad_row == "error":
-            raise ManifestError(f"training CSV check failed (data.on_bad_row=error):\n{text}")
+        if on_bad_row == "error":  # the first line (the job's last) names the first bad row
+            first = bad_reports[0]
+            raise ManifestError(
+                f"training CSV check failed (data.on_bad_row=error): {first.path} {first.problems[0]}\n{text}")
         _check_each_csv_kept_rows(rows, reports, feature_problems)
         failures = RowFailures()
         for report in bad_reports:

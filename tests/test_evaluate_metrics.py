@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wavflow.evaluate import metrics as M
 from wavflow.evaluate.run import ClipFeatures, group_metrics
@@ -42,6 +43,21 @@ def test_fd_equals_closed_form_on_known_gaussians() -> None:
     assert M.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_fd_closed_form_for_rotated_covariances_and_a_pure_shift() -> None:
+    # S1 = R diag(s1) R^T, S2 = R diag(s2) R^T share eigenvectors, so (S1 S2)^1/2 = R diag(sqrt(s1 s2)) R^T
+    # and FD = |dmu|^2 + sum (s1 + s2 - 2 sqrt(s1 s2)), with non-diagonal matrices on both sides.
+    rot, _ = np.linalg.qr(np.array([[1.0, 2.0, 0.0], [-1.0, 1.0, 3.0], [2.0, 0.0, 1.0]]))
+    s1, s2 = np.array([4.0, 1.0, 0.25]), np.array([1.0, 9.0, 1.0])
+    mu1, mu2 = np.array([1.0, -2.0, 0.5]), np.zeros(3)
+    x = _gaussian_samples(mu1, rot @ np.diag(s1) @ rot.T, 80, 4)
+    y = _gaussian_samples(mu2, rot @ np.diag(s2) @ rot.T, 120, 5)
+    # 5.25 + (4 + 1 - 4) + (1 + 9 - 6) + (0.25 + 1 - 1) = 10.5
+    assert M.frechet_distance(x, y) == pytest.approx(10.5, rel=1e-9)
+    assert M.frechet_distance(y, x) == pytest.approx(10.5, rel=1e-9)
+    # a shifted copy has the same covariance: FD = |shift|^2 = 1 + 4 + 0.25
+    assert M.frechet_distance(x, x + np.array([1.0, -2.0, 0.5])) == pytest.approx(5.25, rel=1e-9)
+
+
 def test_fd_needs_two_rows_and_equal_width() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         M.frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
@@ -67,6 +83,26 @@ def test_kl_is_reference_to_generated_softmax_and_sigmoid() -> None:
     assert M.kl_divergence(ref_logits, ref_logits)["softmax"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_kl_closed_forms_on_two_class_distributions() -> None:
+    # pair 1: p_ref = (1/2, 1/2), p_gen = (1/4, 3/4); pair 2: identical (KL 0), so the mean over
+    # pairs halves pair 1's value.
+    ref = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    gen = torch.tensor([[0.0, math.log(3.0)], [1.0, -1.0]], dtype=torch.float64)
+    kl = M.kl_divergence(gen, ref)
+    # softmax: (1/2 log((1/2)/(1/4)) + 1/2 log((1/2)/(3/4))) / 2 = log(4/3) / 4
+    # (the reverse direction would give (3/4 log(3/2) - 1/4 log 2) / 2)
+    assert kl["softmax"] == pytest.approx(math.log(4.0 / 3.0) / 4, rel=1e-12)
+    # sigmoid, positive-class terms only: s(ref) = (1/2, 1/2), s(gen) = (1/2, 3/4) on pair 1, so
+    # (0 + 1/2 log((1/2)/(3/4))) / 2 = log(2/3) / 4; with the negative-class terms it would be log(4/3) / 4
+    assert kl["sigmoid"] == pytest.approx(math.log(2.0 / 3.0) / 4, rel=1e-12)
+
+
+def test_kl_of_identical_predictions_is_zero() -> None:
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(1)) * 4
+    assert M.kl_divergence(logits, logits.clone()) == {"softmax": pytest.approx(0.0, abs=1e-12),
+                                                       "sigmoid": pytest.approx(0.0, abs=1e-12)}
+
+
 def test_inception_score_by_hand() -> None:
     # Two confident, different classes: p(y) = (1/2, 1/2) -> IS = exp(log 2) = 2 with one split.
     logits = torch.tensor([[50.0, 0.0], [0.0, 50.0]])
@@ -81,6 +117,19 @@ def test_inception_score_by_hand() -> None:
     assert M.inception_score(torch.tensor(np.log(p)), splits=1)["mean"] == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="splits"):
         M.inception_score(torch.zeros(3, 2), splits=4)
+
+
+def test_inception_score_is_k_for_one_hot_predictions_spread_evenly_over_k_classes() -> None:
+    k = 4
+    classes = torch.arange(k).repeat(3)  # 0 1 2 3 0 1 2 3 0 1 2 3
+    logits = F.one_hot(classes, k).double() * 60.0  # softmax one-hot to within e^-60
+    # p(y) uniform, each p(y|x) one-hot: E_x KL = log k, IS = k (and the result does not depend on order)
+    assert M.inception_score(logits, splits=1)["mean"] == pytest.approx(k, rel=1e-12)
+    # unshuffled, each of the 3 chunks holds every class once: k in every chunk
+    assert M.inception_score(logits, splits=3, shuffle=False) == {"mean": pytest.approx(k, rel=1e-12),
+                                                                  "std": pytest.approx(0.0, abs=1e-9)}
+    # all clips the same one-hot class: p(y|x) = p(y), IS = 1
+    assert M.inception_score(logits[classes == 2], splits=1)["mean"] == pytest.approx(1.0, rel=1e-12)
 
 
 def test_inception_score_splits_follow_the_seeded_shuffle() -> None:
@@ -124,8 +173,14 @@ def test_group_metrics_uses_only_the_group_and_reports_what_it_cannot_form() -> 
     values, skipped = group_metrics(["c0", "c1"], feats, ["KL_PANNs", "FD_PANNs", "IB_score", "DeSync"], is_splits=10,
                                     is_seed=2020)
     assert values["KL_PANNs"]["n"] == 2
-    assert values["KL_PANNs"]["value"] == pytest.approx(M.kl_divergence(gen[:2], ref[:2])["softmax"])
-    assert values["FD_PANNs"]["value"] == pytest.approx(M.frechet_distance(gen[:2].numpy(), ref[:2].numpy()))
+    # both pairs: softmax([a, b]) = (s(a - b), s(b - a)); ref (s(-1/2), s(1/2)), gen (s(-1), s(1))
+    # (mirrored in pair 2, same KL)
+    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    kl_pair = sig(0.5) * math.log(sig(0.5) / sig(1.0)) + sig(-0.5) * math.log(sig(-0.5) / sig(-1.0))
+    assert values["KL_PANNs"]["value"] == pytest.approx(kl_pair, rel=1e-9)
+    # gen rows (0, 1), (1, 0): mean (1/2, 1/2), covariance u u^T with u = (1, -1)/sqrt 2; ref rows
+    # (1/2, 1), (1, 1/2): mean (3/4, 3/4), covariance u u^T / 4. FD = 2/16 + (1 - 1/2)^2 = 0.375
+    assert values["FD_PANNs"]["value"] == pytest.approx(0.375, rel=1e-6)
     assert values["IB_score"] == {"value": pytest.approx(0.05), "n": 2}
     assert "DeSync" in skipped and "DeSync" not in values
     one, skipped_one = group_metrics(["c2"], feats, ["FD_PANNs", "IS_PANNs"], is_splits=10, is_seed=2020)

@@ -336,8 +336,11 @@ def test_robustness_judges_every_mode_of_every_variation_and_resumes(monkeypatch
 
     # a folder made with other settings is neither resumed nor reported
     calls["stages"].clear()
+    capsys.readouterr()
     assert lb.main(argv + ["bench.robustness.max_steps=700"]) == 2
-    assert "seed1 holds a robustness run made with other settings (max_steps)" in caplog.text
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("[wavflow.bench_learning] error: ")
+    assert "seed1 holds a robustness run made with other settings (max_steps)" in last
     assert calls["stages"] == []
 
 

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wavflow.config import format_override
 from wavflow.demo.pipeline import REPO_ROOT, loudness_overrides, run_stage, shared_overrides
-from wavflow.errors import WavFlowError
+from wavflow.errors import ConfigError, WavFlowError
 from wavflow.exit_codes import EXIT_OK, run_job
 from wavflow.io_utils import atomic_write_csv, atomic_write_text
 
@@ -212,7 +212,7 @@ def _mode_targets(targets: Any, metric: str, where: str = "bench.targets.general
     per_mode = {str(k): float(v) for k, v in (targets.get(metric) or {}).items()}
     unknown = sorted(set(per_mode) - set(MODES))
     if unknown:
-        raise WavFlowError(f"{where}.{metric}: unknown modes {unknown} (one of {list(MODES)})")
+        raise ConfigError(f"{where}.{metric}: unknown modes {unknown} (one of {list(MODES)})")
     return per_mode
 
 
@@ -352,26 +352,26 @@ def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
                 "sample_rate": int(cfg.data.target_sample_rate), "holdout_frac": float(rb.holdout_frac),
                 "no_caption_frac": float(rb.no_caption_frac), "no_video_frac": float(rb.no_video_frac)}
     if rb.model is not None and rb.model not in PRESETS:
-        raise WavFlowError(f"bench.robustness.model: {rb.model!r} is not a preset ({', '.join(sorted(PRESETS))})")
+        raise ConfigError(f"bench.robustness.model: {rb.model!r} is not a preset ({', '.join(sorted(PRESETS))})")
     out: list[RobustnessVariation] = []
     for i, item in enumerate(rb.variations):
         spec = dict(OmegaConf.to_container(item, resolve=True) if isinstance(item, DictConfig) else item)
         name = str(spec.pop("name", "") or "")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in {v.name for v in out}:
-            raise WavFlowError(f"{where}[{i}]: needs a name of its own made of letters, digits, '_', '-', '.' "
+            raise ConfigError(f"{where}[{i}]: needs a name of its own made of letters, digits, '_', '-', '.' "
                                f"(a folder name), got {name!r}")
         unknown = sorted(set(spec) - set(VARIATION_KEYS))
         if unknown:
-            raise WavFlowError(f"{where}[{i}] ({name}): unknown keys {unknown} (make_dataset keywords: "
+            raise ConfigError(f"{where}[{i}] ({name}): unknown keys {unknown} (make_dataset keywords: "
                                f"{', '.join(VARIATION_KEYS)})")
         dataset = {**defaults, **spec, "duration": float(spec.get("duration", defaults["duration"]))}
         try:
             _check_variation_dataset(dataset)
         except WavFlowError as exc:
-            raise WavFlowError(f"{where}[{i}] ({name}): {exc}") from None
+            raise ConfigError(f"{where}[{i}] ({name}): {exc}") from None
         out.append(RobustnessVariation(name, dataset, _variation_cfg(cfg, dataset["duration"])))
     if not out:
-        raise WavFlowError(f"{where} is empty: list the variations, or leave robustness out of bench.stages")
+        raise ConfigError(f"{where} is empty: list the variations, or leave robustness out of bench.stages")
     return out
 
 
@@ -383,11 +383,11 @@ def _check_variation_dataset(dataset: dict[str, Any]) -> None:
     _check_args(int(dataset["n"]), dataset["duration"], int(dataset["sample_rate"]), 25, 96,
                 float(dataset["holdout_frac"]), float(dataset["no_caption_frac"]), float(dataset["no_video_frac"]))
     if dataset["dataset"] not in DATASETS:
-        raise WavFlowError(f"dataset must be one of {list(DATASETS)}, got {dataset['dataset']!r}")
+        raise ConfigError(f"dataset must be one of {list(DATASETS)}, got {dataset['dataset']!r}")
     if dataset.get("classes") is not None:
         dataset["classes"] = _check_classes(dataset["classes"], dataset["dataset"])
     if dataset.get("caption_split", "shared") not in CAPTION_SPLITS:
-        raise WavFlowError(f"caption_split must be one of {list(CAPTION_SPLITS)}, got {dataset['caption_split']!r}")
+        raise ConfigError(f"caption_split must be one of {list(CAPTION_SPLITS)}, got {dataset['caption_split']!r}")
 
 
 def _check_variation_folder(root: Path, settings: dict[str, Any]) -> None:
@@ -398,7 +398,7 @@ def _check_variation_folder(root: Path, settings: dict[str, Any]) -> None:
         want = json.loads(json.dumps(settings))  # as JSON reads it back (tuples as lists)
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
-            raise WavFlowError(f"{root} holds a robustness run made with other settings ({', '.join(diff)}): "
+            raise ConfigError(f"{root} holds a robustness run made with other settings ({', '.join(diff)}): "
                                f"delete that folder or give the variation another name")
     else:
         atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
@@ -512,7 +512,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     runners = {"memorise": run_memorise, "generalise": run_generalise, "robustness": run_robustness}
     unknown = [stage for stage in cfg.bench.stages if stage not in runners]
     if unknown:  # before any stage runs
-        raise WavFlowError(f"bench.stages: unknown stage {unknown[0]!r} ({' | '.join(runners)})")
+        raise ConfigError(f"bench.stages: unknown stage {unknown[0]!r} ({' | '.join(runners)})")
     if "robustness" in cfg.bench.stages:
         robustness_variations(cfg)  # a typo in a variation fails now, not after the other stages
     for stage in cfg.bench.stages:

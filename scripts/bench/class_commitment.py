@@ -9,7 +9,7 @@ step, classifies the network's clean-audio prediction x̂(t) with the demo's cla
 classifier (wavflow/demo/metrics.py). Per t it prints the share of rows whose x̂(t) already has
 the class of the finished sample, and the share that has the right class. A model whose rows
 commit in the first few steps (small t, mostly noise) needs training times there: the
-learning benchmark found this for its data (docs/benchmarks.md, "Why the class was wrong").
+learning benchmark found this for its data (docs/benchmarks.md, "Findings behind the recipe").
 Needs `prediction_type: x` (the network's output is x̂) as every preset here uses.
 """
 

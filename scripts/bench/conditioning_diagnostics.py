@@ -1,5 +1,5 @@
 """How much does each condition steer a trained model? Measurements behind docs/benchmarks.md
-("Why a caption alone did not steer the sound").
+("Every mode on its own").
 
     python scripts/bench/conditioning_diagnostics.py --checkpoint RUN_DIR_OR_PTH --data DATA_DIR \
         --features-csv FEAT.csv [FEAT.csv ...] [--live] [--json OUT.json]

@@ -14,8 +14,8 @@ before they are mixed with real features). So AdamW's ~lr-per-element steps move
 in *every* dimension of what the network sees: in a typical dimension that is what learning
 them in raw units gives (the reference), and in a near-constant dimension it is no more. Learned
 in raw units, the steps were lr/std per dimension: tens of standard deviations after a few
-thousand steps where std is 1e-3, and the network overflowed (docs/benchmarks.md, root cause of
-the learning benchmark's NaN). Checkpoints written before this (no `empty_token_format` key)
+thousand steps where std is 1e-3, and the network overflowed (docs/benchmarks.md, "Findings
+behind the recipe"). Checkpoints written before this (no `empty_token_format` key)
 are converted on load by `migrate_empty_tokens`.
 """
 

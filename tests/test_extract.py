@@ -339,6 +339,8 @@ def test_audio_that_does_not_decode_is_a_failed_row_and_breaks_the_policy(
     # the same failures within a looser policy: exit 0, the same outputs
     rc = extract.main(["--config", f"extract_{mode}.yaml", *overrides(tmp_path, ds, mode, "data.max_failed_fraction=0.8")])
     assert rc == 0 and read_out_csv(out / "train.csv")["id"].tolist() == ["clip0"]
+    log = (out / "pth" / f"extract_{mode}_rank0.log").read_text()  # the end of the job names them too
+    assert "3 row(s) failed (data.max_failed_fraction=0.8): 'clip1': audio skipped: " in log
 
 
 @pytest.mark.parametrize("override", ["data.max_failed_fraction=1.0", "data.max_failed_fraction=-0.1",

@@ -180,6 +180,9 @@ def test_mixed_csvs_train_in_one_run_and_read_failures_are_skipped(tmp_path):
     (vt_root / "audio" / "v2a_1.wav").write_bytes(b"garbage")  # breaks after the up-front check
     result = trainer.train()
     assert result.global_step == 3 and result.skipped_rows == 1
+    log = (result.exp_dir / "training.log").read_text()  # per epoch and at the end: the count and the row
+    assert "1 row(s) failed at read time this epoch and were skipped: 'v2a_1': AudioError" in log
+    assert "1 row read(s) failed in this run, within data.max_failed_fraction=0.2 per epoch: 'v2a_1'" in log
     ckpt = safe_torch_load(result.exp_dir / "checkpoint_latest.pth")
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 3
     assert list((result.exp_dir / "samples" / "epoch_1").glob("gen_rank0_id_*.wav"))

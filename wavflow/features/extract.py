@@ -412,6 +412,10 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                 "Summary: done=%d skipped=%d failed=%d -> %d CSV rows in %s; errors in %s",
                 done, skipped, failed, merged.rows, paths.csv_path, paths.errors_log,
             )
+            if failed:
+                first = RowFailures(count=failed, first=list(first_errors(paths.errors_log, LISTED)))
+                logger.warning("%d row(s) failed (data.max_failed_fraction=%g): %s", failed,
+                               settings.max_failed_fraction, first.examples())
         # Wait for rank 0's merge: a rank leaving with code 1 makes torchrun stop the others.
         barrier(info)
         return ExtractResult(done, skipped, failed, done + skipped, paths.csv_path, paths.errors_log,

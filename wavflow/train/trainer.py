@@ -74,7 +74,6 @@ from wavflow.train.step import (
 )
 
 
-
 @dataclass
 class TrainResult:
     exp_dir: Path
@@ -97,10 +96,8 @@ class Trainer:
         self.exp_dir = Path(str(tr.output_dir)).expanduser().absolute() / str(tr.experiment_id)
         self.logger = setup_logging(self.exp_dir, self.is_main, self.rank)
         self.speed = SpeedOptions.from_config(tr, "training")
-        self.autocast_factory = functools.partial(
-            autocast_context, self.device, str(tr.precision), attention_backend=self.speed.attention_backend,
-            key="training.precision",
-        )
+        self.autocast_factory = functools.partial(autocast_context, self.device, str(tr.precision),
+                                                  attention_backend=self.speed.attention_backend, key="training.precision")
         self.seed = int(tr.seed)
         self.accum = int(tr.grad_accum_steps)
         cpu_warning = cpu_reference_preset_warning(str(cfg.model.name), self.device)
@@ -114,9 +111,8 @@ class Trainer:
         if self.is_main:
             warn_if_audio_short(rows, float(cfg.data.audio_duration))
         self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))
-        self.sampler = DistributedSampler(
-            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, drop_last=False, seed=0
-        )
+        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                          drop_last=False, seed=0)
 
         self.model = self._build_network(rows, resuming)
         self.optimizer = build_optimizer(self.model, tr, self.speed, self.device)
@@ -147,7 +143,7 @@ class Trainer:
             self._log_start(len(rows))
         self.signals = StopSignals()
         self.last_batch: dict[str, Any] | None = None
-        self.skipped_rows = 0
+        self.run_failures = RowFailures()  # read failures of this run (all ranks, all epochs)
         self.row_limit = max_failed_fraction(cfg.data.max_failed_fraction)
         self.nonfinite_in_a_row = 0  # optimiser steps skipped for a non-finite gradient norm
 
@@ -309,10 +305,8 @@ class Trainer:
     # ------------------------------------------------------------------------------ step
     def draw_noise(self, x1: torch.Tensor) -> StepNoise:
         s = self.cfg.sampling
-        return draw_step_noise(
-            self.generator, x1, mean=float(s.mean), scale=float(s.scale), noise_scale=float(s.noise_scale),
-            uniform_frac=float(s.uniform_frac),
-        )
+        return draw_step_noise(self.generator, x1, mean=float(s.mean), scale=float(s.scale),
+                               noise_scale=float(s.noise_scale), uniform_frac=float(s.uniform_frac))
 
     def _dummy_batch(self) -> dict[str, Any]:
         """One zero row standing in for an all-failed batch, so every rank still runs the same
@@ -481,10 +475,14 @@ class Trainer:
                 weights_in_sync(self.info, self.model, self.logger)
                 total = int(time.time() - start)
                 self.logger.info("Training completed. Total time: %s", str(timedelta(seconds=total)))
+            if self.run_failures.count and self.is_main:
+                self.logger.warning(
+                    "%d row read(s) failed in this run, within data.max_failed_fraction=%g per epoch: %s",
+                    self.run_failures.count, self.row_limit, self.run_failures.examples())
         finally:
             self.signals.restore()
             self.tb.close()
-        return TrainResult(self.exp_dir, self.epoch, self.global_step, stopped, self.skipped_rows)
+        return TrainResult(self.exp_dir, self.epoch, self.global_step, stopped, self.run_failures.count)
 
     def _train_epoch(self, epochs: int) -> bool:
         """Train the rest of the current epoch; True when a stop was requested."""
@@ -545,7 +543,7 @@ class Trainer:
     def _count_failed(self, failures: RowFailures) -> None:
         """End of an epoch (or a stop): log how many rows failed to read, and which."""
         merged = gather_failures(self.info, failures)
-        self.skipped_rows += merged.count
+        self.run_failures.merge(merged)
         if merged.count and self.is_main:
             self.logger.warning("%d row(s) failed at read time this epoch and were skipped: %s",
                                 merged.count, merged.examples())

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from wavflow import generator as generator_mod
+from wavflow import runtime
 from wavflow.config import load_config
 
 
@@ -26,10 +27,13 @@ def test_generator_on_cuda_scopes_tf32_to_its_calls(monkeypatch):
         monkeypatch.setattr(generator_mod, "resolve_device", lambda device: torch.device("cuda"))
         generator_mod.WavFlowGenerator(_StubModel(), load_config("infer.yaml"), device="cuda")
         assert _tf32_flags() == (False, False)  # creating a generator changes nothing
-        with generator_mod.tf32_scope(torch.device("cuda")):
-            assert _tf32_flags() == (True, True)  # its calls run with TF32, like the reference
+        # its calls run with TF32, like the reference: fp32 here, so no autocast needs a GPU
+        with runtime.autocast_context(torch.device("cuda"), "fp32", tf32=True):
+            assert _tf32_flags() == (True, True)
         assert _tf32_flags() == (False, False)
-        with generator_mod.tf32_scope(torch.device("cpu")):
+        with runtime.autocast_context(torch.device("cuda"), "fp32"):  # training keeps the process's flags
+            assert _tf32_flags() == (False, False)
+        with runtime.tf32_scope(torch.device("cpu")):
             assert _tf32_flags() == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

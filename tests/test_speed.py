@@ -14,7 +14,7 @@ from tests.test_train_common import make_config, make_dataset
 from wavflow.errors import ConfigError
 from wavflow.model import build_model
 from wavflow.model.layers import ChannelLastConv1d, conv1d_channel_last_as_matmul
-from wavflow.speed import SpeedOptions, make_adamw, resolve_optimizer_impl, sdpa_context, set_conv_impl
+from wavflow.speed import SpeedOptions, make_adamw, resolve_optimizer_impl, sdpa_context, set_attention_impl, set_conv_impl
 from wavflow.train.ema import ParamEMA
 from wavflow.train.trainer import Trainer
 
@@ -103,14 +103,17 @@ def test_attention_backend_matmul_routes_the_network_through_matmul_attention(mo
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(3, 12, 200, generator=g), torch.randn(3, 8, 32, generator=g),
               torch.randn(3, 16, 24, generator=g), torch.randn(3, 8, 32, generator=g), torch.rand(3, generator=g))
+    other = copy.deepcopy(model)  # a second model in the same process keeps its own choice
     with torch.no_grad():
         want = model(*inputs)
         assert not calls
-        with sdpa_context("matmul"):
-            got = model(*inputs)
+        assert set_attention_impl(model, "matmul") > 0
+        got = model(*inputs)
         n = len(calls)
         assert n > 0
-        model(*inputs)  # the context is left: SDPA again
+        torch.testing.assert_close(other(*inputs), want, rtol=0, atol=0)  # SDPA, bit for bit
+        set_attention_impl(model, "flash")  # any SDPA backend: SDPA again
+        model(*inputs)
     assert len(calls) == n
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 

@@ -31,8 +31,9 @@ from torch import Tensor
 from wavflow.config import copy_config, explicit_keys, is_explicit, load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.io_utils import safe_torch_load
+from wavflow.runtime import autocast_context, resolve_device
 from wavflow.shapes import latent_seq_len, target_num_samples, video_seq_lens
-from wavflow.speed import SpeedOptions, maybe_compile, sdpa_context, set_conv_impl
+from wavflow.speed import SpeedOptions, maybe_compile, sdpa_context, set_attention_impl, set_conv_impl
 
 log = logging.getLogger("wavflow.generator")
 
@@ -69,49 +70,6 @@ _MISSING = object()
 def row_seed(seed: int, row_id: str) -> int:
     """A stable 32-bit seed for one item from the run seed and the item's id (zlib.crc32)."""
     return zlib.crc32(f"{int(seed)}/{row_id}".encode("utf-8"))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"inference.device={device!r} but CUDA is not available on this machine")
-    return dev
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """What `autocast_context` will run: 'bf16' or 'fp32' (for the start-up log)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"inference.precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-@contextlib.contextmanager
-def tf32_scope(device: torch.device) -> Iterator[None]:
-    """TF32 matmul / cuDNN on CUDA (as the reference runs) for the duration of one call only;
-    the caller's process-wide flags are restored afterwards."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast anywhere; fp32: none. On CUDA
-    also TF32, scoped to the call (`tf32_scope`)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(tf32_scope(device))
-    if effective_precision(device, precision) != "fp32":
-        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    return stack
 
 
 def _config_from_checkpoint(ckpt: Mapping[str, Any]) -> Optional[DictConfig]:
@@ -270,6 +228,7 @@ class WavFlowGenerator:
         # inference.{conv_impl,attention_backend,compile} (wavflow/speed.py)
         self.speed = SpeedOptions.from_config(OmegaConf.select(cfg, "inference", default=None) or {}, "inference")
         set_conv_impl(self.model, self.speed.conv_impl)
+        set_attention_impl(self.model, self.speed.attention_backend)
         self._flow = _FlowPredictor(self.model, self.speed.compile)
         self.last_model_calls = 0  # network calls of the last generate_batch (the sampler's cost)
 
@@ -463,7 +422,7 @@ class WavFlowGenerator:
         self.check_video_lengths()
         frames = decode_video(path, self.duration)
         enc = self.encoders(need_video=True)
-        with autocast_context(self.device, self.precision):
+        with autocast_context(self.device, self.precision, tf32=True):
             clip = enc.encode_clip_frames(frames.clip.unsqueeze(0).to(self.device))[0]
             sync = enc.encode_sync(sync_segments(frames.sync).unsqueeze(0).to(self.device))[0]
         where = f"features of video {path}"
@@ -472,7 +431,7 @@ class WavFlowGenerator:
     @torch.inference_mode()
     def encode_text(self, caption: str) -> Tensor:
         enc = self.encoders(need_video=self._encoders_have_video)
-        with autocast_context(self.device, self.precision):
+        with autocast_context(self.device, self.precision, tf32=True):
             feat = enc.encode_text([caption])[0]
         return self._expect("text_features", feat.float(), f"text features of caption {caption!r}")
 
@@ -556,7 +515,7 @@ class WavFlowGenerator:
 
         x0 = self.initial_noise(seeds, noise_scale)
         clip, sync, text = self._stack_conditions(items)
-        with autocast_context(self.device, self.precision), sdpa_context(self.speed.attention_backend):
+        with autocast_context(self.device, self.precision, tf32=True), sdpa_context(self.speed.attention_backend):
             cond = self.model.preprocess_conditions(clip, sync, text)
             empty = self.model.get_empty_conditions(len(items))
             guided = cfg_denoiser(self._flow, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)

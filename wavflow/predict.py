@@ -285,7 +285,8 @@ def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> N
 
 def run(cfg: DictConfig, generator=None) -> RunResult:
     """Run the job on a loaded config; `generator` may be passed in (tests, notebooks)."""
-    from wavflow.generator import WavFlowGenerator, effective_precision, resolve_device, row_seed
+    from wavflow.generator import WavFlowGenerator, row_seed
+    from wavflow.runtime import effective_precision, resolve_device
     from wavflow.io_utils import atomic_write_csv
 
     check_infer_config(cfg)

@@ -93,14 +93,27 @@ def set_conv_impl(model: nn.Module, impl: str) -> int:
     return count
 
 
+def set_attention_impl(model: nn.Module, backend: str) -> int:
+    """Route every attention block of `model` through two GEMMs (`backend` "matmul") or SDPA
+    (any other backend, whose kernel sdpa_context picks); returns how many blocks were set. A
+    model attribute, not a global: two models in one process keep their own choice."""
+    from wavflow.model.layers import JointBlock, MMDitSingleBlock
+
+    impl = "matmul" if backend == "matmul" else "sdpa"
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (JointBlock, MMDitSingleBlock)):
+            module.attention_impl = impl
+            count += 1
+    return count
+
+
 def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
     """A context that restricts scaled_dot_product_attention to `backend` (auto: no restriction)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend {backend!r} is not one of {ATTENTION_BACKENDS}")
-    if backend == "auto":
+    if backend in ("auto", "matmul"):  # matmul is not SDPA: a model attribute (set_attention_impl)
         return contextlib.nullcontext()
-    if backend == "matmul":
-        return _matmul_attention()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     which = {
@@ -110,18 +123,6 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
         "cudnn": SDPBackend.CUDNN_ATTENTION,
     }[backend]
     return sdpa_kernel([which])
-
-
-@contextlib.contextmanager
-def _matmul_attention() -> Iterator[None]:
-    from wavflow.model import layers
-
-    before = layers.ATTENTION_IMPL[0]
-    layers.ATTENTION_IMPL[0] = "matmul"
-    try:
-        yield
-    finally:
-        layers.ATTENTION_IMPL[0] = before
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wavflow.exit_codes import JobArgumentParser, run_job
+from wavflow.runtime import resolve_device
 from wavflow.errors import ConfigError, RowsFailedError, WavFlowError, WeightsError
 
 log = logging.getLogger("wavflow.evaluate")
@@ -55,14 +56,6 @@ def _metric_names() -> tuple[str, ...]:
     from wavflow.evaluate.run import ALL_METRICS
 
     return ALL_METRICS
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"evaluation.device={name} but CUDA is not available")
-    return torch.device(name)
 
 
 def _synchformer_config(arch: Mapping[str, Any] | None):
@@ -128,7 +121,7 @@ def run(args: argparse.Namespace, cfg: DictConfig) -> int:
             f"{len(pairing.missing_reference)} generated id(s) are not in {args.reference}"
         )
     wanted = list(cfg.metrics.enabled)
-    device = resolve_device(cfg.evaluation.device)
+    device = resolve_device(str(cfg.evaluation.device), key="evaluation.device")
     nets, missing_nets = load_networks(cfg, {METRIC_NETWORK[m] for m in wanted}, device)
     not_computed = {m: missing_nets[METRIC_NETWORK[m]] for m in wanted if METRIC_NETWORK[m] in missing_nets}
     computable = [m for m in wanted if m not in not_computed]

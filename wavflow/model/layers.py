@@ -156,8 +156,9 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 # How `attention` runs: "sdpa" (reference: F.scaled_dot_product_attention, whose backend
 # wavflow.speed.sdpa_context picks) or "matmul" (two batched GEMMs in the input precision around
-# a float32 softmax). Set only through wavflow.speed.sdpa_context("matmul").
-ATTENTION_IMPL = ["sdpa"]
+# a float32 softmax). Each attention block holds its own choice (`attention_impl`), set for a
+# whole model by wavflow.speed.set_attention_impl.
+ATTENTION_IMPLS = ("sdpa", "matmul")
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -171,9 +172,9 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.matmul(weights, v)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked SDPA on (B, H, L, 64) -> (B, L, H*64) with channel h*64 + j."""
-    if ATTENTION_IMPL[0] == "matmul":
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+    """Unmasked attention on (B, H, L, 64) -> (B, L, H*64) with channel h*64 + j, by `impl`."""
+    if impl == "matmul":
         out = matmul_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
@@ -214,6 +215,8 @@ Modulation = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torc
 
 class MMDitSingleBlock(nn.Module):
     """One adaLN transformer stream (docs/method.md §2.6); pre_only keeps only norm1 + attention inputs."""
+
+    attention_impl = "sdpa"  # ATTENTION_IMPLS; wavflow.speed.set_attention_impl
 
     def __init__(
         self,
@@ -264,11 +267,13 @@ class MMDitSingleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rot: Optional[torch.Tensor]) -> torch.Tensor:
         qkv, mod = self.pre_attention(x, cond, rot)
-        return self.post_attention(x, attention(*qkv), mod)
+        return self.post_attention(x, attention(*qkv, impl=self.attention_impl), mod)
 
 
 class JointBlock(nn.Module):
     """MM-DiT joint attention over [latent, clip, text] (docs/method.md §2.7)."""
+
+    attention_impl = "sdpa"  # ATTENTION_IMPLS; wavflow.speed.set_attention_impl
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, pre_only: bool = False) -> None:
         super().__init__()
@@ -292,7 +297,7 @@ class JointBlock(nn.Module):
         t_qkv, t_mod = self.text_block.pre_attention(text_f, global_c, None)
         n_latent, n_clip = latent.shape[1], clip_f.shape[1]
         joint = [torch.cat([x_qkv[i], c_qkv[i], t_qkv[i]], dim=2) for i in range(3)]
-        out = attention(*joint)
+        out = attention(*joint, impl=self.attention_impl)
         latent = self.latent_block.post_attention(latent, out[:, :n_latent], x_mod)
         if not self.pre_only:
             clip_f = self.clip_block.post_attention(clip_f, out[:, n_latent : n_latent + n_clip], c_mod)

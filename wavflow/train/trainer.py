@@ -42,7 +42,7 @@ from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.row_policy import RowFailures, check_rows, max_failed_fraction, policy_broken
 from wavflow.runtime import autocast_context
-from wavflow.speed import SpeedOptions, set_conv_impl, with_kernel_flags_of
+from wavflow.speed import SpeedOptions, set_attention_impl, set_conv_impl, with_kernel_flags_of
 from wavflow.train.checkpointing import (
     CHECKPOINT_FORMAT,
     LATEST_NAME,
@@ -170,6 +170,7 @@ class Trainer:
             # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
         model.train()
         set_conv_impl(model, self.speed.conv_impl)
+        set_attention_impl(model, self.speed.attention_backend)
         return model
 
     def _wrap_for_ddp(self) -> nn.Module:

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import av
 import numpy as np
@@ -203,6 +203,45 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.vide
     return container.streams.video[0]
 
 
+@dataclass
+class _Decoded:
+    streams: list[_FpsStream] | None = None  # None: no frame was decoded
+    rotation: int = 0
+    stored_size: tuple[int, int] = (0, 0)
+    last_end: float | None = None  # end time (pts + duration) of the last decoded frame
+
+
+def _decode_frames(container: Any, stream: Any, path: Path, source_fps: float | None,
+                   make_streams: Callable[[int], list[_FpsStream]]) -> _Decoded:
+    """Feed the video's frames to the fps streams `make_streams(rotation)` builds at the first
+    frame, until every stream is full or the video ends."""
+    out = _Decoded()
+    time_base = stream.time_base or Fraction(1, 1000)
+    synth_pts = 0  # for the rare stream without timestamps
+    try:
+        for frame in container.decode(stream):
+            if out.streams is None:
+                # ffmpeg attaches the stream's display matrix to every decoded frame.
+                out.rotation = _normalise_rotation(getattr(frame, "rotation", 0))
+                out.stored_size = (frame.width, frame.height)
+                out.streams = make_streams(out.rotation)
+            if frame.pts is None:
+                step = int(round(1 / (float(time_base) * (source_fps or 25.0))))
+                frame.pts = synth_pts
+                synth_pts += max(step, 1)
+            frame.time_base = time_base
+            out.last_end = float((frame.pts + (frame.duration or 0)) * time_base)
+            for s in out.streams:
+                s.push(frame, time_base)
+            if all(s.full for s in out.streams):
+                break
+        for s in out.streams or ():
+            s.finish()
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"video file {path} could not be decoded ({type(exc).__name__}: {exc})") from exc
+    return out
+
+
 def decode_video(
     path: str | os.PathLike,
     duration_sec: float = 8.0,
@@ -226,48 +265,21 @@ def decode_video(
     if n_clip <= 0 or n_sync <= 0:
         raise VideoError(f"duration_sec={duration_sec} asks for no frames (decoding {path})")
 
+    def make_streams(rotation: int) -> list[_FpsStream]:
+        return [
+            _FpsStream(clip_fps, n_clip, lambda x: clip_transform(x, clip_size), rotation),
+            _FpsStream(sync_fps, n_sync, lambda x: sync_transform(x, sync_size), rotation),
+        ]
+
     container = _open_input(path)
     try:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate) if stream.average_rate else None
-        time_base = stream.time_base or Fraction(1, 1000)
-
-        streams: list[_FpsStream] | None = None
-        rotation = 0
-        stored_size = (0, 0)
-        last_end: float | None = None  # end time (pts + duration) of the last decoded frame
-        synth_pts = 0  # for the rare stream without timestamps
-        try:
-            for frame in container.decode(stream):
-                if streams is None:
-                    # ffmpeg attaches the stream's display matrix to every decoded frame.
-                    rotation = _normalise_rotation(getattr(frame, "rotation", 0))
-                    stored_size = (frame.width, frame.height)
-                    streams = [
-                        _FpsStream(clip_fps, n_clip, lambda x: clip_transform(x, clip_size), rotation),
-                        _FpsStream(sync_fps, n_sync, lambda x: sync_transform(x, sync_size), rotation),
-                    ]
-                if frame.pts is None:
-                    step = int(round(1 / (float(time_base) * (source_fps or 25.0))))
-                    frame.pts = synth_pts
-                    synth_pts += max(step, 1)
-                frame.time_base = time_base
-                end_pts = frame.pts + (frame.duration or 0)
-                last_end = float(end_pts * time_base)
-                for s in streams:
-                    s.push(frame, time_base)
-                if all(s.full for s in streams):
-                    break
-            if streams is not None:
-                for s in streams:
-                    s.finish()
-        except av.error.FFmpegError as exc:
-            raise VideoError(
-                f"video file {path} could not be decoded ({type(exc).__name__}: {exc})"
-            ) from exc
+        decoded = _decode_frames(container, stream, path, source_fps, make_streams)
     finally:
         container.close()
+    streams, rotation, stored_size, last_end = decoded.streams, decoded.rotation, decoded.stored_size, decoded.last_end
 
     if streams is None:
         raise VideoError(f"video file {path} has no decodable video frames")

@@ -117,35 +117,43 @@ def _resume_curve(root: Path) -> tuple[list[dict], float, float]:
 
 
 # ------------------------------------------------------------------------------ memorise
-def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
-    """4 clips with 4 distinct classes and captions, learned by heart."""
+def _memorise_clips(cfg: DictConfig, data: Path) -> list[Any]:
+    """The first four clips of distinct classes of a 12-clip set, their training CSV (VT2A) and
+    their evaluation CSV (each clip with video + caption, as trained, and caption only)."""
     from wavflow.demo.make_dataset import make_dataset
-    from wavflow.demo.metrics import nearest_reference, noise_baseline
 
-    st = cfg.bench.memorise
-    logs = root / "logs"
-    data = root / "data"
     info = make_dataset(data, n=12, seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
                         sample_rate=int(cfg.data.target_sample_rate), no_caption_frac=0.0, no_video_frac=0.0,
                         progress=False, dataset=str(cfg.bench.dataset))
     chosen, labels = [], set()
-    for clip in info.clips:  # the first four clips of distinct classes
+    for clip in info.clips:
         if clip.label not in labels:
             chosen.append(clip)
             labels.add(clip.label)
         if len(chosen) == 4:
             break
-    ids = [c.id for c in chosen]
-    atomic_write_csv(pd.DataFrame({"id": ids, "audio_path": [c.audio_path for c in chosen],
+    atomic_write_csv(pd.DataFrame({"id": [c.id for c in chosen], "audio_path": [c.audio_path for c in chosen],
                                    "video_path": [c.video_path for c in chosen],
                                    "caption": [c.description for c in chosen]}), data / "memorise_vt2a.csv")
     eval_rows = []
-    for c in chosen:  # same conditioning as training (video + caption), and caption only
+    for c in chosen:
         eval_rows.append({"id": f"{c.id}__vt2a", "video_path": c.video_path, "caption": c.description,
                           "video_exist": 1, "text_exist": 1})
         eval_rows.append({"id": f"{c.id}__t2a", "video_path": "", "caption": c.description,
                           "video_exist": 0, "text_exist": 1})
     atomic_write_csv(pd.DataFrame(eval_rows), data / "memorise_eval.csv")
+    return chosen
+
+
+def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
+    """4 clips with 4 distinct classes and captions, learned by heart."""
+    from wavflow.demo.metrics import nearest_reference, noise_baseline
+
+    st = cfg.bench.memorise
+    logs = root / "logs"
+    data = root / "data"
+    chosen = _memorise_clips(cfg, data)
+    ids = [c.id for c in chosen]
     feats = _extract(cfg, "vt2a", data / "memorise_vt2a.csv", data, root / "features", logs)
 
     ref_wavs = [data / c.audio_path for c in chosen]

@@ -181,6 +181,9 @@ def check_demo_config(cfg: DictConfig) -> None:
 
 
 def run_demo(cfg: DictConfig) -> DemoResult:
+    """The whole demo, each stage resumable: data set, features, training, prediction on the
+    held-out clips, metrics and figure (README, "The demo")."""
+    from wavflow.demo.figures import plot_real_vs_generated
     from wavflow.demo.make_dataset import make_dataset
     from wavflow.demo.metrics import evaluate
 
@@ -190,44 +193,57 @@ def run_demo(cfg: DictConfig) -> DemoResult:
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     _check_reuse(cfg, paths.root)
-    logs = paths.root / "logs"
-    nproc = int(cfg.demo.nproc)
-    shared = shared_overrides(cfg)
+    logs, nproc, shared = paths.root / "logs", int(cfg.demo.nproc), shared_overrides(cfg)
     timings: dict[str, float] = {}
 
-    # 1. data set
-    events = paths.data / "events.json"
     start = time.time()
-    if not events.is_file():
+    if not (paths.data / "events.json").is_file():
         print(f"=== [data] making {cfg.demo.n} {cfg.demo.dataset} clips in {paths.data}", flush=True)
         make_dataset(paths.data, n=int(cfg.demo.n), seed=int(cfg.demo.seed), duration=float(cfg.data.audio_duration),
                      sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(cfg.demo.holdout_frac),
                      no_caption_frac=float(cfg.demo.v2a_frac), no_video_frac=float(cfg.demo.t2a_frac),
                      dataset=str(cfg.demo.dataset))
     timings["data"] = time.time() - start
+    train_csvs = _extract_features(cfg, paths, shared, nproc, logs, timings)
+    timings["train"] = run_stage("train", "train_single_node.sh", _train_overrides(cfg, paths, shared, train_csvs),
+                                 nproc, logs)
+    timings["predict"] = run_stage("predict", "predict.sh", _predict_overrides(cfg, paths, shared), 1, logs)
 
-    # 2. features: VT2A rows (with video) and T2A rows (caption only), each its own extraction
+    start = time.time()
+    metrics, table = evaluate(paths.predict, paths.data, out_dir=paths.metrics)
+    timings["metrics"] = time.time() - start
+    plot_real_vs_generated(paths.data, paths.predict, paths.figure, max_clips=int(cfg.demo.figure_clips))
+    atomic_write_text(paths.root / "timings.json", json.dumps(timings, indent=1) + "\n")
+    return DemoResult(paths=paths, metrics=metrics, table=table, timings=timings)
+
+
+def _extract_features(cfg: DictConfig, paths: DemoPaths, shared: list[str], nproc: int, logs: Path,
+                      timings: dict[str, float]) -> list[Path]:
+    """VT2A rows (with video) and T2A rows (caption only), each its own extraction; returns the
+    training CSVs that have rows."""
     train_csvs = []
     for mode in ("vt2a", "t2a"):
         in_csv = paths.data / f"train_{mode}.csv"
         out_csv = paths.features / f"train_{mode}_features.csv"
+        if not _has_rows(in_csv):
+            continue
         train_csvs.append(out_csv)
-        if _has_rows(in_csv):
-            overrides = shared + [
-                f"data.csv_path={in_csv}",
-                f"data.data_root={paths.data}",
-                f"output.pth_dir={paths.features / mode}",
-                f"output.csv_path={out_csv}",
-                f"extraction.duration_sec={cfg.data.audio_duration}",
-                "extraction.num_workers=0",
-            ]
-            timings[f"extract_{mode}"] = run_stage(f"extract_{mode}", f"extract_{mode}.sh", overrides, nproc, logs)
-        else:
-            train_csvs.pop()
+        overrides = shared + [
+            f"data.csv_path={in_csv}",
+            f"data.data_root={paths.data}",
+            f"output.pth_dir={paths.features / mode}",
+            f"output.csv_path={out_csv}",
+            f"extraction.duration_sec={cfg.data.audio_duration}",
+            "extraction.num_workers=0",
+        ]
+        timings[f"extract_{mode}"] = run_stage(f"extract_{mode}", f"extract_{mode}.sh", overrides, nproc, logs)
+    return train_csvs
 
-    # 3. training (resumes from checkpoint_latest.pth if an earlier demo run stopped)
+
+def _train_overrides(cfg: DictConfig, paths: DemoPaths, shared: list[str], train_csvs: list[Path]) -> list[str]:
+    """The demo's training run (it resumes from checkpoint_latest.pth if an earlier demo stopped)."""
     t = cfg.demo.train
-    overrides = shared + [
+    return shared + [
         format_override("data.train_csv", [str(p) for p in train_csvs]),  # quoted: paths may hold ',' or ' #'
         f"training.output_dir={paths.train}",
         "training.experiment_id=demo",
@@ -247,10 +263,11 @@ def run_demo(cfg: DictConfig) -> DemoResult:
         "training.ema_checkpoint_save_epoch=0",
         "eval.num_steps=10",
     ]
-    timings["train"] = run_stage("train", "train_single_node.sh", overrides, nproc, logs)
 
-    # 4. prediction on the held-out clips (VT2A, T2A and V2A rows) with mp4 muxing
-    overrides = shared + [
+
+def _predict_overrides(cfg: DictConfig, paths: DemoPaths, shared: list[str]) -> list[str]:
+    """Prediction on the held-out clips (VT2A, T2A and V2A rows) with mp4 muxing."""
+    return shared + [
         f"data.csv_path={paths.data / 'holdout_infer.csv'}",
         f"data.data_root={paths.data}",
         f"model.ckpt_path={paths.checkpoint}",
@@ -262,17 +279,6 @@ def run_demo(cfg: DictConfig) -> DemoResult:
         "output.overwrite=true",
         *loudness_overrides(cfg.demo.predict.loudness_target_lufs, paths.data),
     ]
-    timings["predict"] = run_stage("predict", "predict.sh", overrides, 1, logs)
-
-    # 5. metrics and figure
-    start = time.time()
-    metrics, table = evaluate(paths.predict, paths.data, out_dir=paths.metrics)
-    timings["metrics"] = time.time() - start
-    from wavflow.demo.figures import plot_real_vs_generated
-
-    plot_real_vs_generated(paths.data, paths.predict, paths.figure, max_clips=int(cfg.demo.figure_clips))
-    atomic_write_text(paths.root / "timings.json", json.dumps(timings, indent=1) + "\n")
-    return DemoResult(paths=paths, metrics=metrics, table=table, timings=timings)
 
 
 @functools.lru_cache(maxsize=8)  # the benchmark predicts many times from one data set

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from wavflow.errors import WavFlowError
 from wavflow.evaluate import metrics as M
-from wavflow.evaluate.pairing import MODES, Pair, Pairing
+from wavflow.evaluate.pairing import MODES, Pairing
 
 log = logging.getLogger("wavflow.evaluate")
 

@@ -227,7 +227,7 @@ def test_robustness_variations_make_their_data_sets_and_forward_their_shapes(mon
         held = Counter(m for s, m in zip(split, modes) if s == "holdout")
         assert min(held[m] for m in ("VT2A", "T2A", "V2A")) >= 12, held
 
-    scripts = ["extract_vt2a.sh", "extract_t2a.sh", "train_single_node.sh", "predict.sh"]
+    scripts = ["extract_vt2a", "extract_t2a", "train", "predict"]
     for name in made:
         mine = [(script, _words(words)) for var, script, words in calls["stages"] if var == name]
         assert [script for script, _ in mine] == scripts

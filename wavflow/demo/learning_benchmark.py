@@ -57,7 +57,7 @@ def _git_revision() -> str:
 
 def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Path, logs: Path) -> Path:
     out_csv = out / f"train_{mode}_features.csv"
-    run_stage(f"extract_{mode}", f"extract_{mode}.sh", shared_overrides(cfg) + [
+    run_stage(f"extract_{mode}", f"extract_{mode}", shared_overrides(cfg) + [
         f"data.csv_path={in_csv}", f"data.data_root={data_root}", f"output.pth_dir={out / mode}",
         f"output.csv_path={out_csv}", f"extraction.duration_sec={cfg.data.audio_duration}",
         "extraction.num_workers=0"], int(cfg.bench.nproc), logs)
@@ -67,7 +67,7 @@ def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Pat
 def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], out: Path, step: int,
               logs: Path) -> float:
     b = cfg.bench
-    return run_stage(f"train_to_{step}", "train_single_node.sh", shared_overrides(cfg) + [
+    return run_stage(f"train_to_{step}", "train", shared_overrides(cfg) + [
         format_override("data.train_csv", [str(p) for p in train_csvs]),
         f"training.output_dir={out}", "training.experiment_id=run",
         f"training.max_steps={step}", "training.epochs=1000000",
@@ -100,7 +100,7 @@ def _predict(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, ckpt:
           else ["output.loudness_norm=true"])]
     replaced = {w.split("=", 1)[0] for w in extra}
     words = [w for w in words if w.split("=", 1)[0] not in replaced] + list(extra)
-    return run_stage(f"predict_{tag}", "predict.sh", words, 1, logs)
+    return run_stage(f"predict_{tag}", "predict", words, 1, logs)
 
 
 def _resume_curve(root: Path) -> tuple[list[dict], float, float]:

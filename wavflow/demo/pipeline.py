@@ -28,7 +28,6 @@ from wavflow.io_utils import atomic_write_text
 
 log = logging.getLogger("wavflow.demo")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_DIR = REPO_ROOT / "scripts" / "launch"
 # Keys every stage shares with the demo config.
 # Keys of the demo / benchmark config forwarded to every launcher: the data shapes and encoders
 # every stage must agree on, the feature normalisation the trainer applies (and records in the
@@ -108,18 +107,40 @@ def shared_overrides(cfg: DictConfig) -> list[str]:
     return out
 
 
-def run_stage(name: str, script: str, overrides: Sequence[str], nproc: int, log_dir: Path) -> float:
-    """Run `scripts/launch/<script>` with overrides; its output goes to the console and a log file."""
-    cmd = ["bash", str(LAUNCH_DIR / script), *overrides]
-    env = dict(os.environ, NPROC_PER_NODE=str(nproc), WAVFLOW_PYTHON=sys.executable)
+# The job behind each stage, run as its launcher in scripts/launch/ runs it (`python -m`, under
+# the torchrun guard where the launcher uses torchrun) but without the shell: an installed
+# package runs the demo and the learning benchmark without a checkout.
+# job -> (module, config file in configs/, fixed words, under torchrun)
+STAGE_JOBS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
+    "extract_vt2a": ("wavflow.features.extract", "extract_vt2a.yaml", ("extraction.mode=vt2a",), True),
+    "extract_t2a": ("wavflow.features.extract", "extract_t2a.yaml", ("extraction.mode=t2a",), True),
+    "train": ("wavflow.train", "train.yaml", (), True),
+    "predict": ("wavflow.predict", "infer.yaml", (), False),
+}
+
+
+def stage_command(job: str, overrides: Sequence[str], nproc: int) -> list[str]:
+    """The command line of `job` (a STAGE_JOBS key) with `overrides`, on `nproc` processes."""
+    from wavflow.config import CONFIG_DIR
+
+    module, config, fixed, distributed = STAGE_JOBS[job]
+    launch = ["-m", "wavflow.torchrun_guard", "--standalone", f"--nproc_per_node={nproc}"] if distributed else []
+    return [sys.executable, *launch, "-m", module, "--config", str(CONFIG_DIR / config), *fixed, *overrides]
+
+
+def run_stage(name: str, job: str, overrides: Sequence[str], nproc: int, log_dir: Path) -> float:
+    """Run `job` (a STAGE_JOBS key) with overrides; its output goes to the console and a log file."""
+    cmd = stage_command(job, overrides, nproc)
+    env = {k: v for k, v in os.environ.items() if k != "CONFIG_PATH"}  # --config names the job's own file
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    package_root = str(Path(__file__).resolve().parents[2])  # wavflow importable by the stage's processes
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     print(f"\n=== [{name}] {' '.join(cmd)}", flush=True)
     start = time.time()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=str(REPO_ROOT))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -205,9 +226,9 @@ def run_demo(cfg: DictConfig) -> DemoResult:
                      dataset=str(cfg.demo.dataset))
     timings["data"] = time.time() - start
     train_csvs = _extract_features(cfg, paths, shared, nproc, logs, timings)
-    timings["train"] = run_stage("train", "train_single_node.sh", _train_overrides(cfg, paths, shared, train_csvs),
+    timings["train"] = run_stage("train", "train", _train_overrides(cfg, paths, shared, train_csvs),
                                  nproc, logs)
-    timings["predict"] = run_stage("predict", "predict.sh", _predict_overrides(cfg, paths, shared), 1, logs)
+    timings["predict"] = run_stage("predict", "predict", _predict_overrides(cfg, paths, shared), 1, logs)
 
     start = time.time()
     metrics, table = evaluate(paths.predict, paths.data, out_dir=paths.metrics)
@@ -236,7 +257,7 @@ def _extract_features(cfg: DictConfig, paths: DemoPaths, shared: list[str], npro
             f"extraction.duration_sec={cfg.data.audio_duration}",
             "extraction.num_workers=0",
         ]
-        timings[f"extract_{mode}"] = run_stage(f"extract_{mode}", f"extract_{mode}.sh", overrides, nproc, logs)
+        timings[f"extract_{mode}"] = run_stage(f"extract_{mode}", f"extract_{mode}", overrides, nproc, logs)
     return train_csvs
 
 

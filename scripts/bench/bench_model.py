@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -49,7 +48,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -61,9 +60,13 @@ from wavflow.model import PRESETS  # noqa: E402
 from wavflow.shapes import latent_seq_len, video_seq_lens  # noqa: E402
 from wavflow.speed import SpeedOptions  # noqa: E402
 
+if TYPE_CHECKING:
+    from wavflow.train.trainer import Trainer
+
 PHASES = ("train_step", "forward", "sampling", "data")
 MAIN = "main"
 FAST = "fast"
+SAMPLE_RATE = 16000  # the synthetic data set's rate; train_config sets data.target_sample_rate to it
 DEFAULT_FAST = "optimizer_impl=fused,ema_impl=foreach,conv_impl=matmul,attention_backend=auto,compile=false"
 
 
@@ -288,7 +291,7 @@ def train_config(args: argparse.Namespace, csv: Path, out: Path, device: torch.d
 
     shapes = condition_shapes(args.preset, args.duration)
     ov = [
-        f"model.name={args.preset}", f"data.audio_duration={args.duration}", "data.target_sample_rate=16000",
+        f"model.name={args.preset}", f"data.audio_duration={args.duration}", f"data.target_sample_rate={SAMPLE_RATE}",
         *[f"data.{k}={v}" for k, v in shapes.items()],
         f"data.train_csv={csv}", f"training.output_dir={out}", f"training.experiment_id={tag}",
         f"training.device={device.type}", f"training.batch_size={args.batch}", f"training.precision={args.dtype}",
@@ -349,9 +352,29 @@ class Runner:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from wavflow.train.dataset import collate_train
-    from wavflow.train.trainer import Trainer
+    """Every requested phase, the variants interleaved, between two measurements of the dense
+    matmul rate (the better of the two is the run's yardstick)."""
+    device = select_device(args)
+    variants = {MAIN: SpeedOptions.reference(), FAST: args.fast_options}
+    variants = {k: v for k, v in variants.items() if k in args.variants}
+    results = run_header(args, device, variants)
+    mm = dense_matmul_rates(device)
+    runner = Runner(args, device)
+    raw = run_phases(args, device, runner, variants, results)
+    # dense matmul again at the end: report the better of the two (the machine's yardstick)
+    end = dense_matmul_rates(device)
+    mm = {k: max(mm[k], end[k]) for k in mm}
+    results["dense_matmul_flops_per_s"] = mm[args.dtype]
+    results["dense_matmul_flops_per_s_by_dtype"] = mm
+    results["load_average_end"] = _load_average()
+    _fill_phases(results, raw, mm, args)
+    if runner.profiles:
+        results["profiles"] = runner.profiles
+    return results
 
+
+def select_device(args: argparse.Namespace) -> torch.device:
+    """--threads applied; --device resolved (auto: CUDA when present), TF32 matmuls on CUDA."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -359,120 +382,149 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    variants = {MAIN: SpeedOptions.reference(), FAST: args.fast_options}
-    variants = {k: v for k, v in variants.items() if k in args.variants}
-    sr = 16000
-    n = latent_seq_len(sr, args.duration, PRESETS[args.preset].latent_dim)
-    results: dict[str, Any] = {
-        "preset": args.preset, "batch": args.batch, "duration_s": args.duration, "sample_rate": sr,
+    return device
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def run_header(args: argparse.Namespace, device: torch.device,
+               variants: dict[str, SpeedOptions]) -> dict[str, Any]:
+    """The run's setting (shapes, machine, load, variants) and empty per-phase tables."""
+    n = latent_seq_len(SAMPLE_RATE, args.duration, PRESETS[args.preset].latent_dim)
+    return {
+        "preset": args.preset, "batch": args.batch, "duration_s": args.duration, "sample_rate": SAMPLE_RATE,
         "latent_seq_len": n, "dtype": args.dtype, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": _load_average(),
         "variants": {k: v.__dict__ for k, v in variants.items()},
         "phases": {}, "main": {},
     }
-    mm = {"fp32": dense_matmul_flops_per_s(device, torch.float32), "bf16": dense_matmul_flops_per_s(device, torch.bfloat16)}
-    runner = Runner(args, device)
-    raw: dict[str, dict[str, dict[str, Any]]] = {}
 
+
+def dense_matmul_rates(device: torch.device) -> dict[str, float]:
+    """The dense matmul rate per training precision, fp32 first."""
+    return {"fp32": dense_matmul_flops_per_s(device, torch.float32),
+            "bf16": dense_matmul_flops_per_s(device, torch.bfloat16)}
+
+
+def run_phases(args: argparse.Namespace, device: torch.device, runner: Runner, variants: dict[str, SpeedOptions],
+               results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The raw numbers per phase and variant, on trainers over a synthetic data set that lives in
+    a temporary folder for the phases' duration; `results` gains params (and sampling_setup)."""
+    from wavflow.train.dataset import collate_train
+
+    raw: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="wavflow_bench_") as tmp:
-        root = Path(tmp)
-        shapes = condition_shapes(args.preset, args.duration)
-        csv = write_dataset(root / "data", max(2 * args.batch, 16), sr, args.duration, shapes)
-        trainers: dict[str, Trainer] = {}
-        for v, opts in variants.items():
-            trainers[v] = Trainer(train_config(args, csv, root / "out", device, opts, v))
-            perturb(trainers[v].model, 1)
-            trainers[v].ema1.reset_to(trainers[v].model)
-            trainers[v].ema2.reset_to(trainers[v].model)
+        trainers = build_trainers(args, Path(tmp), device, variants)
         any_tr = next(iter(trainers.values()))
         results["params"] = sum(p.numel() for p in any_tr.model.parameters())
         batch = collate_train([any_tr.dataset[i] for i in range(args.batch)])
         compiled = {v: o.compile for v, o in variants.items()}
-
         if "train_step" in args.phases:
-            step_flops = _train_step_flops(any_tr, batch)
-            calls = {v: (lambda tr=tr: tr.optimizer_update([batch], lr_epoch=0.0)) for v, tr in trainers.items()}
-            raw["train_step"] = runner.measure("train_step", calls, compiled)
-            for v in raw["train_step"]:
-                raw["train_step"][v]["flops"] = step_flops
-            if MAIN in trainers and FAST in trainers:  # same start, same noise: how far apart after the steps?
-                diffs = [(a - b).abs().max().item() for a, b in zip(trainers[MAIN].model.parameters(), trainers[FAST].model.parameters())]
-                raw["train_step"][FAST]["max_param_diff_vs_main"] = max(diffs)
-                raw["train_step"][FAST]["steps_compared"] = trainers[FAST].global_step
-
+            raw["train_step"] = _train_step_phase(runner, trainers, batch, compiled)
         if "forward" in args.phases:
-            fwd_flops = 0
-
-            def forward_call(tr: Trainer) -> Callable[[], Any]:
-                dev = tr.device
-                x = batch["audio_tokens"].to(dev)
-                conds = [batch[k].to(dev) for k in ("clip_features", "sync_features", "text_features")]
-                t = torch.rand(x.shape[0], device=dev)
-
-                def run() -> Any:
-                    with torch.inference_mode(), tr.autocast_factory():
-                        return tr.forward_model(x, *conds, t)
-                return run
-
-            calls = {v: forward_call(tr) for v, tr in trainers.items()}
-            for tr in trainers.values():
-                tr.model.eval()
-            with torch.no_grad(), any_tr.autocast_factory():
-                x = batch["audio_tokens"].to(device)
-                conds = [batch[k].to(device) for k in ("clip_features", "sync_features", "text_features")]
-                fwd_flops = count_flops(lambda: any_tr.model(x, *conds, torch.rand(x.shape[0], device=device)))
-            raw["forward"] = runner.measure("forward", calls, compiled)
-            for tr in trainers.values():
-                tr.model.train()
-            for v in raw["forward"]:
-                raw["forward"][v]["flops"] = fwd_flops
-
+            raw["forward"] = _forward_phase(runner, trainers, batch, compiled, device)
         if "data" in args.phases:
-            raw["data"] = {}
-            tr = any_tr
-            loader_batches = args.data_batches
-
-            # One loader over --data-batches batches (the data set repeated as needed): the time to
-            # its first batch is the start-up every epoch pays (workers start, prefetch fills), the
-            # rest is the steady rate a long epoch sees. Timing only a short epoch mixes the two.
-            order = [i % len(tr.dataset) for i in range(loader_batches * args.batch)]
-
-            def load() -> tuple[float, float, int]:
-                start = time.perf_counter()
-                first, rows = 0.0, 0
-                for i, b in enumerate(tr._epoch_loader(0, sampler=order)):
-                    if i == 0:
-                        first = time.perf_counter() - start
-                    else:
-                        rows += len(b.get("id", []))
-                return first, time.perf_counter() - start - first, rows
-
-            load()  # warm file caches and workers' imports
-            runs = [load() for _ in range(max(1, min(args.repeats, 3)))]
-            startup = statistics.median(r[0] for r in runs)
-            steady = statistics.median(r[1] for r in runs)
-            rows = runs[0][2]
-            raw["data"]["loader"] = {
-                "seconds": steady, "samples_per_s": rows / steady if rows else float("nan"), "rows": rows,
-                "startup_seconds": startup, "batches": loader_batches, "workers": args.workers,
-                "flops": 0, "peak_memory_bytes": 0}
-
+            raw["data"] = {"loader": _data_phase(args, any_tr)}
         if "sampling" in args.phases:
             raw.update(_sampling(args, device, runner, trainers, variants, compiled, results))
+    return raw
 
-        for v, tr in trainers.items():
-            del tr
-    # dense matmul again at the end: report the better of the two (the machine's yardstick)
-    mm = {k: max(mm[k], dense_matmul_flops_per_s(device, dt)) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    results["dense_matmul_flops_per_s"] = mm[args.dtype]
-    results["dense_matmul_flops_per_s_by_dtype"] = mm
-    results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    _fill_phases(results, raw, mm, args)
-    if runner.profiles:
-        results["profiles"] = runner.profiles
-    return results
+
+def build_trainers(args: argparse.Namespace, root: Path, device: torch.device,
+                   variants: dict[str, SpeedOptions]) -> dict[str, Trainer]:
+    """One trainer per variant over one synthetic data set written under `root`, all from the
+    same perturbed weights (EMAs reset to them) so their steps can be compared."""
+    from wavflow.train.trainer import Trainer
+
+    shapes = condition_shapes(args.preset, args.duration)
+    csv = write_dataset(root / "data", max(2 * args.batch, 16), SAMPLE_RATE, args.duration, shapes)
+    trainers: dict[str, Trainer] = {}
+    for v, opts in variants.items():
+        trainers[v] = Trainer(train_config(args, csv, root / "out", device, opts, v))
+        perturb(trainers[v].model, 1)
+        trainers[v].ema1.reset_to(trainers[v].model)
+        trainers[v].ema2.reset_to(trainers[v].model)
+    return trainers
+
+
+def _train_step_phase(runner: Runner, trainers: dict[str, Trainer], batch: dict[str, Any],
+                      compiled: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """`Trainer.optimizer_update` per variant; with both variants, how far their weights drift."""
+    step_flops = _train_step_flops(next(iter(trainers.values())), batch)
+    calls = {v: (lambda tr=tr: tr.optimizer_update([batch], lr_epoch=0.0)) for v, tr in trainers.items()}
+    measured = runner.measure("train_step", calls, compiled)
+    for v in measured:
+        measured[v]["flops"] = step_flops
+    if MAIN in trainers and FAST in trainers:  # same start, same noise: how far apart after the steps?
+        diffs = [(a - b).abs().max().item() for a, b in zip(trainers[MAIN].model.parameters(), trainers[FAST].model.parameters())]
+        measured[FAST]["max_param_diff_vs_main"] = max(diffs)
+        measured[FAST]["steps_compared"] = trainers[FAST].global_step
+    return measured
+
+
+def _forward_call(tr: Trainer, batch: dict[str, Any]) -> Callable[[], Any]:
+    """One network forward under the trainer's autocast, in inference mode, on fixed inputs."""
+    dev = tr.device
+    x = batch["audio_tokens"].to(dev)
+    conds = [batch[k].to(dev) for k in ("clip_features", "sync_features", "text_features")]
+    t = torch.rand(x.shape[0], device=dev)
+
+    def run() -> Any:
+        with torch.inference_mode(), tr.autocast_factory():
+            return tr.forward_model(x, *conds, t)
+    return run
+
+
+def _forward_phase(runner: Runner, trainers: dict[str, Trainer], batch: dict[str, Any],
+                   compiled: dict[str, bool], device: torch.device) -> dict[str, dict[str, Any]]:
+    """`_forward_call` per variant, the models in eval mode for the phase only."""
+    any_tr = next(iter(trainers.values()))
+    calls = {v: _forward_call(tr, batch) for v, tr in trainers.items()}
+    for tr in trainers.values():
+        tr.model.eval()
+    with torch.no_grad(), any_tr.autocast_factory():
+        x = batch["audio_tokens"].to(device)
+        conds = [batch[k].to(device) for k in ("clip_features", "sync_features", "text_features")]
+        fwd_flops = count_flops(lambda: any_tr.model(x, *conds, torch.rand(x.shape[0], device=device)))
+    measured = runner.measure("forward", calls, compiled)
+    for tr in trainers.values():
+        tr.model.train()
+    for v in measured:
+        measured[v]["flops"] = fwd_flops
+    return measured
+
+
+def _data_phase(args: argparse.Namespace, tr: Trainer) -> dict[str, Any]:
+    """The trainer's own DataLoader: start-up (to the first batch) apart from the steady rate."""
+    loader_batches = args.data_batches
+
+    # One loader over --data-batches batches (the data set repeated as needed): the time to
+    # its first batch is the start-up every epoch pays (workers start, prefetch fills), the
+    # rest is the steady rate a long epoch sees. Timing only a short epoch mixes the two.
+    order = [i % len(tr.dataset) for i in range(loader_batches * args.batch)]
+
+    def load() -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first, rows = 0.0, 0
+        for i, b in enumerate(tr._epoch_loader(0, sampler=order)):
+            if i == 0:
+                first = time.perf_counter() - start
+            else:
+                rows += len(b.get("id", []))
+        return first, time.perf_counter() - start - first, rows
+
+    load()  # warm file caches and workers' imports
+    runs = [load() for _ in range(max(1, min(args.repeats, 3)))]
+    startup = statistics.median(r[0] for r in runs)
+    steady = statistics.median(r[1] for r in runs)
+    rows = runs[0][2]
+    return {"seconds": steady, "samples_per_s": rows / steady if rows else float("nan"), "rows": rows,
+            "startup_seconds": startup, "batches": loader_batches, "workers": args.workers,
+            "flops": 0, "peak_memory_bytes": 0}
 
 
 def _train_step_flops(tr: Any, batch: dict[str, Any]) -> int:
@@ -649,7 +701,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # warns that it cannot use its fused kernel, which is expected here.
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     if args.write_dataset is not None:
-        csv = write_dataset(args.write_dataset, max(2 * args.batch, 16), 16000, args.duration,
+        csv = write_dataset(args.write_dataset, max(2 * args.batch, 16), SAMPLE_RATE, args.duration,
                             condition_shapes(args.preset, args.duration))
         print(csv)
         return {"csv": str(csv)}

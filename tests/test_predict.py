@@ -19,7 +19,8 @@ from wavflow.config import apply_overrides, copy_config, explicit_keys, load_con
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.generator import ConditionFeatures, WavFlowGenerator, row_seed
 from wavflow.model import build_model_from_config
-from wavflow.predict import InferRow, unique_names, write_outputs
+from wavflow.infer_rows import InferRow, unique_names
+from wavflow.predict import write_outputs
 
 SR, DUR, STEPS = 16000, 1.0, 4
 # 1 s of video: 8 CLIP frames, (25-16)//8+1 = 2 Synchformer segments x 8 = 16 tokens.
@@ -493,7 +494,7 @@ def test_header_only_csv_is_an_error_and_device_is_logged(tmp_path, caplog, caps
 def test_rows_without_id_or_video_are_named_and_seeded_by_position(tmp_path):
     """The documented exception (README, "Each row's starting noise"): such a row's name, and so
     its seed, is its position; moving it in the CSV changes its audio."""
-    from wavflow.predict import read_rows
+    from wavflow.infer_rows import read_rows
 
     header = "video_path,caption,video_exist,text_exist\n"
     a, b = ",rain on a roof,0,1\n", ",a dog barks,0,1\n"

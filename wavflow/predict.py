@@ -33,124 +33,28 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
+from wavflow.audio import loudness_normalize, write_wav
+from wavflow.config import load_config, parse_cli
+from wavflow.errors import ConfigError, RowsFailedError, WavFlowError
 from wavflow.exit_codes import EXIT_OK, run_job
+from wavflow.generator import WavFlowGenerator, row_seed
+from wavflow.infer_rows import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InferRow, read_rows
+from wavflow.io_utils import atomic_write_csv, path_inside
+from wavflow.model.flow import SAMPLING_METHODS
 from wavflow.row_policy import RowFailures
-from wavflow.errors import ConfigError, ManifestError, RowsFailedError, WavFlowError
+from wavflow.runtime import effective_precision, resolve_device
+from wavflow.video import mux_audio
 
 log = logging.getLogger("wavflow.predict")
 
 SUMMARY_COLUMNS = ("id", "status", "seconds", "model_calls", "wav_path", "mp4_path", "reason")
-STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped_exists"
 CLASH_SUFFIX = "_wavflow"  # output stem suffix when <name>.wav/.mp4 would overwrite an input
 NO_VIDEO_FILE_REASON = "no video file (video features from features_path): mp4 not written"
 _GPU_LIST = re.compile(r"\d+(,\d+)*")
-
-
-@dataclass
-class InferRow:
-    """One CSV row after parsing; `video` / `caption` None select the learned empty tokens."""
-
-    index: int
-    name: str  # unique, file-system safe output stem
-    video: Optional[Path]
-    caption: Optional[str]
-    features_path: Optional[Path]
-    wants_video: bool = False  # video_exist=1: video conditions (from `video` or `features_path`)
-    output_stem: str = ""  # file stem of the outputs when it differs from `name` (input clash)
-    status: str = ""
-    seconds: float = 0.0
-    model_calls: int = 0  # network calls of the sampler for this row's batch
-    wav_path: str = ""
-    mp4_path: str = ""
-    reason: str = ""
-
-    @property
-    def has_video(self) -> bool:
-        return self.video is not None or self.wants_video
-
-    @property
-    def stem(self) -> str:
-        return self.output_stem or self.name
-
-    @property
-    def kind(self) -> str:
-        key = (self.has_video, self.caption is not None)
-        return {(True, True): "VT2A", (False, True): "T2A", (True, False): "V2A"}.get(key, "unconditional")
-
-    def fail(self, reason: str) -> None:
-        self.status, self.reason = STATUS_FAILED, reason
-        log.warning("row %d (%s) failed: %s", self.index, self.name, reason)
-
-
-# ----------------------------------------------------------------------------- rows
-
-
-def _raw_name(row: pd.Series, idx: int) -> str:
-    """id, else the video stem, else row_<idx:05d> (docs/method.md §5)."""
-    rid = str(row.get("id", "")).strip()
-    if rid and rid.lower() != "nan":
-        return rid
-    video = str(row.get("video_path", "")).strip()
-    if video:
-        return Path(video).stem
-    return f"row_{idx:05d}"
-
-
-def unique_names(raw: Sequence[str]) -> list[str]:
-    """Sanitise and de-duplicate output stems: 'a', 'a' -> 'a', 'a_1' (never overwrite)."""
-    from wavflow.io_utils import sanitize_filename
-
-    wanted = [sanitize_filename(r, fallback="row") for r in raw]
-    reserved, taken, out = set(wanted), set(), []
-    for stem in wanted:
-        name, k = stem, 0
-        while name in taken or (k > 0 and name in reserved):
-            k += 1
-            name = f"{stem}_{k}"
-        taken.add(name)
-        out.append(name)
-    return out
-
-
-def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[InferRow]:
-    """Parse the inference CSV; rows with bad flags or a missing video_path are pre-failed."""
-    from wavflow.manifest import INFER_COLUMNS, parse_flag, read_manifest, resolve_path
-
-    df = read_manifest(csv_path, INFER_COLUMNS, optional=("id", "features_path"))
-    if df.empty:
-        raise ManifestError(f"CSV {csv_path} has a header but no rows: nothing to predict")
-    names = unique_names([_raw_name(row, i) for i, (_, row) in enumerate(df.iterrows())])
-    rows = []
-    for i, ((_, rec), name) in enumerate(zip(df.iterrows(), names)):
-        problems = []
-        flags = {}
-        for col in ("video_exist", "text_exist"):
-            flags[col] = parse_flag(str(rec[col]))
-            if flags[col] is None:
-                problems.append(f"{col}={rec[col]!r} is not 0 or 1")
-        video_str, caption = str(rec["video_path"]).strip(), str(rec["caption"])
-        feats = str(rec["features_path"]).strip()
-        video = resolve_path(video_str, data_root) if flags["video_exist"] and video_str else None
-        if flags["video_exist"] and not video_str and not feats:
-            problems.append("video_exist=1 but video_path and features_path are empty")
-        row = InferRow(
-            index=i,
-            name=name,
-            video=video,
-            caption=caption if flags["text_exist"] else None,
-            features_path=resolve_path(feats, data_root) if feats else None,
-            wants_video=bool(flags["video_exist"]),
-        )
-        if problems:
-            row.fail("; ".join(problems))
-        elif row.video is not None and not row.video.is_file() and row.features_path is None:
-            row.fail(f"video not found: {row.video}")
-        elif row.features_path is not None and not row.features_path.is_file():
-            row.fail(f"features_path not found: {row.features_path}")
-        rows.append(row)
-    return rows
 
 
 # ----------------------------------------------------------------------------- inputs vs outputs
@@ -202,7 +106,6 @@ def assign_output_stems(rows: Sequence[InferRow], out_dir: Path, inputs: set) ->
 
 def check_infer_config(cfg: DictConfig) -> None:
     """Job-level checks (ConfigError naming the key)."""
-    from wavflow.model.flow import SAMPLING_METHODS
 
     for key in ("data.csv_path", "model.ckpt_path", "output.output_dir"):
         parts = key.split(".")
@@ -252,7 +155,6 @@ class RunResult:
 
 
 def _output_paths(out_dir: Path, row: InferRow, mux: bool) -> tuple[Path, Optional[Path]]:
-    from wavflow.io_utils import path_inside
 
     wav = out_dir / f"{row.stem}.wav"
     has_video = row.video is not None and row.video.is_file()
@@ -265,8 +167,6 @@ def _output_paths(out_dir: Path, row: InferRow, mux: bool) -> tuple[Path, Option
 
 def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> None:
     """Loudness-normalise (after trimming), write <name>.wav and, with a video, <name>.mp4."""
-    from wavflow.audio import loudness_normalize, write_wav
-
     wav_path, mp4_path = _output_paths(out_dir, row, bool(cfg.output.mux_video))
     if cfg.output.loudness_norm:
         wave, lufs = loudness_normalize(wave, gen.sample_rate, float(cfg.output.loudness_target_lufs))
@@ -275,8 +175,6 @@ def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> N
     write_wav(wav_path, wave, gen.sample_rate)
     row.wav_path = str(wav_path)
     if mp4_path is not None:
-        from wavflow.video import mux_audio
-
         mux_audio(row.video, wave, gen.sample_rate, mp4_path)
         row.mp4_path = str(mp4_path)
     elif cfg.output.mux_video and row.has_video:
@@ -285,9 +183,6 @@ def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> N
 
 def run(cfg: DictConfig, generator=None) -> RunResult:
     """Run the job on a loaded config; `generator` may be passed in (tests, notebooks)."""
-    from wavflow.generator import WavFlowGenerator, row_seed
-    from wavflow.runtime import effective_precision, resolve_device
-    from wavflow.io_utils import atomic_write_csv
 
     check_infer_config(cfg)
     device = generator.device if generator is not None else resolve_device(str(cfg.inference.device))
@@ -352,7 +247,6 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
 
 
 def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, row_seed) -> None:
-    from tqdm import tqdm
 
     seed, bs = int(cfg.inference.seed), int(cfg.inference.batch_size)
     if any(r.has_video for r in pending):
@@ -438,9 +332,7 @@ def _pop_gpu(argv: list[str]) -> tuple[list[str], Optional[str]]:
 
 def require_gpu(gpu: str, cfg: DictConfig) -> None:
     """The user asked for a GPU: restrict CUDA to it, and fail rather than fall back to CPU."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch initialises CUDA
-    import torch
-
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch initialises CUDA (on first use, not at import)
     if not torch.cuda.is_available():
         raise ConfigError(
             f"--gpu {gpu} (or GPU={gpu}) was given but CUDA is not available on this machine "
@@ -458,7 +350,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _predict(args: list[str]) -> int:
     args, gpu = _pop_gpu(args)
-    from wavflow.config import load_config, parse_cli
 
     path, overrides = parse_cli(args, "infer.yaml")
     cfg = load_config(path, overrides, job="infer")

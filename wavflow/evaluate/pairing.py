@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wavflow.errors import ManifestError
+from wavflow.infer_rows import read_rows
 
 MODES = ("VT2A", "T2A", "V2A")
 
@@ -99,8 +100,6 @@ def _reference(csv_path: Path, data_root: str | None) -> dict[str, tuple[Path, P
 
 def _modes(infer_csv: Path, data_root: str | None) -> dict[str, tuple[str, Path | None, str | None]]:
     """id -> (mode, video, caption) as the predict job named and read the rows."""
-    from wavflow.predict import read_rows
-
     rows = read_rows(infer_csv, data_root or str(infer_csv.parent))
     return {r.name: (r.kind, r.video, r.caption) for r in rows}
 

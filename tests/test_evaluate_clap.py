@@ -3,7 +3,6 @@ format, the Hugging Face cache it reads roberta-base from (here a small one, wri
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -81,8 +81,8 @@ def test_predict_extra_words_replace_the_benchmark_value_of_their_key(monkeypatc
     monkeypatch.setattr(lb, "run_stage", lambda name, script, words, nproc, logs: seen.append(list(words)) or 1.0)
     cfg = load_config(REPO / "configs/bench_learning.yaml", job="bench_learning")
     args = (cfg, "generalise", tmp_path / "h.csv", tmp_path, tmp_path / "c.pth", tmp_path / "o", tmp_path, "t")
-    lb._predict(*args, use_ema=True)
-    lb._predict(*args, use_ema=True, extra=["sampling.num_steps=12", "inference.cfg=1.5", "inference.precision=bf16"])
+    lb.predict_stage(*args, use_ema=True)
+    lb.predict_stage(*args, use_ema=True, extra=["sampling.num_steps=12", "inference.cfg=1.5", "inference.precision=bf16"])
     plain, changed = ({w.split("=", 1)[0]: w.split("=", 1)[1] for w in words} for words in seen)
     assert plain["sampling.num_steps"] == "25" and plain["inference.cfg"] == "1.0"
     assert changed["sampling.num_steps"] == "12" and changed["inference.cfg"] == "1.5"

@@ -268,7 +268,7 @@ def test_cfg_one_is_conditional_and_batched_cfg_equals_two_pass(gen):
     seeds = [3, 4]
     x0 = gen.initial_noise(seeds)
     assert torch.equal(x0[1], torch.randn(N, 200, generator=torch.Generator().manual_seed(4)))
-    conds = gen._stack_conditions(items)
+    conds = gen.stack_conditions(items)
     with torch.inference_mode():
         cond_only = _reference_euler(gen.model, x0, conds, 1.0, STEPS)
         two_pass = _reference_euler(gen.model, x0, conds, 4.5, STEPS)

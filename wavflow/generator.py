@@ -346,7 +346,7 @@ class WavFlowGenerator:
         rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return (torch.stack(rows) * scale).to(self.device)
 
-    def _stack_conditions(self, items: Sequence[ConditionFeatures]) -> tuple[Tensor, Tensor, Tensor]:
+    def stack_conditions(self, items: Sequence[ConditionFeatures]) -> tuple[Tensor, Tensor, Tensor]:
         m = self.model
         clip = [f.clip.to(self.device) if f.clip is not None else m.empty_clip_sequence(1)[0] for f in items]
         sync = [f.sync.to(self.device) if f.sync is not None else m.empty_sync_sequence(1)[0] for f in items]
@@ -388,7 +388,7 @@ class WavFlowGenerator:
         trim = bool(icfg.get("trim_to_duration", True) if trim is None else trim)
 
         x0 = self.initial_noise(seeds, noise_scale)
-        clip, sync, text = self._stack_conditions(items)
+        clip, sync, text = self.stack_conditions(items)
         with autocast_context(self.device, self.precision, tf32=True), sdpa_context(self.speed.attention_backend):
             cond = self.model.preprocess_conditions(clip, sync, text)
             empty = self.model.get_empty_conditions(len(items))

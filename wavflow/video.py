@@ -92,7 +92,7 @@ def _rotate_upright(frames: torch.Tensor, rotation: int) -> torch.Tensor:
     return torch.rot90(frames, k, dims=(-2, -1)) if k else frames
 
 
-def _normalise_rotation(degrees: float | int | None) -> int:
+def normalise_rotation(degrees: float | int | None) -> int:
     """Snap a display-matrix angle to 0/90/180/270 (counter-clockwise)."""
     if degrees is None or not np.isfinite(degrees):
         return 0
@@ -102,7 +102,7 @@ def _normalise_rotation(degrees: float | int | None) -> int:
 # --------------------------------------------------------------------------- decoding
 
 
-class _FpsStream:
+class FpsStream:
     """One ffmpeg ``fps=<rate>,format=rgb24`` filter chain collecting up to `limit` frames.
 
     Pulled frames are rotated upright and transformed in small batches by `transform`.
@@ -183,7 +183,7 @@ class _FpsStream:
         return torch.cat(self.done)
 
 
-def _open_input(path: Path) -> av.container.InputContainer:
+def open_input(path: Path) -> av.container.InputContainer:
     if not path.exists():
         raise VideoError(f"video file not found: {path}")
     if not path.is_file():
@@ -197,7 +197,7 @@ def _open_input(path: Path) -> av.container.InputContainer:
         ) from exc
 
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+def video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
     if not container.streams.video:
         raise VideoError(f"video file {path} has no video stream")
     return container.streams.video[0]
@@ -205,14 +205,14 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.vide
 
 @dataclass
 class _Decoded:
-    streams: list[_FpsStream] | None = None  # None: no frame was decoded
+    streams: list[FpsStream] | None = None  # None: no frame was decoded
     rotation: int = 0
     stored_size: tuple[int, int] = (0, 0)
     last_end: float | None = None  # end time (pts + duration) of the last decoded frame
 
 
 def _decode_frames(container: Any, stream: Any, path: Path, source_fps: float | None,
-                   make_streams: Callable[[int], list[_FpsStream]]) -> _Decoded:
+                   make_streams: Callable[[int], list[FpsStream]]) -> _Decoded:
     """Feed the video's frames to the fps streams `make_streams(rotation)` builds at the first
     frame, until every stream is full or the video ends."""
     out = _Decoded()
@@ -222,7 +222,7 @@ def _decode_frames(container: Any, stream: Any, path: Path, source_fps: float | 
         for frame in container.decode(stream):
             if out.streams is None:
                 # ffmpeg attaches the stream's display matrix to every decoded frame.
-                out.rotation = _normalise_rotation(getattr(frame, "rotation", 0))
+                out.rotation = normalise_rotation(getattr(frame, "rotation", 0))
                 out.stored_size = (frame.width, frame.height)
                 out.streams = make_streams(out.rotation)
             if frame.pts is None:
@@ -265,15 +265,15 @@ def decode_video(
     if n_clip <= 0 or n_sync <= 0:
         raise VideoError(f"duration_sec={duration_sec} asks for no frames (decoding {path})")
 
-    def make_streams(rotation: int) -> list[_FpsStream]:
+    def make_streams(rotation: int) -> list[FpsStream]:
         return [
-            _FpsStream(clip_fps, n_clip, lambda x: clip_transform(x, clip_size), rotation),
-            _FpsStream(sync_fps, n_sync, lambda x: sync_transform(x, sync_size), rotation),
+            FpsStream(clip_fps, n_clip, lambda x: clip_transform(x, clip_size), rotation),
+            FpsStream(sync_fps, n_sync, lambda x: sync_transform(x, sync_size), rotation),
         ]
 
-    container = _open_input(path)
+    container = open_input(path)
     try:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate) if stream.average_rate else None
         decoded = _decode_frames(container, stream, path, source_fps, make_streams)
@@ -327,9 +327,9 @@ def sync_segments(
 def video_duration(path: str | os.PathLike) -> float:
     """Duration in seconds from container / stream metadata (no decoding)."""
     path = Path(path)
-    container = _open_input(path)
+    container = open_input(path)
     try:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         if stream.duration is not None and stream.time_base is not None:
             return float(stream.duration * stream.time_base)
         if container.duration is not None:
@@ -371,10 +371,10 @@ def mux_audio(
     """
     video_path, out_path = Path(video_path), Path(out_path)
     samples = _mono_float32(wave, out_path)
-    container = _open_input(video_path)
+    container = open_input(video_path)
     buffer = io.BytesIO()
     try:
-        in_video = _video_stream(container, video_path)
+        in_video = video_stream(container, video_path)
         codec_name = in_video.codec_context.name
         with av.open(buffer, mode="w", format="mp4") as out:
             try:

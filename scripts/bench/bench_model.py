@@ -510,7 +510,7 @@ def _data_phase(args: argparse.Namespace, tr: Trainer) -> dict[str, Any]:
     def load() -> tuple[float, float, int]:
         start = time.perf_counter()
         first, rows = 0.0, 0
-        for i, b in enumerate(tr._epoch_loader(0, sampler=order)):
+        for i, b in enumerate(tr.epoch_loader_of(0, sampler=order)):
             if i == 0:
                 first = time.perf_counter() - start
             else:
@@ -608,7 +608,7 @@ def _reference_euler(model, gen, items, seeds, cfg: float, steps: int) -> torch.
 
     with torch.inference_mode():
         x = gen.initial_noise(seeds)
-        clip, sync, text = gen._stack_conditions(items)
+        clip, sync, text = gen.stack_conditions(items)
         b = x.shape[0]
         cond = model.preprocess_conditions(clip, sync, text)
         empty = model.get_empty_conditions(b)
@@ -626,7 +626,7 @@ def _reference_euler(model, gen, items, seeds, cfg: float, steps: int) -> torch.
 
 def _sampling_flops(model, gen, items, seeds) -> int:
     """FLOPs of one network pass over the B rows (conditions prepared outside)."""
-    clip, sync, text = gen._stack_conditions(items)
+    clip, sync, text = gen.stack_conditions(items)
     x = gen.initial_noise(seeds)
     with torch.no_grad():
         cond = model.preprocess_conditions(clip, sync, text)

@@ -72,7 +72,7 @@ def probe(checkpoint: Path, data: Path, *, rows: int, cfg: float, steps: int, us
     per_t: list[tuple[float, list[str]]] = []
     with torch.inference_mode():
         x = gen.initial_noise(seeds)
-        cond = gen.model.preprocess_conditions(*gen._stack_conditions(items))
+        cond = gen.model.preprocess_conditions(*gen.stack_conditions(items))
         fn = cfg_denoiser(gen.model, cond, gen.model.get_empty_conditions(len(items)), cfg)
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]

@@ -103,7 +103,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from wavflow.config import load_config
-    from wavflow.demo.learning_benchmark import _predict, stage_eval_cfg
+    from wavflow.demo.learning_benchmark import predict_stage, stage_eval_cfg
     from wavflow.demo.metrics import evaluate
 
     args = parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference_dir = None
         for name, words in args.setting:
             out = stage / "sampling_quality" / f"{name}_cfg{g:g}"
-            seconds = _predict(cfg, "generalise", data / "holdout_infer.csv", data, ckpt, out, stage / "logs",
+            seconds = predict_stage(cfg, "generalise", data / "holdout_infer.csv", data, ckpt, out, stage / "logs",
                                f"quality_{name}_cfg{g:g}", use_ema=True, extra=[f"inference.cfg={g}", *words])
             metrics, _ = evaluate(out, data, out_dir=out, progress=False)
             row = {"overrides": words, "cfg": g, "predict_wall_seconds": round(seconds, 1), **headline(metrics)}

@@ -86,7 +86,7 @@ def stage_eval_cfg(cfg: DictConfig, stage: str) -> float:
     return float(cfg.bench.eval_cfg if own is None else own)
 
 
-def _predict(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path,
+def predict_stage(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, ckpt: Path, out: Path, logs: Path,
              tag: str, use_ema: bool = False, extra: Sequence[str] = ()) -> float:
     """Predict `csv_path` as the benchmark evaluates; `extra` key=value words replace the
     benchmark's own value of the same key (e.g. sampling.num_steps=12) or add to them."""
@@ -195,7 +195,7 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
         train_s += _train_to(cfg, st, [feats], root / "train", step, logs)
         for use_ema in (False, True):
             pred = root / "predict" / (f"step_{step:06d}" + ("_ema" if use_ema else ""))
-            _predict(cfg, "memorise", data / "memorise_eval.csv", data, ckpt, pred, logs, f"memorise_{step}",
+            predict_stage(cfg, "memorise", data / "memorise_eval.csv", data, ckpt, pred, logs, f"memorise_{step}",
                      use_ema=use_ema)
         point = {**score(step), "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - start, 1)}
         curve.append(point)
@@ -293,7 +293,7 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
             break
         train_s += _train_to(cfg, st, csvs, root / "train", step, logs)
         pred = root / "predict" / f"step_{step:06d}"
-        _predict(cfg, "generalise", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
+        predict_stage(cfg, "generalise", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
                  pred, logs, f"generalise_{step}", use_ema=True)
         metrics, _ = evaluate(pred, data, out_dir=pred, progress=False)
         point = {"step": step, "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - start, 1),
@@ -386,14 +386,14 @@ def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
 def _check_variation_dataset(dataset: dict[str, Any]) -> None:
     """make_dataset's own checks of a variation's keywords (fps and frame size: its defaults);
     `classes` becomes a plain list."""
-    from wavflow.demo.make_dataset import CAPTION_SPLITS, DATASETS, _check_args, _check_classes
+    from wavflow.demo.make_dataset import CAPTION_SPLITS, DATASETS, check_args, check_classes
 
-    _check_args(int(dataset["n"]), dataset["duration"], int(dataset["sample_rate"]), 25, 96,
+    check_args(int(dataset["n"]), dataset["duration"], int(dataset["sample_rate"]), 25, 96,
                 float(dataset["holdout_frac"]), float(dataset["no_caption_frac"]), float(dataset["no_video_frac"]))
     if dataset["dataset"] not in DATASETS:
         raise ConfigError(f"dataset must be one of {list(DATASETS)}, got {dataset['dataset']!r}")
     if dataset.get("classes") is not None:
-        dataset["classes"] = _check_classes(dataset["classes"], dataset["dataset"])
+        dataset["classes"] = check_classes(dataset["classes"], dataset["dataset"])
     if dataset.get("caption_split", "shared") not in CAPTION_SPLITS:
         raise ConfigError(f"caption_split must be one of {list(CAPTION_SPLITS)}, got {dataset['caption_split']!r}")
 
@@ -431,7 +431,7 @@ def run_robustness_variation(var: RobustnessVariation, root: Path, targets: Any)
     rb = cfg.bench.robustness
     train_s = _train_to(cfg, rb, csvs, root / "train", int(rb.max_steps), logs)
     pred = root / "predict"
-    _predict(cfg, "robustness", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
+    predict_stage(cfg, "robustness", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
              pred, logs, f"robustness_{var.name}", use_ema=True)
     metrics, _ = evaluate(pred, data, out_dir=pred, progress=False)
     saved = {"name": var.name, "settings": var.settings(), "evaluation": str(pred / "metrics.json"),

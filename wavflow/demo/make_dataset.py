@@ -407,11 +407,11 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
     instruments). `classes` (a subset of that set's class names, in this order),
     `caption_split` ("shared" or "heldout") and `palette_seed` vary the data (module
     docstring); the defaults give the built-in data set."""
-    _check_args(n, duration, sample_rate, fps, size, holdout_frac, no_caption_frac, no_video_frac)
+    check_args(n, duration, sample_rate, fps, size, holdout_frac, no_caption_frac, no_video_frac)
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     kind = KINDS[dataset]
-    class_list = _check_classes(classes, dataset)
+    class_list = check_classes(classes, dataset)
     if caption_split not in CAPTION_SPLITS:
         raise ConfigError(f"--caption-split must be one of {', '.join(CAPTION_SPLITS)}, "
                           f"got {caption_split!r}")
@@ -452,7 +452,7 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, duration: float = 2.0,
     return info
 
 
-def _check_classes(classes: Sequence[str] | None, dataset: str = "shapes") -> list[str]:
+def check_classes(classes: Sequence[str] | None, dataset: str = "shapes") -> list[str]:
     """The classes to use: all of the data set's by default, else a subset of at least two
     known, distinct names."""
     known = KINDS[dataset].class_names
@@ -477,7 +477,7 @@ CLI_NAMES = {"n": "--n", "duration": "--duration", "sample_rate": "--sample-rate
              "no_video_frac": "--no-video-frac"}
 
 
-def _check_args(n: int, duration: float, sample_rate: int, fps: int, size: int,
+def check_args(n: int, duration: float, sample_rate: int, fps: int, size: int,
                 *fracs: float, names: dict[str, str] = CLI_NAMES) -> None:
     if n < 1:
         raise ConfigError(f"{names['n']} must be >= 1, got {n}")

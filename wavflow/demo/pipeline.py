@@ -188,12 +188,12 @@ def check_demo_config(cfg: DictConfig) -> None:
     """The demo's own keys, checked before anything is written (ConfigError naming the key): a
     bad value found later would leave demo_settings.json recording it, and the next run with
     the value fixed would refuse the folder."""
-    from wavflow.demo.make_dataset import DATASETS, _check_args
+    from wavflow.demo.make_dataset import DATASETS, check_args
 
     d = cfg.demo
     if str(d.dataset) not in DATASETS:
         raise ConfigError(f"demo.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
-    _check_args(int(d.n), float(cfg.data.audio_duration), int(cfg.data.target_sample_rate), 25, 96,
+    check_args(int(d.n), float(cfg.data.audio_duration), int(cfg.data.target_sample_rate), 25, 96,
                 float(d.holdout_frac), float(d.v2a_frac), float(d.t2a_frac), names=DATASET_KEYS)
     for key in ("demo.nproc", "demo.train.max_steps", "demo.train.batch_size"):
         value = OmegaConf.select(cfg, key)

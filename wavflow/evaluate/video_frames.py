@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from wavflow.errors import VideoError
 from wavflow.evaluate.models import IMAGEBIND_SIZE, IMAGEBIND_VIDEO_FPS
-from wavflow.video import _FpsStream, _normalise_rotation, _open_input, _video_stream
+from wavflow.video import FpsStream, normalise_rotation, open_input, video_stream
 
 
 def _transform(frames: torch.Tensor) -> torch.Tensor:
@@ -30,16 +30,16 @@ def decode_imagebind_frames(path: str | Path, duration_sec: float, fps: float = 
     count = int(fps * duration_sec)
     if count < 2:
         raise VideoError(f"{duration_sec} s at {fps} fps gives {count} frame(s); ImageBind needs 2 ({path})")
-    container = _open_input(path)
+    container = open_input(path)
     try:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         time_base = stream.time_base or Fraction(1, 1000)
-        fps_stream: _FpsStream | None = None
+        fps_stream: FpsStream | None = None
         try:
             for frame in container.decode(stream):
                 if fps_stream is None:
-                    rotation = _normalise_rotation(getattr(frame, "rotation", 0))
-                    fps_stream = _FpsStream(fps, count, _transform, rotation)  # type: ignore[arg-type]
+                    rotation = normalise_rotation(getattr(frame, "rotation", 0))
+                    fps_stream = FpsStream(fps, count, _transform, rotation)  # type: ignore[arg-type]
                 if frame.pts is None:
                     raise VideoError(f"video file {path} has frames without timestamps")
                 frame.time_base = time_base

@@ -201,7 +201,7 @@ class Trainer:
         return RestOfEpochSampler(len(self.dataset), epoch=epoch, consumed=self.samples_in_epoch,
                                   rank=self.rank, world_size=self.world_size, seed=self.sampler.seed)
 
-    def _epoch_loader(self, epoch: int, sampler: Sampler | Sequence[int] | None = None) -> DataLoader:
+    def epoch_loader_of(self, epoch: int, sampler: Sampler | Sequence[int] | None = None) -> DataLoader:
         """The DataLoader of `epoch` (workers, seeds, collate as training uses them); `sampler`
         replaces the epoch's order (scripts/bench/bench_model.py reads a longer stream)."""
         self.sampler.set_epoch(epoch)
@@ -502,7 +502,7 @@ class Trainer:
         data_iter_step = skip
         pending: list[dict[str, Any]] = []
         bar = tqdm(total=num_batches, initial=skip, desc=f"epoch {epoch + 1}", disable=not self.is_main, leave=False)
-        for batch in self._epoch_loader(epoch):
+        for batch in self.epoch_loader_of(epoch):
             for row_id, reason in batch.get("failed_rows", ()):
                 failures.add(row_id, reason)
             if "audio_tokens" in batch:

@@ -37,7 +37,7 @@ from wavflow.config import copy_config, explicit_keys, load_config, validate_con
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.io_utils import safe_torch_load
 from wavflow.runtime import autocast_context, resolve_device
-from wavflow.shapes import latent_seq_len, target_num_samples, video_seq_lens
+from wavflow.shapes import FeatureShapes, latent_seq_len, target_num_samples, video_seq_lens
 from wavflow.speed import SpeedOptions, maybe_compile, sdpa_context, set_attention_impl, set_conv_impl
 
 log = logging.getLogger("wavflow.generator")
@@ -258,12 +258,7 @@ class WavFlowGenerator:
         self._checked_dirs.add(folder)
 
     def _expect(self, name: str, t: Tensor, where: str) -> Tensor:
-        m = self.model
-        shape = {
-            "clip_features": (m.clip_seq_len, m.clip_dim),
-            "sync_features": (m.sync_seq_len, m.sync_dim),
-            "text_features": (m.text_seq_len, m.text_dim),
-        }[name]
+        shape = FeatureShapes.of_model(self.model).by_key()[name]
         if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise FeatureError(f"{where}: {name} has shape {got}, the model expects {shape} (float)")

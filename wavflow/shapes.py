@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 CLIP_FPS = 8
 SYNC_FPS = 25
@@ -42,3 +44,38 @@ def sync_segment_count(duration_sec: float) -> int:
 def video_seq_lens(duration_sec: float) -> tuple[int, int]:
     """(clip_seq_len, sync_seq_len) of features extracted from `duration_sec` of video."""
     return clip_frame_count(duration_sec), SYNC_TOKENS_PER_SEGMENT * sync_segment_count(duration_sec)
+
+
+@dataclass(frozen=True)
+class FeatureShapes:
+    """(length, width) of each condition stream: the one place they are read from a data config
+    (data.{clip,sync,text}_{seq_len,dim}) or a network, for extraction, training and inference."""
+
+    clip: tuple[int, int]
+    sync: tuple[int, int]
+    text: tuple[int, int]
+
+    @classmethod
+    def from_data_config(cls, data: Any) -> "FeatureShapes":
+        return cls(
+            clip=(int(data.clip_seq_len), int(data.clip_dim)),
+            sync=(int(data.sync_seq_len), int(data.sync_dim)),
+            text=(int(data.text_seq_len), int(data.text_dim)),
+        )
+
+    @classmethod
+    def of_model(cls, model: Any) -> "FeatureShapes":
+        """What a built network expects (WavFlowNet keeps the lengths and widths it was made for)."""
+        return cls(
+            clip=(int(model.clip_seq_len), int(model.clip_dim)),
+            sync=(int(model.sync_seq_len), int(model.sync_dim)),
+            text=(int(model.text_seq_len), int(model.text_dim)),
+        )
+
+    def by_key(self, with_video: bool = True) -> dict[str, tuple[int, int]]:
+        """{"text_features": ..., "clip_features": ..., "sync_features": ...} as feature files
+        name them; without video, text only (a T2A file)."""
+        out = {"text_features": self.text}
+        if with_video:
+            out.update(clip_features=self.clip, sync_features=self.sync)
+        return out

@@ -40,7 +40,7 @@ from wavflow.manifest import (
     read_manifest,
     resolve_path,
 )
-from wavflow.shapes import sync_segment_count, video_seq_lens
+from wavflow.shapes import FeatureShapes, sync_segment_count, video_seq_lens
 from wavflow.row_policy import POLICY_KEY, max_failed_fraction
 
 MODES = ("t2a", "vt2a")
@@ -337,11 +337,7 @@ def _check_outputs_spare_inputs(settings: ExtractSettings, rows: Sequence[Extrac
 
 def expected_feature_shapes(settings: ExtractSettings) -> dict[str, tuple[int, int]]:
     """Keys and shapes of a complete `<id>.pth` for this mode and config."""
-    shapes = {"text_features": (settings.text_seq_len, settings.text_dim)}
-    if settings.needs_video:
-        shapes["clip_features"] = (settings.clip_seq_len, settings.clip_dim)
-        shapes["sync_features"] = (settings.sync_seq_len, settings.sync_dim)
-    return shapes
+    return FeatureShapes.from_data_config(settings).by_key(with_video=settings.needs_video)
 
 
 

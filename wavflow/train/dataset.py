@@ -24,7 +24,7 @@ from wavflow.errors import CheckpointError, FeatureError, ManifestError
 from wavflow.io_utils import safe_torch_load
 from wavflow.row_policy import RowFailures, check_rows
 from wavflow.manifest import ManifestReport, check_files, check_ids, check_flags, parse_flag, read_manifest, resolve_path
-from wavflow.shapes import latent_seq_len
+from wavflow.shapes import FeatureShapes, latent_seq_len
 
 log = logging.getLogger("wavflow.train")
 
@@ -42,23 +42,6 @@ class TrainRow:
     text_exist: bool
     csv_index: int  # which CSV of data.train_csv
     row_index: int  # DataFrame index within that CSV (line = index + 2)
-
-
-@dataclass(frozen=True)
-class FeatureShapes:
-    """Expected (length, width) of each condition stream, from the data config."""
-
-    clip: tuple[int, int]
-    sync: tuple[int, int]
-    text: tuple[int, int]
-
-    @classmethod
-    def from_data_config(cls, data: Any) -> "FeatureShapes":
-        return cls(
-            clip=(int(data.clip_seq_len), int(data.clip_dim)),
-            sync=(int(data.sync_seq_len), int(data.sync_dim)),
-            text=(int(data.text_seq_len), int(data.text_dim)),
-        )
 
 
 def csv_list(train_csv: Any) -> list[str]:

@@ -151,8 +151,6 @@ def _fake_pipeline(monkeypatch, groups_of) -> dict[str, list]:
     """make_dataset, the launchers and the metrics replaced by recorders: nothing is made, trained
     or scored. `groups_of(variation name)` gives the metrics groups its predictions score."""
     from wavflow.demo import learning_benchmark as lb
-    from wavflow.demo import make_dataset as md
-    from wavflow.demo import metrics as mt
 
     calls: dict[str, list] = {"data": [], "stages": []}
 
@@ -169,9 +167,9 @@ def _fake_pipeline(monkeypatch, groups_of) -> dict[str, list]:
         groups = groups_of(Path(pred).parent.name)
         return {"classes": ["a", "b"], "chance_accuracy": groups["VT2A"]["chance_accuracy"], "groups": groups}, ""
 
-    monkeypatch.setattr(md, "make_dataset", make)
+    monkeypatch.setattr(lb, "make_dataset", make)
     monkeypatch.setattr(lb, "run_stage", stage)
-    monkeypatch.setattr(mt, "evaluate", evaluate)
+    monkeypatch.setattr(lb, "evaluate", evaluate)
     # the stub events.json holds no clips to measure: the data's loudness is pinned here
     monkeypatch.setattr(lb, "loudness_overrides",
                         lambda target, root: ["output.loudness_norm=true", "output.loudness_target_lufs=-14.00"])

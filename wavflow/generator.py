@@ -26,19 +26,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from wavflow.audio import unpatchify
 from wavflow.checkpoint_config import (
-    config_from_checkpoint,
-    unlocked,
     adopt_checkpoint_config,
     check_config_against_checkpoint,
+    config_from_checkpoint,
     ema_warning,
+    unlocked,
 )
 from wavflow.config import copy_config, explicit_keys, load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
+from wavflow.features.report import FeatureStats, identity_tag, STATS_FILENAME
 from wavflow.io_utils import safe_torch_load
+from wavflow.model import build_model_from_config
+from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path, state_dict_from_checkpoint
+from wavflow.model.flow import cfg_denoiser, sample, SAMPLING_METHODS
+from wavflow.model.presets import PRESETS
 from wavflow.runtime import autocast_context, resolve_device
 from wavflow.shapes import FeatureShapes, latent_seq_len, target_num_samples, video_seq_lens
-from wavflow.speed import SpeedOptions, maybe_compile, sdpa_context, set_attention_impl, set_conv_impl
+from wavflow.speed import maybe_compile, sdpa_context, set_attention_impl, set_conv_impl, SpeedOptions
+from wavflow.video import decode_video, sync_segments
 
 log = logging.getLogger("wavflow.generator")
 
@@ -129,9 +136,6 @@ class WavFlowGenerator:
         ConfigError naming both values, unless inference.allow_config_mismatch=true. A flat
         file records nothing: the config decides, and the weight shapes must fit it.
         """
-        from wavflow.model import build_model_from_config
-        from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path, state_dict_from_checkpoint
-
         if isinstance(config, DictConfig):
             cfg = copy_config(config)
             if overrides:
@@ -191,8 +195,6 @@ class WavFlowGenerator:
             raise ConfigError(f"duration must be > 0 seconds, got {duration}")
         if math.isclose(duration, self.duration) and self.model.latent_seq_len == self._n(duration):
             return
-        from wavflow.model.presets import PRESETS
-
         preset = PRESETS[self.model.preset_name]
         if preset.clip_seq_len is not None:  # reference presets pin the video lengths
             clip_len, sync_len = None, None
@@ -236,8 +238,6 @@ class WavFlowGenerator:
         norm = getattr(self.model, "cond_norm", None)
         if norm is None:
             return
-        from wavflow.features.report import identity_tag
-
         want = int(norm.source_tag.item())
         if int(identity_tag(identity)) != want:
             raise FeatureError(
@@ -250,8 +250,6 @@ class WavFlowGenerator:
         """Cached features: their folder's feature_stats.pt (written by extraction) names the encoders."""
         if getattr(self.model, "cond_norm", None) is None or folder in self._checked_dirs:
             return
-        from wavflow.features.report import STATS_FILENAME, FeatureStats
-
         stats_path = folder / STATS_FILENAME
         if stats_path.is_file():
             self._check_feature_source(FeatureStats.load(stats_path).encoder_identity, f"the features in {folder}")
@@ -286,8 +284,6 @@ class WavFlowGenerator:
     @torch.inference_mode()
     def encode_video(self, path: str | os.PathLike) -> tuple[Tensor, Tensor]:
         """Decode and encode the first `duration` seconds: (clip_seq_len, D_clip), (sync_seq_len, 768)."""
-        from wavflow.video import decode_video, sync_segments
-
         self.check_video_lengths()
         frames = decode_video(path, self.duration)
         enc = self.encoders(need_video=True)
@@ -366,9 +362,6 @@ class WavFlowGenerator:
 
         Arguments left as None come from the config (inference.*, sampling.*).
         """
-        from wavflow.audio import unpatchify
-        from wavflow.model.flow import SAMPLING_METHODS, cfg_denoiser, sample
-
         if len(items) != len(seeds) or not items:
             raise ValueError(f"generate_batch needs one seed per item and at least one item ({len(items)} items, {len(seeds)} seeds)")
         icfg, scfg = self.cfg.inference, self.cfg.sampling

@@ -35,11 +35,15 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from wavflow.config import format_override
-from wavflow.demo.pipeline import REPO_ROOT, loudness_overrides, run_stage, shared_overrides
+from wavflow.config import format_override, load_config, parse_cli
+from wavflow.demo.make_dataset import CAPTION_SPLITS, check_args, check_classes, DATASETS, make_dataset, MODES
+from wavflow.demo.metrics import evaluate, nearest_reference, noise_baseline
+from wavflow.demo.pipeline import loudness_overrides, REPO_ROOT, run_stage, shared_overrides
 from wavflow.errors import ConfigError, WavFlowError
 from wavflow.exit_codes import EXIT_OK, run_job
 from wavflow.io_utils import atomic_write_csv, atomic_write_text
+from wavflow.model.presets import PRESETS
+from wavflow.shapes import video_seq_lens
 
 log = logging.getLogger("wavflow.bench")
 # Memorisation distances compare sound events: log-mels relative to their peak, floored 30 dB
@@ -120,8 +124,6 @@ def _resume_curve(root: Path) -> tuple[list[dict], float, float]:
 def _memorise_clips(cfg: DictConfig, data: Path) -> list[Any]:
     """The first four clips of distinct classes of a 12-clip set, their training CSV (VT2A) and
     their evaluation CSV (each clip with video + caption, as trained, and caption only)."""
-    from wavflow.demo.make_dataset import make_dataset
-
     info = make_dataset(data, n=12, seed=int(cfg.bench.seed), duration=float(cfg.data.audio_duration),
                         sample_rate=int(cfg.data.target_sample_rate), no_caption_frac=0.0, no_video_frac=0.0,
                         progress=False, dataset=str(cfg.bench.dataset))
@@ -147,8 +149,6 @@ def _memorise_clips(cfg: DictConfig, data: Path) -> list[Any]:
 
 def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     """4 clips with 4 distinct classes and captions, learned by heart."""
-    from wavflow.demo.metrics import nearest_reference, noise_baseline
-
     st = cfg.bench.memorise
     logs = root / "logs"
     data = root / "data"
@@ -215,8 +215,6 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
 def _mode_targets(targets: Any, metric: str, where: str = "bench.targets.generalise") -> dict[str, float]:
     """`targets.<metric>` as {mode: threshold}; a mode the metrics do not know is a config error
     (`where`: the config key of `targets`, for the message)."""
-    from wavflow.demo.make_dataset import MODES
-
     per_mode = {str(k): float(v) for k, v in (targets.get(metric) or {}).items()}
     unknown = sorted(set(per_mode) - set(MODES))
     if unknown:
@@ -233,8 +231,6 @@ def judge_modes(groups: dict[str, Any], targets: Any, where: str) -> dict[str, A
     """Each mode's figures and its own targets (class_acc >=, onset_ms <=); the Fréchet ratio (all
     rows / real-vs-real) <= frechet_ratio unless that is null. A mode without rows or figures
     fails: every mode must learn. `where`: the config key of `targets`, for error messages."""
-    from wavflow.demo.make_dataset import MODES
-
     point: dict[str, Any] = {
         "class_accuracy": {m: groups.get(m, {}).get("class_accuracy") for m in MODES},
         "onset_median_ms": {m: groups.get(m, {}).get("onset_median_ms") for m in MODES},
@@ -265,9 +261,6 @@ def generalise_series(targets: Any) -> list[tuple[str, str | None]]:
 
 def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     """Procedural set with held-out clips: class accuracy and onset timing of each mode on its own rows."""
-    from wavflow.demo.make_dataset import make_dataset
-    from wavflow.demo.metrics import evaluate
-
     st = cfg.bench.generalise
     logs = root / "logs"
     data = root / "data"
@@ -340,8 +333,6 @@ class RobustnessVariation:
 
 def _variation_cfg(cfg: DictConfig, duration: float) -> DictConfig:
     """`cfg` with the robustness model and, for another clip duration, the data shapes it gives."""
-    from wavflow.shapes import video_seq_lens
-
     out = copy.deepcopy(cfg)
     model = OmegaConf.select(cfg, "bench.robustness.model")
     out.model.name = str(model or cfg.model.name)
@@ -353,8 +344,6 @@ def _variation_cfg(cfg: DictConfig, duration: float) -> DictConfig:
 
 def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
     """bench.robustness.variations, checked before anything trains."""
-    from wavflow.model.presets import PRESETS
-
     rb, where = cfg.bench.robustness, "bench.robustness.variations"
     defaults = {"dataset": str(cfg.bench.dataset), "n": int(rb.n), "seed": int(cfg.bench.seed), "duration": float(cfg.data.audio_duration),
                 "sample_rate": int(cfg.data.target_sample_rate), "holdout_frac": float(rb.holdout_frac),
@@ -386,8 +375,6 @@ def robustness_variations(cfg: DictConfig) -> list[RobustnessVariation]:
 def _check_variation_dataset(dataset: dict[str, Any]) -> None:
     """make_dataset's own checks of a variation's keywords (fps and frame size: its defaults);
     `classes` becomes a plain list."""
-    from wavflow.demo.make_dataset import CAPTION_SPLITS, DATASETS, check_args, check_classes
-
     check_args(int(dataset["n"]), dataset["duration"], int(dataset["sample_rate"]), 25, 96,
                 float(dataset["holdout_frac"]), float(dataset["no_caption_frac"]), float(dataset["no_video_frac"]))
     if dataset["dataset"] not in DATASETS:
@@ -415,9 +402,6 @@ def _check_variation_folder(root: Path, settings: dict[str, Any]) -> None:
 def run_robustness_variation(var: RobustnessVariation, root: Path, targets: Any) -> dict[str, Any]:
     """Make the variation's data set, extract, train max_steps in one go, predict the held-out
     rows with EMA weights and score each mode; `<root>/metrics.json` marks it finished."""
-    from wavflow.demo.make_dataset import make_dataset
-    from wavflow.demo.metrics import evaluate
-
     done = root / "metrics.json"
     _check_variation_folder(root, var.settings())
     if done.is_file():
@@ -445,8 +429,6 @@ def run_robustness_variation(var: RobustnessVariation, root: Path, targets: Any)
 def summarise_variation(saved: dict[str, Any], targets: Any) -> dict[str, Any]:
     """A variation's line in the benchmark's metrics.json, judged by today's targets: per mode
     n, chance, class accuracy, onset median and whether all of that mode's targets are met."""
-    from wavflow.demo.make_dataset import MODES
-
     judged = judge_modes(saved["groups"], targets, "bench.targets.robustness")
     modes: dict[str, Any] = {}
     for mode in MODES:
@@ -537,8 +519,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from wavflow.config import load_config, parse_cli
-
     path, overrides = parse_cli(argv, "bench_learning.yaml")
     result = run_benchmark(load_config(path, overrides, job="bench_learning"))
     for name, stage in result["stages"].items():

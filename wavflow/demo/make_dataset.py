@@ -52,20 +52,20 @@ from tqdm import tqdm
 
 from wavflow.demo import instruments
 from wavflow.demo.sound_events import (
-    CLASS_BY_NAME,
-    CLASS_NAMES,
-    Look,
-    ShapePlacement,
     blank_frame,
+    CLASS_BY_NAME,
     class_looks,
+    CLASS_NAMES,
     draw_event,
+    Look,
     make_caption,
     palette_looks,
     place_shape,
+    ShapePlacement,
     spread_events,
     synthesize_event,
 )
-from wavflow.errors import ConfigError
+from wavflow.errors import ConfigError, ManifestError
 from wavflow.exit_codes import EXIT_OK, JobArgumentParser, run_job
 from wavflow.io_utils import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
@@ -494,8 +494,6 @@ def check_args(n: int, duration: float, sample_rate: int, fps: int, size: int,
 
 def load_dataset_info(reference: str | Path) -> DatasetInfo:
     """Read events.json (or the data set folder holding it) back into a DatasetInfo."""
-    from wavflow.errors import ManifestError
-
     path = Path(reference)
     if path.is_dir():
         path = path / "events.json"

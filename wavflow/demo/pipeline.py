@@ -22,7 +22,11 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from wavflow.config import format_override
+from wavflow.audio import integrated_loudness, load_audio
+from wavflow.config import CONFIG_DIR, format_override
+from wavflow.demo.figures import plot_real_vs_generated
+from wavflow.demo.make_dataset import check_args, DATASETS, load_dataset_info, make_dataset
+from wavflow.demo.metrics import evaluate
 from wavflow.errors import ConfigError, WavFlowError
 from wavflow.io_utils import atomic_write_text
 
@@ -121,8 +125,6 @@ STAGE_JOBS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
 
 def stage_command(job: str, overrides: Sequence[str], nproc: int) -> list[str]:
     """The command line of `job` (a STAGE_JOBS key) with `overrides`, on `nproc` processes."""
-    from wavflow.config import CONFIG_DIR
-
     module, config, fixed, distributed = STAGE_JOBS[job]
     launch = ["-m", "wavflow.torchrun_guard", "--standalone", f"--nproc_per_node={nproc}"] if distributed else []
     return [sys.executable, *launch, "-m", module, "--config", str(CONFIG_DIR / config), *fixed, *overrides]
@@ -188,8 +190,6 @@ def check_demo_config(cfg: DictConfig) -> None:
     """The demo's own keys, checked before anything is written (ConfigError naming the key): a
     bad value found later would leave demo_settings.json recording it, and the next run with
     the value fixed would refuse the folder."""
-    from wavflow.demo.make_dataset import DATASETS, check_args
-
     d = cfg.demo
     if str(d.dataset) not in DATASETS:
         raise ConfigError(f"demo.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
@@ -204,10 +204,6 @@ def check_demo_config(cfg: DictConfig) -> None:
 def run_demo(cfg: DictConfig) -> DemoResult:
     """The whole demo, each stage resumable: data set, features, training, prediction on the
     held-out clips, metrics and figure (README, "The demo")."""
-    from wavflow.demo.figures import plot_real_vs_generated
-    from wavflow.demo.make_dataset import make_dataset
-    from wavflow.demo.metrics import evaluate
-
     check_demo_config(cfg)
     paths = DemoPaths(Path(cfg.demo.out_dir).absolute())
     if cfg.demo.fresh and paths.root.exists():
@@ -307,9 +303,6 @@ def data_loudness_lufs(data_dir: Path, split: str = "train") -> float:
     """Median BS.1770 loudness of a built-in data set's clips of `split`. Training lifts every
     clip to one RMS (amplitude lifting), so a generated clip carries no level of its own: it is
     brought to the data's typical loudness to be compared with real clips."""
-    from wavflow.audio import integrated_loudness, load_audio
-    from wavflow.demo.make_dataset import load_dataset_info
-
     info = load_dataset_info(data_dir)
     values = [integrated_loudness(load_audio(info.root / c.audio_path, info.sample_rate), info.sample_rate)
               for c in info.split(split)]

@@ -12,9 +12,24 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from wavflow.exit_codes import JobArgumentParser, run_job
-from wavflow.runtime import resolve_device
+from wavflow.config import load_config
 from wavflow.errors import ConfigError, RowsFailedError, WavFlowError, WeightsError
+from wavflow.evaluate import models as MD
+from wavflow.evaluate.pairing import pair_by_id
+from wavflow.evaluate.run import (
+    ALL_METRICS,
+    compute_report,
+    extract_all,
+    Extractor,
+    format_table,
+    METRIC_NETWORK,
+    to_json,
+)
+from wavflow.exit_codes import JobArgumentParser, run_job
+from wavflow.features.synchformer import SynchformerConfig
+from wavflow.features.synchformer_av import SynchformerAVConfig
+from wavflow.io_utils import atomic_write_text
+from wavflow.runtime import resolve_device
 
 log = logging.getLogger("wavflow.evaluate")
 
@@ -39,8 +54,6 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def load_eval_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
-    from wavflow.config import load_config
-
     cfg = load_config(config or DEFAULT_CONFIG, overrides, validate=False, job="evaluate")
     unknown = [m for m in cfg.metrics.enabled if m not in _metric_names()]
     if unknown:
@@ -53,15 +66,10 @@ def load_eval_config(config: str | None, overrides: Sequence[str]) -> DictConfig
 
 
 def _metric_names() -> tuple[str, ...]:
-    from wavflow.evaluate.run import ALL_METRICS
-
     return ALL_METRICS
 
 
 def _synchformer_config(arch: Mapping[str, Any] | None):
-    from wavflow.features.synchformer import SynchformerConfig
-    from wavflow.features.synchformer_av import SynchformerAVConfig
-
     if not arch:
         return None
     args = dict(arch)
@@ -75,8 +83,6 @@ def _synchformer_config(arch: Mapping[str, Any] | None):
 
 def load_networks(cfg: DictConfig, needed: set[str], device: torch.device) -> tuple[dict[str, Any], dict[str, str]]:
     """Every needed network that has its file; the others map to the reason (one line each)."""
-    from wavflow.evaluate import models as MD
-
     weights = cfg.weights
     archs = OmegaConf.to_container(cfg.architectures, resolve=True)
     assert isinstance(archs, dict)
@@ -108,10 +114,6 @@ def load_networks(cfg: DictConfig, needed: set[str], device: torch.device) -> tu
 
 
 def run(args: argparse.Namespace, cfg: DictConfig) -> int:
-    from wavflow.evaluate.pairing import pair_by_id
-    from wavflow.evaluate.run import METRIC_NETWORK, Extractor, compute_report, extract_all, format_table, to_json
-    from wavflow.io_utils import atomic_write_text
-
     gen_dir = Path(args.generated)
     out_dir = Path(args.out or cfg.evaluation.output_dir or gen_dir / "evaluation")
     pairing = pair_by_id(gen_dir, args.reference, args.infer_csv, cfg.data.data_root)

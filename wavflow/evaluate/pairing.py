@@ -18,6 +18,7 @@ from pathlib import Path
 
 from wavflow.errors import ManifestError
 from wavflow.infer_rows import read_rows
+from wavflow.manifest import read_manifest, resolve_path
 
 MODES = ("VT2A", "T2A", "V2A")
 
@@ -52,8 +53,6 @@ class Pairing:
 
 def _generated(gen_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """id -> wav, and id -> reason for ids the predict job did not produce."""
-    from wavflow.manifest import read_manifest
-
     if gen_dir.exists() and not gen_dir.is_dir():
         raise ManifestError(f"generated folder {gen_dir} is a file, not a folder: give the predict job's "
                             "output.output_dir")
@@ -80,8 +79,6 @@ def _generated(gen_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def _reference(csv_path: Path, data_root: str | None) -> dict[str, tuple[Path, Path | None, str | None]]:
-    from wavflow.manifest import read_manifest, resolve_path
-
     df = read_manifest(csv_path, ("id", "audio_path"), optional=("video_path", "caption"))
     root = data_root or str(csv_path.parent)
     out: dict[str, tuple[Path, Path | None, str | None]] = {}

@@ -13,9 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wavflow.audio import load_audio
 from wavflow.errors import WavFlowError
 from wavflow.evaluate import metrics as M
 from wavflow.evaluate.pairing import MODES, Pairing
+from wavflow.evaluate.video_frames import decode_imagebind_frames
+from wavflow.features.synchformer_av import audio_segments_mel, AUDIO_SR, make_sync_mel, offset_grid
+from wavflow.video import decode_video, sync_segments
 
 log = logging.getLogger("wavflow.evaluate")
 
@@ -59,8 +63,6 @@ class Extractor:
         self._sync_mel = None
 
     def _load(self, path: Path, sr: int) -> Tensor:
-        from wavflow.audio import load_audio
-
         return load_audio(path, sr)
 
     @staticmethod
@@ -97,9 +99,6 @@ class Extractor:
 
     @torch.inference_mode()
     def desync(self, wave16: Tensor, video: Path) -> float:
-        from wavflow.features.synchformer_av import AUDIO_SR, audio_segments_mel, make_sync_mel, offset_grid
-        from wavflow.video import decode_video, sync_segments
-
         need = int(AUDIO_SR * self.duration)
         if wave16.shape[-1] < need:
             raise WavFlowError(f"audio lasts {wave16.shape[-1] / AUDIO_SR:.2f} s < {self.duration} s (DeSync)")
@@ -121,8 +120,6 @@ class Extractor:
 
     @torch.inference_mode()
     def imagebind_video(self, video: Path) -> Tensor:
-        from wavflow.evaluate.video_frames import decode_imagebind_frames
-
         frames = decode_imagebind_frames(video, self.duration)
         return self.nets["imagebind"].video(frames.to(self.device))[0].cpu()
 

@@ -44,21 +44,23 @@ from tqdm import tqdm
 
 from wavflow.audio import probe_audio
 from wavflow.config import load_config, parse_cli
-from wavflow.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_indices
-from wavflow.exit_codes import EXIT_OK, EXIT_ROWS_FAILED, run_job
+from wavflow.distributed import all_reduce_sum, barrier, cleanup, DistInfo, init_distributed, shard_indices
 from wavflow.errors import AudioError, FeatureError, VideoError
-from wavflow.features.extract_outputs import OutputPaths, RankOutputs, first_errors, merge_outputs, write_summary
+from wavflow.exit_codes import EXIT_OK, EXIT_ROWS_FAILED, run_job
+from wavflow.features.extract_outputs import first_errors, merge_outputs, OutputPaths, RankOutputs, write_summary
 from wavflow.features.extract_plan import (
+    empty_string_complete,
+    expected_feature_shapes,
     ExtractRow,
     ExtractSettings,
-    empty_string_complete,
-    SOURCE_KEY,
-    expected_feature_shapes,
     feature_file_problem,
     plan_rows,
+    SOURCE_KEY,
 )
+from wavflow.features.report import analyse_csv, format_report, STATS_FILENAME
 from wavflow.io_utils import atomic_torch_save
-from wavflow.row_policy import LISTED, RowFailures, check_rows, policy_broken
+from wavflow.row_policy import check_rows, LISTED, policy_broken, RowFailures
+from wavflow.video import decode_video, sync_segments
 
 DEFAULT_CONFIG = "extract_vt2a.yaml"
 
@@ -73,15 +75,11 @@ def build_encoders(encoders_cfg: Any, *, need_video: bool, device: torch.device)
 
 def decode_clip(path: Path, duration_sec: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(clip frames (T_c, 3, 384, 384) in [0, 1], sync frames (T_s, 3, 224, 224) in [-1, 1])."""
-    from wavflow.video import decode_video
-
     frames = decode_video(path, duration_sec)
     return frames.clip, frames.sync
 
 
 def make_sync_segments(sync_frames: torch.Tensor) -> torch.Tensor:
-    from wavflow.video import sync_segments
-
     return sync_segments(sync_frames)
 
 
@@ -348,8 +346,6 @@ def _report_and_stats(cfg: DictConfig, settings: ExtractSettings, paths: OutputP
     merged training CSV; `label` / `onsets` columns of the input CSV feed its class and onset
     metrics."""
     from wavflow.features.encoders import encoder_identity
-    from wavflow.features.report import STATS_FILENAME, analyse_csv, format_report
-
     meta = pd.read_csv(settings.input_csv, dtype=str, keep_default_na=False, na_filter=False)
     meta = meta if {"label", "onsets"} & set(meta.columns) else None
     max_rows = int(OmegaConf.select(cfg, "extraction.report_max_rows", default=512))

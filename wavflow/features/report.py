@@ -41,6 +41,7 @@ from tqdm import tqdm
 from wavflow.errors import CheckpointError, ManifestError, RowsFailedError, WavFlowError
 from wavflow.exit_codes import JobArgumentParser, run_job
 from wavflow.io_utils import atomic_torch_save, safe_torch_load
+from wavflow.manifest import read_manifest
 
 STREAMS = ("text_features", "clip_features", "sync_features")
 STATS_FILENAME = "feature_stats.pt"
@@ -251,8 +252,6 @@ def analyse_csv(csv_path: Path, *, meta: pd.DataFrame | None = None, max_rows: i
                 data_root: Path | None = None) -> tuple[dict[str, Any], FeatureStats]:
     """Read every feature file of a training CSV once: statistics over all rows, the report over
     at most `max_rows` rows (a seeded random subset)."""
-    from wavflow.manifest import read_manifest
-
     # read_manifest: a file that is not a CSV, or lacks the columns, is a ManifestError naming it
     df = read_manifest(csv_path, ("id", "features_path"))
     extra = meta if meta is not None else df

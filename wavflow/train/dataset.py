@@ -20,10 +20,19 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from wavflow.audio import load_audio_tokens
 from wavflow.errors import CheckpointError, FeatureError, ManifestError
 from wavflow.io_utils import safe_torch_load
-from wavflow.row_policy import RowFailures, check_rows
-from wavflow.manifest import ManifestReport, check_files, check_ids, check_flags, parse_flag, read_manifest, resolve_path
+from wavflow.manifest import (
+    check_files,
+    check_flags,
+    check_ids,
+    ManifestReport,
+    parse_flag,
+    read_manifest,
+    resolve_path,
+)
+from wavflow.row_policy import check_rows, RowFailures
 from wavflow.shapes import FeatureShapes, latent_seq_len
 
 log = logging.getLogger("wavflow.train")
@@ -300,8 +309,6 @@ class TrainDataset(Dataset):
         return len(self.rows) * self.repeat_factor
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        from wavflow.audio import load_audio_tokens  # the audio module is imported lazily
-
         row = self.rows[index % len(self.rows)]
         try:
             tokens = load_audio_tokens(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wavflow.audio import unpatchify, write_wav
 from wavflow.io_utils import sanitize_filename
 from wavflow.model.flow import cfg_denoiser, euler_sample
 from wavflow.shapes import target_num_samples
@@ -45,8 +46,6 @@ def generate_training_sample(
     autocast: AbstractContextManager,
 ) -> tuple[Path, Path, torch.Tensor, torch.Tensor]:
     """Write `{gt,gen}_rank<R>_id_<id>.wav` for sample 0 of `batch`; returns paths and waves."""
-    from wavflow.audio import unpatchify, write_wav
-
     data, sampling = cfg.data, cfg.sampling
     sr = int(data.target_sample_rate)
     n_samples = target_num_samples(sr, float(data.audio_duration))

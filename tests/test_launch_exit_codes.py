@@ -15,6 +15,8 @@ import pytest
 from tests.test_extract import overrides as extract_overrides
 from tests.test_extract import write_dataset
 from tests.test_train_common import make_dataset, overrides
+from wavflow import errors
+from wavflow.exit_codes import exit_code_for, report_error
 from wavflow.torchrun_guard import job_exit_code
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,25 @@ def test_job_exit_code_from_rank_codes():
     # a deliberate code beats a runtime failure, which is often another rank's broken collective
     assert job_exit_code([4, 3]) == 3 and job_exit_code([4, 1]) == 1 and job_exit_code([3, 2]) == 2
     assert job_exit_code([4, -15]) == 4 and job_exit_code([7, 4]) == 4 and job_exit_code([7]) == 7
+
+
+@pytest.mark.parametrize("exc, code", [
+    (errors.RowsFailedError("x"), 1), (errors.ConfigError("x"), 2), (errors.ManifestError("x"), 3),
+    (errors.CheckpointError("x"), 3), (errors.AudioError("x"), 3), (errors.WavFlowError("x"), 3),
+    (errors.RuntimeFailure("x"), 4), (OSError(28, "No space left on device"), 4), (KeyError("bug"), 4),
+    (KeyboardInterrupt(), 130),
+])
+def test_each_error_kind_has_its_documented_exit_code_and_one_last_line(exc, code, capsys):
+    try:  # raised, as a job raises it: a traceback has frames to show
+        raise exc
+    except BaseException as caught:
+        exc = caught
+    assert exit_code_for(exc) == code
+    assert report_error("job", exc) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("[wavflow.job] error: ")
+    # a traceback only where a bug is the likely cause: never for our own errors or an OSError
+    assert ("Traceback" in err) == isinstance(exc, KeyError)
 
 
 def _last_line(text: str) -> str:

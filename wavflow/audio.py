@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -43,17 +44,27 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), int(sr)
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
-    """(channels, samples) float32 and the sample rate of the first audio stream, via PyAV."""
+def _open_audio_container(path: Path, before: str = "") -> Any:
+    """`path` opened by PyAV, holding at least one audio stream (AudioError naming it otherwise).
+    `before` prefixes the reason (what libsndfile said first)."""
     import av  # imported lazily: only containers need it
 
     try:
         container = av.open(str(path))
     except Exception as exc:  # PyAV raises several error kinds for foreign files
-        raise AudioError(f"audio file {path} could not be opened ({type(exc).__name__}: {exc})") from exc
+        raise AudioError(f"audio file {path} could not be opened ({before}{type(exc).__name__}: {exc})") from exc
+    if not container.streams.audio:
+        container.close()
+        raise AudioError(f"audio file {path} has no audio stream")
+    return container
+
+
+def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+    """(channels, samples) float32 and the sample rate of the first audio stream, via PyAV."""
+    import av  # imported lazily: only containers need it
+
+    container = _open_audio_container(path)
     with container:
-        if not container.streams.audio:
-            raise AudioError(f"audio file {path} has no audio stream")
         stream = container.streams.audio[0]
         # Convert every frame to planar float32, keeping the layout and rate of the stream.
         resampler = av.AudioResampler(format="fltp")
@@ -128,15 +139,8 @@ def probe_audio(path: str | os.PathLike) -> None:
             if info.frames <= 0:
                 raise AudioError(f"audio file {path} holds no audio samples (zero length)")
             return
-    import av  # imported lazily: only containers need it
-
-    try:
-        container = av.open(str(path))
-    except Exception as exc:  # PyAV raises several error kinds for foreign files
-        raise AudioError(f"audio file {path} could not be opened ({sf_problem}; PyAV: {type(exc).__name__}: {exc})") from exc
+    container = _open_audio_container(path, f"{sf_problem}; PyAV: ")
     with container:
-        if not container.streams.audio:
-            raise AudioError(f"audio file {path} has no audio stream")
         try:
             for frame in container.decode(container.streams.audio[0]):
                 if frame.samples > 0:
@@ -268,7 +272,7 @@ def write_wav(path: str | os.PathLike, wave: Tensor | np.ndarray, sample_rate: i
 def integrated_loudness(wave: Tensor | np.ndarray, sample_rate: int) -> float:
     """BS.1770 integrated loudness in LUFS (pyloudnorm); nan for a clip shorter than one 0.4 s
     gating block or with non-finite samples, -inf for silence."""
-    import pyloudnorm as pyln
+    import pyloudnorm as pyln  # lazy: 1.2 s to import (scipy), only loudness needs it
 
     data = _as_mono_numpy(wave, "integrated_loudness").astype(np.float64)
     if data.size < int(math.ceil(0.4 * sample_rate)) or not np.isfinite(data).all():
@@ -288,7 +292,7 @@ def loudness_normalize(
     one 0.4 s gating block (measured = nan), the wave is returned unchanged. After the gain,
     a peak above 1 is scaled to 0.99.
     """
-    import pyloudnorm as pyln
+    import pyloudnorm as pyln  # lazy: see integrated_loudness
 
     is_tensor = isinstance(wave, Tensor)
     data = _as_mono_numpy(wave, "loudness_normalize").astype(np.float64)

@@ -38,3 +38,8 @@ class FeatureError(WavFlowError):
 class RowsFailedError(WavFlowError):
     """More rows failed than data.max_failed_fraction allows, or none succeeded: the job's
     result is not what was asked for (exit code 1)."""
+
+
+class RuntimeFailure(WavFlowError):
+    """The job started on good input but could not go on (e.g. training diverged: a run of
+    non-finite gradients). Exit code 4, one line, no traceback."""

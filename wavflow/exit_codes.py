@@ -6,8 +6,8 @@ turns an exception into that code and a one-line message.
        what succeeded is written and the failed rows are listed with their reasons
     2  usage error: a bad command line or configuration key; nothing was done
     3  bad input: a CSV, media, feature file, checkpoint or weights file the job cannot use
-    4  runtime failure: the job started but the machine or a library failed (disk full,
-       permission denied, out of memory, a lost rank, a bug: then a traceback is printed above)
+    4  runtime failure: the job started but could not go on (disk full, permission denied,
+       out of memory, a lost rank, training diverged; a bug: then a traceback is printed above)
   130  interrupted (Ctrl-C) outside a launcher; 128 + N: a process was killed by signal N
 
 The message is always the last line of the output, `[wavflow.<job>] error: ...`, so the line a
@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from wavflow.errors import ConfigError, RowsFailedError, WavFlowError
+from wavflow.errors import ConfigError, RowsFailedError, RuntimeFailure, WavFlowError
 
 EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
@@ -49,6 +49,8 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_ROWS_FAILED
     if isinstance(exc, ConfigError):
         return EXIT_USAGE
+    if isinstance(exc, RuntimeFailure):
+        return EXIT_RUNTIME
     if isinstance(exc, WavFlowError):
         return EXIT_BAD_INPUT
     if isinstance(exc, KeyboardInterrupt):
@@ -86,7 +88,7 @@ def _record_for_launcher(line: str, code: int) -> None:
 def report_error(job: str, exc: BaseException) -> int:
     """Print `exc` as documented above and return its exit code."""
     code = exit_code_for(exc)
-    if code == EXIT_RUNTIME and not isinstance(exc, OSError):
+    if code == EXIT_RUNTIME and not isinstance(exc, (OSError, RuntimeFailure)):
         traceback.print_exception(exc, file=sys.stderr)  # a bug or a library failure: show where
     details, line = error_line(job, exc)
     sys.stdout.flush()

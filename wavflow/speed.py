@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from wavflow.errors import ConfigError
+from wavflow.model.layers import ChannelLastConv1d, JointBlock, MMDitSingleBlock
 
 OPTIMIZER_IMPLS = ("default", "foreach", "fused", "auto")
 EMA_IMPLS = ("loop", "foreach")
@@ -81,8 +82,6 @@ class SpeedOptions:
 # ------------------------------------------------------------------------------ model
 def set_conv_impl(model: nn.Module, impl: str) -> int:
     """Switch every ChannelLastConv1d of `model` to `impl`; returns how many were switched."""
-    from wavflow.model.layers import ChannelLastConv1d
-
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl {impl!r} is not one of {CONV_IMPLS}")
     count = 0
@@ -97,8 +96,6 @@ def set_attention_impl(model: nn.Module, backend: str) -> int:
     """Route every attention block of `model` through two GEMMs (`backend` "matmul") or SDPA
     (any other backend, whose kernel sdpa_context picks); returns how many blocks were set. A
     model attribute, not a global: two models in one process keep their own choice."""
-    from wavflow.model.layers import JointBlock, MMDitSingleBlock
-
     impl = "matmul" if backend == "matmul" else "sdpa"
     count = 0
     for module in model.modules():
@@ -114,7 +111,7 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
         raise ValueError(f"attention_backend {backend!r} is not one of {ATTENTION_BACKENDS}")
     if backend in ("auto", "matmul"):  # matmul is not SDPA: a model attribute (set_attention_impl)
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # only when a backend is forced
 
     which = {
         "flash": SDPBackend.FLASH_ATTENTION,

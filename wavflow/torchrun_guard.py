@@ -86,6 +86,7 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     if os.getppid() != parent:  # the launcher died before the guard was armed
         return 128 + 15
+    # torch after the guard is armed: a launcher that dies while torch imports takes this with it
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 

@@ -471,7 +471,7 @@ def robustness_table(results: dict[str, Any]) -> str:
 
 
 def _write_curve(root: Path, curve: list[dict], title: str, series: Sequence[tuple[str, str | None]]) -> None:
-    import matplotlib
+    import matplotlib  # lazy: pyplot takes 0.6 s, only the curve figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

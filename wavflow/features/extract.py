@@ -68,7 +68,7 @@ DEFAULT_CONFIG = "extract_vt2a.yaml"
 # ------------------------------------------------------------------ seams (tests patch these)
 def build_encoders(encoders_cfg: Any, *, need_video: bool, device: torch.device) -> Any:
     """The CLIP (+ Synchformer when `need_video`) encoders; imported late (open_clip is heavy)."""
-    from wavflow.features.encoders import FeatureEncoders
+    from wavflow.features.encoders import FeatureEncoders  # lazy: open_clip takes ~4 s to import
 
     return FeatureEncoders.from_config(encoders_cfg, need_video=need_video, device=device)
 
@@ -345,7 +345,7 @@ def _report_and_stats(cfg: DictConfig, settings: ExtractSettings, paths: OutputP
     pth_dir, for data.feature_norm) and the feature-quality report (features/report.py) over the
     merged training CSV; `label` / `onsets` columns of the input CSV feed its class and onset
     metrics."""
-    from wavflow.features.encoders import encoder_identity
+    from wavflow.features.encoders import encoder_identity  # lazy: open_clip (~4 s)
     meta = pd.read_csv(settings.input_csv, dtype=str, keep_default_na=False, na_filter=False)
     meta = meta if {"label", "onsets"} & set(meta.columns) else None
     max_rows = int(OmegaConf.select(cfg, "extraction.report_max_rows", default=512))

@@ -97,7 +97,7 @@ class AudioFeatureExtractor(nn.Module):
 
     def __init__(self, cfg: SynchformerAVConfig) -> None:
         super().__init__()
-        from transformers import ASTConfig, ASTModel
+        from transformers import ASTConfig, ASTModel  # lazy: 0.8 s, evaluation's DeSync only
 
         self.ast_config = ASTConfig(
             hidden_size=cfg.ast_hidden, num_hidden_layers=cfg.ast_layers, num_attention_heads=cfg.ast_heads,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -268,8 +269,6 @@ def warn_if_audio_short(rows: Sequence[TrainRow], duration: float, probe: int = 
     """One warning when the first few audio files are much shorter than data.audio_duration
     (they would be mostly zero padding). Cheap: reads headers only; unreadable files are left
     to the read-time check."""
-    import soundfile as sf
-
     lengths: list[float] = []
     for row in rows[:probe]:
         try:

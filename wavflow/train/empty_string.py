@@ -34,7 +34,7 @@ def resolve_empty_string_feat(cfg: DictConfig, first_row: TrainRow) -> tuple[tor
     beside = first_row.features_path.parent / "empty_string.pt"
     if beside.is_file():
         return load_empty_string_feat(beside, shape, "empty string feature"), str(beside)
-    from wavflow.features.encoders import FeatureEncoders
+    from wavflow.features.encoders import FeatureEncoders  # lazy: open_clip (~4 s), rarely needed
 
     encoders = FeatureEncoders.from_config(cfg.encoders, need_video=False)
     feat = encoders.empty_string_feature().detach().float().cpu()

@@ -48,7 +48,7 @@ def close_logging() -> None:
 
 def log_mel_image(wave: torch.Tensor, sample_rate: int) -> "Any":
     """A (H, W, 3) uint8 picture of the log-mel spectrogram (matplotlib Agg, no display)."""
-    import matplotlib
+    import matplotlib  # lazy: pyplot takes 0.6 s, only images in TensorBoard need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

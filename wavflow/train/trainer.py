@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from wavflow.config import save_config
 from wavflow.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from wavflow.errors import CheckpointError, WavFlowError
+from wavflow.errors import CheckpointError, RuntimeFailure, WavFlowError
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
@@ -422,7 +422,7 @@ class Trainer:
                 "(%d in a row, training.max_nonfinite_steps=%d)", self.global_step, grad_norm, loss,
                 self.nonfinite_in_a_row, limit)
         if self.nonfinite_in_a_row >= limit:
-            raise WavFlowError(
+            raise RuntimeFailure(
                 f"{self.nonfinite_in_a_row} optimiser steps in a row had a non-finite gradient norm (at global "
                 f"step {self.global_step}); stopping with the last saved checkpoint intact. Lower training.lr, "
                 "check the data for inf/NaN samples, or raise training.max_nonfinite_steps")

@@ -115,15 +115,31 @@ def test_every_base_key_the_demo_forwards_reaches_each_launcher_as_set():
 
 def test_demo_refuses_to_reuse_stages_made_with_other_settings(tmp_path: Path):
     from wavflow.config import load_config
-    from wavflow.demo.pipeline import StageError, _check_reuse
+    from wavflow.demo.pipeline import _check_reuse
+    from wavflow.errors import ConfigError
 
     cfg = load_config("demo.yaml", [f"demo.out_dir={tmp_path}"])
     _check_reuse(cfg, tmp_path)  # first run: writes the stamp
     assert json.loads((tmp_path / "demo_settings.json").read_text())["demo.n"] == cfg.demo.n == 144
     _check_reuse(cfg, tmp_path)  # same settings: reuse is fine
     other = load_config("demo.yaml", [f"demo.out_dir={tmp_path}", "demo.n=16", "model.name=tiny_16k"])
-    with pytest.raises(StageError, match=r"demo.n: 144 -> 16.*demo.fresh=true"):
+    with pytest.raises(ConfigError, match=r"demo.n: 144 -> 16.*demo.fresh=true"):  # a usage error: exit 2
         _check_reuse(other, tmp_path)
+
+
+def test_a_failed_stage_passes_on_its_exit_code_and_its_own_last_line(tmp_path: Path):
+    """The demo and the learning benchmark exit with the failed stage's code (a usage error in
+    a stage stays 2, not the generic 3) and repeat the stage's `[wavflow.<job>] error:` line."""
+    from wavflow.demo.pipeline import StageError, run_stage
+    from wavflow.exit_codes import exit_code_for
+
+    with pytest.raises(StageError) as caught:
+        run_stage("predict_bad", "predict", ["inference.cfg=not_a_number"], 1, tmp_path)
+    err = caught.value
+    assert err.exit_code == 2 and exit_code_for(err) == 2
+    assert "stage 'predict_bad' failed with exit code 2: [wavflow.predict] error:" in str(err)
+    assert "inference.cfg" in str(err) and (tmp_path / "predict_bad.log").is_file()
+    assert exit_code_for(StageError("killed", -9)) == 137
 
 
 def test_loudness_target_data_is_the_median_of_the_training_clips(tmp_path: Path):

@@ -165,7 +165,7 @@ def _step_pair(tmp_path, fast: dict, **extra):
     from wavflow.train.dataset import collate_train
 
     batch = collate_train([a.dataset[i] for i in range(4)])
-    stats = [(t.optimizer_update([batch], lr_epoch=0.0), t.optimizer_update([batch], lr_epoch=0.0)) for t in (a, b)]
+    stats = [(t.step.update([batch], lr_epoch=0.0), t.step.update([batch], lr_epoch=0.0)) for t in (a, b)]
     return a, b, stats
 
 

@@ -73,7 +73,7 @@ def test_stale_checkpoint_temporaries_of_this_run_are_removed_and_logged(tmp_pat
 # or non-shared file system does): a later step, or no readable file at all.
 _DISAGREEING_RANK = """
 import os, sys
-import wavflow.train.trainer as trainer
+import wavflow.train.train_state as trainer
 from wavflow.errors import CheckpointError
 original = trainer.load_latest_checkpoint
 def other_view(path):

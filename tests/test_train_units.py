@@ -138,7 +138,7 @@ def test_missing_modalities_reach_the_model_as_learned_empty_tokens(tmp_path):
     assert batch["video_exist"].tolist() == [True, False, True, True]
     assert batch["text_exist"].tolist() == [True, True, False, True]
     assert torch.equal(batch["clip_features"][1], torch.zeros(SHAPES["clip_seq_len"], SHAPES["clip_dim"]))  # placeholder
-    tr.micro_step(batch)
+    tr.step.micro_step(batch)
     empty_string = torch.load(tmp_path / "features" / "empty_string.pt", weights_only=True)[0]
     assert torch.equal(m.empty_string_feat, empty_string)  # the learned file beside the features
     assert torch.equal(seen["clip"][1], m.empty_clip_feat.expand(SHAPES["clip_seq_len"], -1))
@@ -163,10 +163,10 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
     noise = draw_step_noise(g, big["audio_tokens"], mean=0.0, scale=1.0, noise_scale=1.0)
     noise.u_video = torch.tensor([0.05, 0.5, 0.5, 0.5])  # exercise one drop
     parts = [StepNoise(*(getattr(noise, f)[sl] for f in ("t", "x0", "u_video", "u_text"))) for sl in (slice(0, 2), slice(2, 4))]
-    a.draw_noise = lambda x1, it=iter(parts): next(it)
-    b.draw_noise = lambda x1: noise
-    stats_a = a.optimizer_update([collate_train(items[:2]), collate_train(items[2:])], lr_epoch=0.0)
-    stats_b = b.optimizer_update([big], lr_epoch=0.0)
+    a.step.draw_noise = lambda x1, it=iter(parts): next(it)
+    b.step.draw_noise = lambda x1: noise
+    stats_a = a.step.update([collate_train(items[:2]), collate_train(items[2:])], lr_epoch=0.0)
+    stats_b = b.step.update([big], lr_epoch=0.0)
     assert stats_a["grad_norm"] == pytest.approx(stats_b["grad_norm"], rel=1e-5)
     assert stats_a["grad_norm"] > 0.5  # clipping was active in both
     # AdamW's first step is ~lr*sign(g): where |g| is near eps (1e-8) the micro-batch sum order
@@ -291,20 +291,20 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_a_run_of_them_stops(tm
     weights = [p.detach().clone() for p in tr.model.parameters()]
     ema = [s.clone() for s in tr.ema1.shadow]
 
-    stats = tr.optimizer_update([bad], lr_epoch=0.0)
+    stats = tr.step.update([bad], lr_epoch=0.0)
     assert stats["skipped"] and stats["reason"] == "nonfinite" and stats["rows"] == 0
-    assert tr.global_step == 0 and tr.nonfinite_in_a_row == 1
+    assert tr.global_step == 0 and tr.step.nonfinite_in_a_row == 1
     assert all(torch.equal(a, b) for a, b in zip(weights, tr.model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(ema, tr.ema1.shadow))
     assert not tr.optimizer.state  # AdamW never stepped: no moments from the bad gradient
 
-    stats = tr.optimizer_update([good], lr_epoch=0.0)  # a finite step goes through and resets the count
-    assert not stats["skipped"] and tr.global_step == 1 and tr.nonfinite_in_a_row == 0
+    stats = tr.step.update([good], lr_epoch=0.0)  # a finite step goes through and resets the count
+    assert not stats["skipped"] and tr.global_step == 1 and tr.step.nonfinite_in_a_row == 0
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
 
-    tr.optimizer_update([bad], lr_epoch=0.0)
+    tr.step.update([bad], lr_epoch=0.0)
     with pytest.raises(WavFlowError, match="2 optimiser steps in a row had a non-finite gradient norm"):
-        tr.optimizer_update([bad], lr_epoch=0.0)
+        tr.step.update([bad], lr_epoch=0.0)
     assert tr.global_step == 1 and all(torch.isfinite(p).all() for p in tr.model.parameters())
 
 
@@ -314,6 +314,6 @@ def test_max_nonfinite_steps_0_applies_every_step_as_the_reference_does(tmp_path
     tr = _trainer(tmp_path, training__max_nonfinite_steps=0, training__warmup_steps=0)
     bad = collate_train([tr.dataset[i] for i in range(2)])
     bad["audio_tokens"][0, 0, 0] = float("inf")
-    stats = tr.optimizer_update([bad], lr_epoch=0.0)
+    stats = tr.step.update([bad], lr_epoch=0.0)
     assert not stats["skipped"] and tr.global_step == 1
     assert any(torch.isnan(p).any() for p in tr.model.parameters())

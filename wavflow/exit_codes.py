@@ -45,6 +45,9 @@ class JobArgumentParser(argparse.ArgumentParser):
 
 
 def exit_code_for(exc: BaseException) -> int:
+    passed_on = getattr(exc, "exit_code", None)  # a stage's own code (the demo, the benchmark)
+    if isinstance(exc, WavFlowError) and isinstance(passed_on, int) and passed_on != 0:
+        return passed_on if passed_on > 0 else 128 - passed_on  # -N: the stage was killed by signal N
     if isinstance(exc, RowsFailedError):
         return EXIT_ROWS_FAILED
     if isinstance(exc, ConfigError):

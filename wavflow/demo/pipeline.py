@@ -27,7 +27,7 @@ from wavflow.config import CONFIG_DIR, format_override
 from wavflow.demo.figures import plot_real_vs_generated
 from wavflow.demo.make_dataset import check_args, DATASETS, load_dataset_info, make_dataset
 from wavflow.demo.metrics import evaluate
-from wavflow.errors import ConfigError, WavFlowError
+from wavflow.errors import AudioError, ConfigError, WavFlowError
 from wavflow.io_utils import atomic_write_text
 
 log = logging.getLogger("wavflow.demo")
@@ -60,7 +60,12 @@ SHARED_KEYS = (
 
 
 class StageError(WavFlowError):
-    """A pipeline stage (launcher subprocess) failed."""
+    """A pipeline stage (a job run as a subprocess) failed; the demo exits with the stage's own
+    exit code (docs/errors.md), so a usage error in a stage stays a usage error."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -144,13 +149,17 @@ def run_stage(name: str, job: str, overrides: Sequence[str], nproc: int, log_dir
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
+        job_error = ""  # the job's own last line, `[wavflow.<job>] error: ...` (docs/errors.md)
         for line in proc.stdout:
             sys.stdout.write(line)
             log_file.write(line)
+            if "] error: " in line and line.startswith("[wavflow."):
+                job_error = line.strip()
         code = proc.wait()
     seconds = time.time() - start
     if code != 0:
-        raise StageError(f"stage '{name}' failed with exit code {code}; full output in {log_path}")
+        said = f": {job_error}" if job_error else ""
+        raise StageError(f"stage '{name}' failed with exit code {code}{said} (full output in {log_path})", code)
     print(f"=== [{name}] done in {seconds:.1f}s", flush=True)
     return seconds
 
@@ -171,7 +180,7 @@ def _check_reuse(cfg: DictConfig, root: Path) -> None:
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
             listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise StageError(
+            raise ConfigError(
                 f"{root} holds a demo made with other settings ({listed}). Re-run with demo.fresh=true "
                 f"to start over there, or choose another demo.out_dir / DEMO_OUT."
             )
@@ -308,7 +317,7 @@ def data_loudness_lufs(data_dir: Path, split: str = "train") -> float:
               for c in info.split(split)]
     finite = sorted(v for v in values if math.isfinite(v))
     if not finite:
-        raise StageError(f"no {split} clip of {info.events_path} has a measurable loudness")
+        raise AudioError(f"no {split} clip of {info.events_path} has a measurable loudness")
     return float(finite[len(finite) // 2])
 
 

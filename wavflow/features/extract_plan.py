@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wavflow.config_values import required_key
 from wavflow.errors import CheckpointError, ConfigError, ManifestError
 from wavflow.features.extract_outputs import OutputPaths
 from wavflow.io_utils import describe_load_error, safe_torch_load
@@ -52,14 +53,8 @@ SOURCE_KEY = "wavflow_source"
 # The encoder keys whose change makes old features wrong (weights, tokenizer, profile).
 ENCODER_IDENTITY_KEYS = ("profile", "clip_model", "clip_tokenizer", "clip_pretrained", "synchformer_ckpt")
 
-_MISSING = object()
-
-
 def _key(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=_MISSING)
-    if value is _MISSING:
-        raise ConfigError(f"required config key '{key}' is missing (start from configs/extract_t2a.yaml or extract_vt2a.yaml)")
-    return value
+    return required_key(cfg, key, "start from configs/extract_t2a.yaml or extract_vt2a.yaml")
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:

@@ -18,6 +18,7 @@ from wavflow.distributed import DistInfo
 from wavflow.row_policy import RowFailures, max_failed_fraction
 from wavflow.train.dataset import (
     FeatureShapes,
+    TrainDataset,
     TrainRow,
     collate_train,
     csv_list,
@@ -116,3 +117,17 @@ def gather_failures(info: DistInfo, failures: RowFailures) -> RowFailures:
     for count, first in parts:
         merged.merge(RowFailures(count=int(count), first=list(first)))
     return merged
+
+
+def placeholder_batch(dataset: TrainDataset) -> dict[str, Any]:
+    """One zero row standing in for a batch whose rows all failed to read, so every rank still
+    runs the same collective forward/backward (the step multiplies its loss by 0)."""
+    shapes = dataset.shapes
+    return {
+        "audio_tokens": torch.zeros(1, dataset.num_tokens, dataset.audio_dim),
+        "clip_features": torch.zeros(1, *shapes.clip),
+        "sync_features": torch.zeros(1, *shapes.sync),
+        "text_features": torch.zeros(1, *shapes.text),
+        "video_exist": torch.zeros(1, dtype=torch.bool),
+        "text_exist": torch.zeros(1, dtype=torch.bool),
+    }

@@ -1,7 +1,7 @@
 """The run folder's checkpoints as every rank sees them: the one decision to resume or start
 fresh (rank 0 decides, all follow), the check that every rank read the same checkpoint, and
 writing full/EMA checkpoints (rank 0 writes, all ranks take part). What a checkpoint holds is
-the trainer's (`Trainer.checkpoint_dict`); the files' layout is in checkpointing.py."""
+`TrainState.checkpoint_dict` (train_state.py); the files' layout is in checkpointing.py."""
 
 from __future__ import annotations
 

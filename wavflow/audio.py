@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 from torch import Tensor
 
 from wavflow.errors import AudioError
@@ -157,8 +158,6 @@ def _resampler(orig_sr: int, target_sr: int) -> torch.nn.Module:
     Not `torchaudio.functional.resample`: the transform builds its sinc kernel in float64
     before casting, which differs from the functional form by ~1e-5.
     """
-    import torchaudio
-
     return torchaudio.transforms.Resample(orig_sr, target_sr)
 
 

@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun_main
+
 from wavflow.distributed import die_with_parent
 from wavflow.exit_codes import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_ROWS_FAILED, EXIT_RUNTIME, EXIT_USAGE
 
@@ -86,10 +89,6 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     if os.getppid() != parent:  # the launcher died before the guard was armed
         return 128 + 15
-    # torch after the guard is armed: a launcher that dies while torch imports takes this with it
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
-
     with tempfile.TemporaryDirectory(prefix="wavflow_errors_") as folder:
         os.environ[ERROR_DIR_ENV] = folder  # the ranks inherit it (wavflow/exit_codes.py)
         try:

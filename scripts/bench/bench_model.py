@@ -10,7 +10,7 @@ data loader, each for today's eager path ("main": every speed option off) and th
         [--device auto|cpu|cuda] [--repeats 5] [--profile] [--out bench.json]
 
 Phases (each timed as the median of --repeats calls after --warmup calls, variants interleaved):
-- train_step: `Trainer.optimizer_update([batch])`, the function `python -m wavflow.train` runs
+- train_step: `Trainer.step.update([batch])`, the function `python -m wavflow.train` runs
   per optimiser step: label drop, noise draw, forward, loss, backward, grad clipping, AdamW,
   both EMA updates. The trainer is built from configs/train.yaml on a synthetic data set
   written to a temporary folder (wav files + feature files + CSV of the requested shapes).
@@ -48,20 +48,24 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
+import soundfile as sf
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a plain clone too
 
+from wavflow.audio import unpatchify  # noqa: E402
+from wavflow.config import load_config  # noqa: E402
 from wavflow.io_utils import atomic_write_text  # noqa: E402
-from wavflow.model import PRESETS  # noqa: E402
+from wavflow.model import build_model_from_config, PRESETS  # noqa: E402
 from wavflow.shapes import latent_seq_len, video_seq_lens  # noqa: E402
 from wavflow.speed import SpeedOptions  # noqa: E402
-
-if TYPE_CHECKING:
-    from wavflow.train.trainer import Trainer
+from wavflow.train.dataset import collate_train  # noqa: E402
+from wavflow.train.trainer import Trainer  # noqa: E402
 
 PHASES = ("train_step", "forward", "sampling", "data")
 MAIN = "main"
@@ -148,14 +152,10 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
-    from torch.utils.flop_counter import sdpa_flop_count
-
     return sdpa_flop_count(query, key, value)
 
 
 def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
@@ -168,8 +168,6 @@ EXTRA_FLOP_FORMULAS = {
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -226,8 +224,6 @@ def dense_matmul_flops_per_s(device: torch.device, dtype: torch.dtype, repeats: 
 
 
 def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 15) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         fn()
@@ -238,6 +234,8 @@ def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 15) -
 
 def dynamo_graphs() -> int:
     try:
+        # lazy: torch._dynamo costs ~1.5 s to import (+70 MiB); --help and --write-dataset
+        # (scripts/bench/gpu_check.sh) do not need it
         from torch._dynamo.utils import counters
 
         return int(counters["stats"]["unique_graphs"])
@@ -257,8 +255,6 @@ def condition_shapes(preset: str, duration: float) -> dict[str, int]:
 
 def write_dataset(root: Path, rows: int, sr: int, duration: float, shapes: dict[str, int], seed: int = 0) -> Path:
     """`rows` random wav files + feature files + empty_string.pt + train.csv (all modalities)."""
-    import soundfile as sf
-
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -287,8 +283,6 @@ def option_overrides(section: str, opts: SpeedOptions) -> list[str]:
 
 
 def train_config(args: argparse.Namespace, csv: Path, out: Path, device: torch.device, opts: SpeedOptions, tag: str):
-    from wavflow.config import load_config
-
     shapes = condition_shapes(args.preset, args.duration)
     ov = [
         f"model.name={args.preset}", f"data.audio_duration={args.duration}", f"data.target_sample_rate={SAMPLE_RATE}",
@@ -414,8 +408,6 @@ def run_phases(args: argparse.Namespace, device: torch.device, runner: Runner, v
                results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """The raw numbers per phase and variant, on trainers over a synthetic data set that lives in
     a temporary folder for the phases' duration; `results` gains params (and sampling_setup)."""
-    from wavflow.train.dataset import collate_train
-
     raw: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="wavflow_bench_") as tmp:
         trainers = build_trainers(args, Path(tmp), device, variants)
@@ -438,8 +430,6 @@ def build_trainers(args: argparse.Namespace, root: Path, device: torch.device,
                    variants: dict[str, SpeedOptions]) -> dict[str, Trainer]:
     """One trainer per variant over one synthetic data set written under `root`, all from the
     same perturbed weights (EMAs reset to them) so their steps can be compared."""
-    from wavflow.train.trainer import Trainer
-
     shapes = condition_shapes(args.preset, args.duration)
     csv = write_dataset(root / "data", max(2 * args.batch, 16), SAMPLE_RATE, args.duration, shapes)
     trainers: dict[str, Trainer] = {}
@@ -453,9 +443,9 @@ def build_trainers(args: argparse.Namespace, root: Path, device: torch.device,
 
 def _train_step_phase(runner: Runner, trainers: dict[str, Trainer], batch: dict[str, Any],
                       compiled: dict[str, bool]) -> dict[str, dict[str, Any]]:
-    """`Trainer.optimizer_update` per variant; with both variants, how far their weights drift."""
+    """`Trainer.step.update` per variant; with both variants, how far their weights drift."""
     step_flops = _train_step_flops(next(iter(trainers.values())), batch)
-    calls = {v: (lambda tr=tr: tr.optimizer_update([batch], lr_epoch=0.0)) for v, tr in trainers.items()}
+    calls = {v: (lambda tr=tr: tr.step.update([batch], lr_epoch=0.0)) for v, tr in trainers.items()}
     measured = runner.measure("train_step", calls, compiled)
     for v in measured:
         measured[v]["flops"] = step_flops
@@ -530,18 +520,18 @@ def _data_phase(args: argparse.Namespace, tr: Trainer) -> dict[str, Any]:
 def _train_step_flops(tr: Any, batch: dict[str, Any]) -> int:
     """FLOPs of forward + backward of one micro-step (the optimizer's elementwise work is not
     counted), leaving the trainer's RNG and gradients as they were."""
-    state = tr.generator.get_state()
+    state = tr.state.generator.get_state()
     with torch.random.fork_rng(devices=[]):
-        flops = count_flops(lambda: tr.micro_step(batch)[0].backward())
-    tr.generator.set_state(state)
+        flops = count_flops(lambda: tr.step.micro_step(batch)[0].backward())
+    tr.state.generator.set_state(state)
     tr.optimizer.zero_grad(set_to_none=True)
     return flops
 
 
 def _sampling(args, device, runner, trainers, variants, compiled, results) -> dict[str, Any]:
-    from wavflow.config import load_config
+    # lazy: wavflow.generator pulls torchvision via wavflow.video (~1.5 s and +30 MiB RSS, which
+    # would enter the CPU peak-memory figures of the phases run before this one)
     from wavflow.generator import ConditionFeatures, WavFlowGenerator
-    from wavflow.model import build_model_from_config
 
     shapes = condition_shapes(args.sample_preset, args.sample_duration)
     base = [f"model.name={args.sample_preset}", f"data.audio_duration={args.sample_duration}",
@@ -604,8 +594,6 @@ def _sampling(args, device, runner, trainers, variants, compiled, results) -> di
 def _reference_euler(model, gen, items, seeds, cfg: float, steps: int) -> torch.Tensor:
     """The reference Euler + CFG loop: two separate network passes per step, fp32, the
     conditions prepared once, empty conditions from batch 1 broadcast (spec §2.11, §3)."""
-    from wavflow.audio import unpatchify
-
     with torch.inference_mode():
         x = gen.initial_noise(seeds)
         clip, sync, text = gen.stack_conditions(items)

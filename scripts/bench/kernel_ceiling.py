@@ -2,7 +2,7 @@
 """How fast can the trainer's step be with the kernels it calls? A ceiling, measured.
 
 Records every FLOP-carrying operator (matmuls, convolutions and their backward, attention
-forward and backward) that one real trainer step (`Trainer.optimizer_update`, as in
+forward and backward) that one real trainer step (`Trainer.step.update`, as in
 bench_model.py's train_step phase) dispatches, with its shapes, strides, dtypes and arguments;
 then replays each distinct call alone on fresh tensors of the same layout and times it.
 
@@ -43,6 +43,8 @@ import bench_model  # noqa: E402
 from wavflow.io_utils import atomic_write_text  # noqa: E402
 from wavflow.model import PRESETS  # noqa: E402
 from wavflow.speed import SpeedOptions  # noqa: E402
+from wavflow.train.dataset import collate_train  # noqa: E402
+from wavflow.train.trainer import Trainer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Operators that carry FLOPs: torch's registry plus the CPU attention kernels bench_model adds.
@@ -139,9 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from wavflow.train.dataset import collate_train
-    from wavflow.train.trainer import Trainer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -153,7 +152,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         tr = Trainer(bench_model.train_config(args, csv, root / "out", device, args.speed, "ceiling"))
         bench_model.perturb(tr.model, 1)
         batch = collate_train([tr.dataset[i] for i in range(args.batch)])
-        step = lambda: tr.optimizer_update([batch], lr_epoch=0.0)  # noqa: E731
+        step = lambda: tr.step.update([batch], lr_epoch=0.0)  # noqa: E731
         step_seconds = time_call(step, device, args.warmup, args.repeats)
         recorder = RecordFlopOps()
         with recorder:

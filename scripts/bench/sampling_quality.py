@@ -31,7 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a plain clone too
 
 from wavflow.audio import load_audio  # noqa: E402
+from wavflow.config import load_config  # noqa: E402
+from wavflow.demo.learning_benchmark import predict_stage, stage_eval_cfg  # noqa: E402
 from wavflow.demo.make_dataset import MODES  # noqa: E402
+from wavflow.demo.metrics import evaluate  # noqa: E402
 from wavflow.io_utils import atomic_write_text  # noqa: E402
 
 
@@ -102,10 +105,6 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from wavflow.config import load_config
-    from wavflow.demo.learning_benchmark import predict_stage, stage_eval_cfg
-    from wavflow.demo.metrics import evaluate
-
     args = parse_args(argv)
     cfg = load_config("bench_learning.yaml", args.bench_overrides, job="bench_learning")
     stage = args.stage_dir.absolute()

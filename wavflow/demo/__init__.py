@@ -13,6 +13,7 @@ The builder function is `wavflow.demo.make_dataset.make_dataset` (the package at
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
@@ -30,7 +31,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'wavflow.demo' has no attribute {name!r}")

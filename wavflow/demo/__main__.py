@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
+from wavflow.config import load_config, parse_cli
 from wavflow.exit_codes import EXIT_OK, run_job
 
 
@@ -15,11 +16,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from wavflow.config import load_config, parse_cli
-    from wavflow.demo.pipeline import describe, run_demo
-
     path, overrides = parse_cli(argv, "demo.yaml")
     cfg = load_config(path, overrides, job="demo")
+    # heavy imports after the config is known good: the pipeline pulls scipy.signal and
+    # matplotlib.pyplot (~2 s), which a config error should not wait for
+    from wavflow.demo.pipeline import describe, run_demo
+
     result = run_demo(cfg)
     print(describe(result, int(cfg.demo.train.max_steps)))
     return EXIT_OK

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torchaudio
 
 from wavflow.audio import load_audio
 from wavflow.evaluate.metrics import frechet_from_statistics
@@ -46,8 +47,6 @@ def finite_or_none(x: Any) -> float | None:
 
 @lru_cache(maxsize=4)
 def _mel_transform(sample_rate: int):
-    import torchaudio
-
     n_fft = 1 << max(8, int(round(math.log2(0.032 * sample_rate))))  # ~32 ms window
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=n_fft, hop_length=sample_rate // 100, n_mels=N_MELS,

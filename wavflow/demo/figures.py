@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -45,8 +46,6 @@ def plot_real_vs_generated(data_dir: str | Path, generated_dir: str | Path, out_
                     ax.axvline(onset, color="lime", linewidth=0.8, linestyle="--")
     fig.suptitle("WavFlow demo: real (left) vs generated (right); dashed lines = event onsets", fontsize=10)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

@@ -473,7 +473,9 @@ def robustness_table(results: dict[str, Any]) -> str:
 def _write_curve(root: Path, curve: list[dict], title: str, series: Sequence[tuple[str, str | None]]) -> None:
     import matplotlib  # lazy: pyplot takes 0.6 s, only the curve figure needs it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # headless: no display on servers and CI
+    # matplotlib.pyplot costs 0.6 s to import; only the curve figure needs it (today the
+    # module-level import of wavflow.demo.pipeline -> figures loads it already)
     import matplotlib.pyplot as plt
 
     atomic_write_text(root / "curve.json", json.dumps(curve, indent=1) + "\n")

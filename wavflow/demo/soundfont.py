@@ -59,6 +59,7 @@ def soundfont_path() -> Path:
 
 def _import_synth():
     try:
+        # optional package (pip install --no-deps tinysoundfont); only the instruments data set needs it
         import tinysoundfont
     except ImportError as exc:
         raise SoundFontMissingError(

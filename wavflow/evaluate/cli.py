@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wavflow.audio import load_audio
 from wavflow.config import load_config
 from wavflow.errors import ConfigError, RowsFailedError, WavFlowError, WeightsError
 from wavflow.evaluate import models as MD
@@ -27,7 +28,7 @@ from wavflow.evaluate.run import (
 )
 from wavflow.exit_codes import JobArgumentParser, run_job
 from wavflow.features.synchformer import SynchformerConfig
-from wavflow.features.synchformer_av import SynchformerAVConfig
+from wavflow.features.synchformer_av import load_synchformer_av, SynchformerAVConfig
 from wavflow.io_utils import atomic_write_text
 from wavflow.runtime import resolve_device
 
@@ -99,8 +100,6 @@ def load_networks(cfg: DictConfig, needed: set[str], device: torch.device) -> tu
             elif key == "clap":
                 net = MD.ClapNet.from_file(path, hf_home=weights.clap_hf_home, device=str(device))
             elif key == "synchformer":
-                from wavflow.features.synchformer_av import load_synchformer_av
-
                 net = load_synchformer_av(path, _synchformer_config(archs.get("synchformer")))
             else:
                 net = MD.LOADERS[key](path)
@@ -138,8 +137,6 @@ def run(args: argparse.Namespace, cfg: DictConfig) -> int:
 
     feats, clip_problems = extract_all(pairing, extractor, progress) if nets else ({}, {})
     if not nets:  # no network at all: still check that every file on both sides reads
-        from wavflow.audio import load_audio
-
         for pair in pairing.pairs:
             for side, path in (("generated", pair.generated), ("reference", pair.reference)):
                 try:

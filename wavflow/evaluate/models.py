@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from huggingface_hub import constants
 from torch import Tensor, nn
 
 from wavflow.errors import CheckpointError, WeightsError
@@ -106,9 +107,10 @@ class PasstNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # optional evaluation package (requirements.txt): imported only when this network is loaded
         from hear21passt.models.passt import get_model
-        from hear21passt.models.preprocess import AugmentMelSTFT
-        from hear21passt.wrapper import PasstBasicWrapper
+        from hear21passt.models.preprocess import AugmentMelSTFT  # optional: as above
+        from hear21passt.wrapper import PasstBasicWrapper  # optional: as above
 
         # The package's "basic model" front end (hear21passt.base.get_basic_model's arguments),
         # built here without its pretrained=True download.
@@ -120,6 +122,7 @@ class PasstNet(nn.Module):
 
     @classmethod
     def from_file(cls, path: Path) -> "PasstNet":
+        # optional evaluation package (requirements.txt): imported only when this network is loaded
         from hear21passt.models.passt import checkpoint_filter_fn
 
         model = cls()
@@ -143,6 +146,7 @@ class PannsNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # optional evaluation package (requirements.txt): imported only when this network is loaded
         from panns_inference.models import Cnn14
 
         self.net = Cnn14(sample_rate=16000, window_size=512, hop_size=160, mel_bins=64, fmin=50, fmax=8000,
@@ -171,6 +175,7 @@ class VggishNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # optional evaluation package (requirements.txt): imported only when this network is loaded
         from torchvggish.torchvggish import _vgg
 
         self.net = _vgg(postprocess=False)
@@ -182,6 +187,7 @@ class VggishNet(nn.Module):
         return model.eval().requires_grad_(False)
 
     def forward(self, wave: Tensor) -> Tensor:
+        # optional evaluation package (requirements.txt): imported only when this network is loaded
         from torchvggish.vggish_input import waveform_to_examples
 
         examples = waveform_to_examples(wave.detach().cpu().double().numpy(), self.SAMPLE_RATE, return_tensor=True)
@@ -209,12 +215,14 @@ def import_imagebind() -> types.ModuleType:
         shim.resource_filename = resource_filename  # type: ignore[attr-defined]
         sys.modules["pkg_resources"] = shim
     if "torchvision.transforms.functional_tensor" not in sys.modules:
-        try:
-            import torchvision.transforms.functional_tensor  # noqa: F401
+        try:  # torchvision costs ~1.5 s to import (torch._dynamo): only here, when ImageBind is loaded
+            importlib.import_module("torchvision.transforms.functional_tensor")
         except ImportError:
+            # lazy (see above): the renamed private module, aliased for pytorchvideo (via imagebind)
             import torchvision.transforms._functional_tensor as ft
 
             sys.modules["torchvision.transforms.functional_tensor"] = ft
+    # optional evaluation package (requirements.txt): imported only when ImageBind is loaded
     import imagebind
 
     return imagebind
@@ -235,6 +243,7 @@ class ImageBindNet(nn.Module):
     def __init__(self, arch: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         import_imagebind()
+        # optional evaluation package (requirements.txt): imported only when this network is loaded
         from imagebind.models import imagebind_model
 
         self.net = imagebind_model.ImageBindModel(**arch) if arch else imagebind_model.imagebind_huge(pretrained=False)
@@ -247,8 +256,9 @@ class ImageBindNet(nn.Module):
 
     def audio(self, wave: Tensor) -> Tensor:
         """16 kHz (T,) -> (1, D): three 2 s clips, 128-bin kaldi fbank of 204 frames, averaged."""
+        # optional evaluation packages (requirements.txt, via imagebind): only ImageBind uses them
         from imagebind.data import get_clip_timepoints, waveform2melspec
-        from pytorchvideo.data.clip_sampling import ConstantClipsPerVideoSampler
+        from pytorchvideo.data.clip_sampling import ConstantClipsPerVideoSampler  # optional: as above
 
         sampler = ConstantClipsPerVideoSampler(clip_duration=2, clips_per_video=3)
         sr = self.SAMPLE_RATE
@@ -262,7 +272,9 @@ class ImageBindNet(nn.Module):
 
     def video(self, frames: Tensor) -> Tensor:
         """(T, 3, H, W) float [0, 1] frames at 0.5 fps -> (1, D): 3 spatial crops x (T-1) frame pairs."""
+        # optional evaluation package (requirements.txt): imported only when ImageBind is used
         from imagebind.data import SpatialCrop
+        # lazy: torchvision costs ~1.5 s to import (it pulls torch._dynamo); only ImageBind's video needs it
         from torchvision.transforms.v2 import functional as TF
 
         x = TF.normalize(frames, CLIP_MEAN, CLIP_STD)
@@ -295,6 +307,7 @@ class ClapNet(nn.Module):
         with _hub_offline(hf_home):
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
+                    # optional evaluation package (requirements-nodeps.txt): imported only when CLAP is loaded
                     import laion_clap
 
                     module = laion_clap.CLAP_Module(enable_fusion=False, amodel=amodel, device=device)
@@ -333,8 +346,6 @@ def _clap_hub_message(hf_home: str | None, exc: BaseException) -> str:
 @contextlib.contextmanager
 def _hub_offline(hf_home: str | None):
     """Hugging Face lookups read the local cache only (and `hf_home`'s, when given)."""
-    from huggingface_hub import constants
-
     saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE)
     constants.HF_HUB_OFFLINE = True
     if hf_home:

@@ -358,8 +358,6 @@ def _report(args: argparse.Namespace) -> int:
             raise ManifestError(f"{flag} {path}: no such file")
     meta = None
     if args.meta:
-        from wavflow.manifest import read_manifest
-
         meta = read_manifest(args.meta, ("id",))
     report, stats = analyse_csv(Path(args.csv), meta=meta, max_rows=args.max_rows, progress=not args.json,
                                 encoder_identity=args.encoder_identity)

@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+import torchaudio
 from torch import Tensor, nn
 
+from wavflow.errors import WeightsError
 from wavflow.features.synchformer import MotionFormer, SynchformerConfig
 
 AFEAT_PREFIX = "afeat_extractor"
@@ -223,8 +226,6 @@ def audio_segments_mel(wave: Tensor, mel: nn.Module) -> Tensor:
 
 
 def make_sync_mel() -> nn.Module:
-    import torchaudio
-
     return torchaudio.transforms.MelSpectrogram(sample_rate=AUDIO_SR, win_length=400, hop_length=160,
                                                 n_fft=1024, n_mels=128)
 
@@ -259,9 +260,8 @@ def load_synchformer_av(path: str | Any, cfg: SynchformerAVConfig | None = None)
     A file that lacks the audio branch or the offset head (e.g. a visual-only export) is a
     WeightsError naming the first missing keys.
     """
-    from pathlib import Path
-
-    from wavflow.errors import WeightsError
+    # lazy: wavflow.features.encoders imports open_clip (+1.6 s on top of the evaluator's imports);
+    # the evaluator imports this module at top and needs encoders only when DeSync is asked for
     from wavflow.features.encoders import read_synchformer_state
 
     path = Path(path)

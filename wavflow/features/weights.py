@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from tqdm import tqdm
 
 from wavflow.errors import WeightsError
@@ -108,8 +109,6 @@ def hf_offline(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from huggingface_hub import constants
-
     old = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:
@@ -126,8 +125,6 @@ def resolve_hub_files(
     Returns (config path, weights path). Any failure becomes one WeightsError, quickly: one
     short-timeout request per file, offline mode when downloads are disabled.
     """
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-
     cache = str(hf_cache_dir) if hf_cache_dir else None
 
     def fetch(filename: str) -> Path:

@@ -13,6 +13,7 @@ from typing import Sequence
 from wavflow.config import load_config, parse_launch
 from wavflow.errors import ConfigError
 from wavflow.exit_codes import EXIT_OK, run_job
+from wavflow.train.sweep import run_sweep
 
 DEFAULT_CONFIG = "train.yaml"
 
@@ -31,8 +32,6 @@ def _train(argv: list[str]) -> int:
                 "-m under torchrun: sweeps are expanded by the launcher, one torchrun per point "
                 "(bash scripts/launch/train_single_node.sh -m ...)"
             )
-        from wavflow.train.sweep import run_sweep
-
         return run_sweep(args.config, args.overrides)
     cfg = load_config(args.config, args.overrides, job="train")
     from wavflow.train.trainer import run_training  # heavy imports after the config is known good

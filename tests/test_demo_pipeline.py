@@ -77,6 +77,20 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     assert "WavFlow demo finished" in proc.stdout and "not a model that sounds right" in proc.stdout.replace("\n  ", " ")
     assert str(out / "figure.png") in proc.stdout
 
+    # the closing summary's command opens the demo's checkpoint in the web page
+    import shlex
+
+    from wavflow.app.generation import Studio, parse_request
+    from wavflow.config import load_config
+
+    line = next(x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("bash scripts/launch/app.sh"))
+    words = shlex.split(line)[2:]
+    assert f"model.ckpt_path={run / 'checkpoint_latest.pth'}" in words
+    studio = Studio.load(load_config("app.yaml", [*words, f"output.output_dir={tmp_path / 'app'}"]))
+    clip = studio.run(parse_request(video=None, caption="a low tone", steps=2, cfg=1.5, seed=0, duration=1.0,
+                                    method="euler", cfg_interval="", use_ema=True, limits=studio.limits))
+    assert sf.read(clip.wav)[0].shape == (16000,)
+
     # the class-commitment probe samples the held-out rows as the predict job did: its last
     # step's classes are the metrics' classes, row for row (same seeds, cfg, steps, EMA weights)
     probe = subprocess.run([sys.executable, str(REPO / "scripts/bench/class_commitment.py"),

@@ -230,6 +230,20 @@ class InferConfig:
     output: InferOutput = _node(InferOutput)
 
 
+# ------------------------------------------------------------------ app.yaml (infer.yaml + app)
+@dataclass
+class AppSettings:
+    host: str = MISSING
+    port: int = MISSING
+    concurrency: int = MISSING
+    max_upload_mb: float = MISSING
+
+
+@dataclass
+class AppConfig(InferConfig):
+    app: AppSettings = _node(AppSettings)
+
+
 # ------------------------------------------------------------------ extract_t2a.yaml / extract_vt2a.yaml
 @dataclass
 class ExtractData(DataBase):
@@ -439,6 +453,7 @@ JOBS: dict[str, type] = {
     "demo": DemoConfig,
     "bench_learning": BenchConfig,
     "evaluate": EvaluateConfig,
+    "app": AppConfig,
 }
 
 # Keys whose value is a path or a list of paths (declared Any above).

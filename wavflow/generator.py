@@ -20,13 +20,13 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from wavflow.audio import unpatchify
+from wavflow.audio import loudness_normalize, unpatchify
 from wavflow.checkpoint_config import (
     adopt_checkpoint_config,
     check_config_against_checkpoint,
@@ -34,7 +34,7 @@ from wavflow.checkpoint_config import (
     ema_warning,
     unlocked,
 )
-from wavflow.config import copy_config, explicit_keys, load_config, validate_config
+from wavflow.config import apply_overrides, copy_config, explicit_keys, load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.features.report import FeatureStats, identity_tag, STATS_FILENAME
 from wavflow.io_utils import safe_torch_load
@@ -139,8 +139,6 @@ class WavFlowGenerator:
         if isinstance(config, DictConfig):
             cfg = copy_config(config)
             if overrides:
-                from wavflow.config import apply_overrides
-
                 apply_overrides(cfg, overrides)
         else:
             cfg = load_config(config if config is not None else DEFAULT_INFER_CONFIG, overrides)
@@ -223,9 +221,9 @@ class WavFlowGenerator:
     def encoders(self, need_video: bool) -> Any:
         """The feature encoders, built on first use (text only until a video needs them)."""
         if self._encoders is None or (need_video and not self._encoders_have_video):
-            from wavflow.features.encoders import FeatureEncoders
-
-            from wavflow.features.encoders import encoder_identity
+            # lazy: wavflow.features.encoders imports open_clip (~1.6 s after torchvision); generation
+            # from cached feature files (the predict job's usual case) never builds the encoders
+            from wavflow.features.encoders import encoder_identity, FeatureEncoders
 
             self._check_feature_source(encoder_identity(self.cfg.encoders), "the encoders of this run (encoders.*)")
             self._encoders = FeatureEncoders.from_config(self.cfg.encoders, need_video=need_video, device=self.device)
@@ -357,10 +355,12 @@ class WavFlowGenerator:
         batched_cfg: Optional[bool] = None,
         noise_scale: Optional[float] = None,
         trim: Optional[bool] = None,
+        on_step: Optional[Callable[[int], None]] = None,
     ) -> Tensor:
         """Sample a batch: (B, round(sr*duration)) when trimmed, else (B, N*latent_dim), float32 CPU.
 
-        Arguments left as None come from the config (inference.*, sampling.*).
+        Arguments left as None come from the config (inference.*, sampling.*). `on_step(calls)`
+        is called after each network call of the sampler with the count so far (progress bars).
         """
         if len(items) != len(seeds) or not items:
             raise ValueError(f"generate_batch needs one seed per item and at least one item ({len(items)} items, {len(seeds)} seeds)")
@@ -384,8 +384,11 @@ class WavFlowGenerator:
             self.last_model_calls = 0  # calls of the guided network (one batched CFG pass = 1)
 
             def fn(t: Tensor, x: Tensor) -> Tensor:
+                out = guided(t, x)
                 self.last_model_calls += 1
-                return guided(t, x)
+                if on_step is not None:
+                    on_step(self.last_model_calls)
+                return out
 
             x1 = sample(
                 method,
@@ -427,8 +430,6 @@ class WavFlowGenerator:
         wave = self.generate_batch([features], [seed], cfg=cfg, steps=steps, method=method,
                                    cfg_interval=cfg_interval, trim=trim)[0]
         if loudness_lufs is not None:
-            from wavflow.audio import loudness_normalize
-
             wave, _ = loudness_normalize(wave, self.sample_rate, loudness_lufs)
         return wave, self.sample_rate
 

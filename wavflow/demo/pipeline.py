@@ -107,6 +107,7 @@ class DemoResult:
     metrics: dict
     table: str
     timings: dict[str, float] = field(default_factory=dict)
+    app_command: str = ""  # opens the demo's checkpoint in the web page
 
 
 def shared_overrides(cfg: DictConfig) -> list[str]:
@@ -240,7 +241,19 @@ def run_demo(cfg: DictConfig) -> DemoResult:
     timings["metrics"] = time.time() - start
     plot_real_vs_generated(paths.data, paths.predict, paths.figure, max_clips=int(cfg.demo.figure_clips))
     atomic_write_text(paths.root / "timings.json", json.dumps(timings, indent=1) + "\n")
-    return DemoResult(paths=paths, metrics=metrics, table=table, timings=timings)
+    return DemoResult(paths=paths, metrics=metrics, table=table, timings=timings, app_command=app_command(cfg, paths))
+
+
+def app_command(cfg: DictConfig, paths: DemoPaths) -> str:
+    """The command that opens the demo's checkpoint in the web page, sampling as the demo did."""
+    words = [format_override("model.ckpt_path", str(paths.checkpoint)),
+             format_override("model.use_ema", bool(cfg.demo.predict.use_ema)),
+             format_override("inference.cfg", float(cfg.demo.predict.cfg)),
+             format_override("sampling.num_steps", int(cfg.sampling.num_steps))]
+    cache = OmegaConf.select(cfg, "encoders.cache_dir")
+    if cache:  # where the demo's tiny encoders were written (else the default cache)
+        words.append(format_override("encoders.cache_dir", cache))
+    return "bash scripts/launch/app.sh " + " ".join(words)
 
 
 def _extract_features(cfg: DictConfig, paths: DemoPaths, shared: list[str], nproc: int, logs: Path,
@@ -357,6 +370,9 @@ def describe(result: DemoResult, steps: int) -> str:
         f"  per-row status               {p.predict / 'summary.csv'}",
         f"  metrics                      {p.metrics / 'metrics.json'}  and metrics.txt",
         f"  real vs generated figure     {p.figure}",
+        "",
+        "Try your own captions and videos in the web page (http://127.0.0.1:7860):",
+        f"  {result.app_command}",
         "",
         result.table.rstrip(),
         "",

@@ -160,6 +160,10 @@ def test_bad_media_and_captions_are_refused_in_words(studio, video, tmp_path):
     not_video.write_text("not a video")
     with pytest.raises(RequestError, match="The upload notes.mp4 is not a video that can be read"):
         studio.run(parse_request(**{**GOOD, "video": str(not_video)}, limits=studio.limits))
+    sound_only = tmp_path / "sound.wav"  # media without a single video frame
+    sf.write(sound_only, np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(RequestError, match="sound.wav is not a video that can be read: .*has no video stream"):
+        studio.run(parse_request(**{**GOOD, "video": str(sound_only)}, limits=studio.limits))
     short = tmp_path / "short.mp4"
     write_video(short, seconds=0.4, fps=25)
     with pytest.raises(RequestError, match="lasts 0.40 s, shorter than the requested 1 s"):

@@ -153,6 +153,14 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     if shot:
         browser.save_screenshot(shot)
 
+    # compare modes: VT2A, V2A and T2A from the same video and caption
+    start = time.time()
+    _css(browser, "#compare")[0].click()
+    for mode in ("VT2A", "V2A", "T2A"):
+        wave, sr = sf.read(_fetch(_download(browser, f"audio_{mode}", set()), tmp_path / f"cmp_{mode}.wav"))
+        assert (sr, len(wave)) == (16000, 16000), mode
+    print(f"compare modes {time.time() - start:.1f} s")
+
     # 3. a file that is not a video: the page says so, no traceback
     bad = tmp_path / "notes.mp4"
     bad.write_text("this is not a video")

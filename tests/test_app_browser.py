@@ -125,7 +125,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     start = time.time()
     _css(browser, "#generate")[0].click()
     wav_url = _download(browser, "audio_out", set())
-    print(f"T2A request {time.time() - start:.1f} s (first: loads the text encoder)")
+    print(f"T2A request {time.time() - start:.1f} s (the first may wait for the text encoder to load)")
     wave, sr = sf.read(_fetch(wav_url, tmp_path / "t2a.wav"))
     assert (sr, len(wave)) == (16000, 16000)
     _wait_until(lambda: '"mode": "T2A"' in _css(browser, "#settings")[0].text, "the settings of the T2A request")

@@ -56,7 +56,10 @@ def serve(args: list[str]) -> int:
     page = build_page(studio)
     page.queue(default_concurrency_limit=int(cfg.app.concurrency))
     page.launch(server_name=str(cfg.app.host), server_port=int(cfg.app.port), allowed_paths=[str(out_root)],
-                max_file_size=int(float(cfg.app.max_upload_mb) * 1024 * 1024), quiet=False)
+                max_file_size=int(float(cfg.app.max_upload_mb) * 1024 * 1024), quiet=False,
+                prevent_thread_lock=True)
+    studio.warm_up()  # the text encoder, once the page already answers (a first request waits for it)
+    page.block_thread()
     return EXIT_OK
 
 

@@ -149,8 +149,9 @@ def _interval(value: Any) -> Optional[tuple[float, float]]:
 
 class Studio:
     """The loaded model(s) behind the page: the EMA (or live) weights loaded at start-up, the
-    other ones on first use, the encoders loaded once (on the first request that needs them)
-    and shared. One lock: a request's duration and sampling never mix with another's."""
+    other ones on first use; the encoders loaded once and shared (the text encoder as soon as
+    the page answers, the video encoders with the first video). One lock: a request's duration
+    and sampling never mix with another's."""
 
     def __init__(self, cfg: DictConfig, generator: WavFlowGenerator) -> None:
         self.cfg = cfg
@@ -183,6 +184,12 @@ class Studio:
                 self.cfg.model.ckpt_path, config=self.cfg, use_ema=use_ema, device=str(self.cfg.inference.device),
                 encoders=shared)
         return self._generators[use_ema]
+
+    def warm_up(self) -> None:
+        """Load the text encoder now rather than in the first request (under the lock: a
+        request that arrives meanwhile waits for it instead of loading it twice)."""
+        with self._lock:
+            next(iter(self._generators.values())).encoders(need_video=False)
 
     def check_caption(self, caption: Optional[str]) -> None:
         """A caption the tokenizer would cut is refused (the cut words would be ignored silently)."""

@@ -24,7 +24,7 @@ from wavflow.config import load_config
 from wavflow.predict import run as run_predict
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = Limits(max_duration=1.0, min_video_duration=0.25, context_length=77)
+LIMITS = Limits(max_duration=4.0, trained_duration=1.0, min_video_duration=0.25, context_length=77)
 GOOD = dict(video=None, caption="two sharp clicks", steps=4, cfg=1.5, seed=3, duration=1.0, method="euler",
             cfg_interval="", use_ema=True)
 
@@ -53,8 +53,12 @@ def video(tmp_path_factory) -> Path:
     (dict(steps=0), "Steps must be between 1 and 1000"),
     (dict(steps=2.5), "Steps must be a whole number"),
     (dict(seed="x"), "Seed must be a number"),
-    (dict(duration=1.5), "this checkpoint makes clips of up to 1 s"),
-    (dict(duration=0), "choose 0 < duration <= 1"),
+    (dict(duration=4.5), "this page makes clips of up to 4 s"),
+    (dict(duration=0), "choose 0 < duration <= 4"),
+    (dict(duration=1.5, long_form="off"), "longer than the trained 1 s: choose Long form auto or on"),
+    (dict(long_form="sometimes"), "Long form must be one of auto, off, on"),
+    (dict(duration=2.0, window_overlap_sec="1.0"), r"Window overlap \(s\)=1 must lie strictly between 0 and the window length 1 s"),
+    (dict(window_overlap_sec="-0.1"), "Window overlap must be between 0"),
     (dict(duration=0.1, video="clip.mp4"), "too short for video conditions"),
     (dict(method="rk9"), "Sampler 'rk9' is not one of euler, heun, adaptive"),
     (dict(cfg_interval="0.5"), "CFG interval must be two numbers"),
@@ -104,6 +108,17 @@ def test_the_page_and_predict_write_the_same_waveform_for_the_same_inputs_and_se
     assert json.loads((result.folder / "settings.json").read_text()) == result.settings
     batch_wave = _predict_same(result, studio, tmp_path, video if mode == "VT2A" else None)
     np.testing.assert_array_equal(page_wave, batch_wave)
+
+
+@pytest.mark.parametrize("mode", ["T2A", "VT2A"])
+def test_a_long_clip_on_the_page_is_made_in_windows_like_predict_makes_it(studio, video, tmp_path, mode):
+    fields = {**GOOD, "video": str(video) if mode == "VT2A" else None, "duration": 1.5 if mode == "VT2A" else 2.3,
+              "window_overlap_sec": "0.3"}
+    result = studio.run(parse_request(**fields, limits=studio.limits))
+    page_wave, sr = sf.read(result.wav, dtype="float32")
+    assert len(page_wave) == round(sr * fields["duration"]) and result.settings["windows"] == (2 if mode == "VT2A" else 3)
+    assert "inference.window_overlap_sec=0.3" in result.settings["command"]
+    np.testing.assert_array_equal(page_wave, _predict_same(result, studio, tmp_path, video if mode == "VT2A" else None))
 
 
 def test_another_seed_or_caption_gives_another_clip_and_the_same_request_the_same(studio):

@@ -209,6 +209,8 @@ class Inference:
     conv_impl: str = MISSING
     attention_backend: str = MISSING
     compile: bool = MISSING
+    long_form: str = MISSING
+    window_overlap_sec: Optional[float] = MISSING
 
 
 @dataclass
@@ -237,6 +239,7 @@ class AppSettings:
     port: int = MISSING
     concurrency: int = MISSING
     max_upload_mb: float = MISSING
+    max_duration_sec: float = MISSING
 
 
 @dataclass

@@ -34,10 +34,13 @@ from wavflow.checkpoint_config import (
     ema_warning,
     unlocked,
 )
+from wavflow.conditions import ConditionFeatures, KnownAudio
 from wavflow.config import apply_overrides, copy_config, explicit_keys, load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.features.report import FeatureStats, identity_tag, STATS_FILENAME
 from wavflow.io_utils import safe_torch_load
+from wavflow.long_form.plan import check_long_form_mode, wants_windows
+from wavflow.long_form.sampler import clip_plan, encode_windows, generate_long, LongFormItem
 from wavflow.model import build_model_from_config
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path, state_dict_from_checkpoint
 from wavflow.model.flow import cfg_denoiser, sample, SAMPLING_METHODS
@@ -45,7 +48,7 @@ from wavflow.model.presets import PRESETS
 from wavflow.runtime import autocast_context, resolve_device
 from wavflow.shapes import FeatureShapes, latent_seq_len, target_num_samples, video_seq_lens
 from wavflow.speed import maybe_compile, sdpa_context, set_attention_impl, set_conv_impl, SpeedOptions
-from wavflow.video import decode_video, sync_segments
+from wavflow.video import decode_video, sync_segments, video_duration, VideoFrames
 
 log = logging.getLogger("wavflow.generator")
 
@@ -58,20 +61,6 @@ DEFAULT_INFER_CONFIG = "infer.yaml"
 def row_seed(seed: int, row_id: str) -> int:
     """A stable 32-bit seed for one item from the run seed and the item's id (zlib.crc32)."""
     return zlib.crc32(f"{int(seed)}/{row_id}".encode("utf-8"))
-
-
-@dataclass
-class ConditionFeatures:
-    """Encoded conditions of one item; None means "use the learned empty tokens"."""
-
-    clip: Optional[Tensor] = None  # (clip_seq_len, clip_dim)
-    sync: Optional[Tensor] = None  # (sync_seq_len, sync_dim)
-    text: Optional[Tensor] = None  # (text_seq_len, text_dim)
-
-    @property
-    def kind(self) -> str:
-        video, text = self.clip is not None, self.text is not None
-        return {(True, True): "VT2A", (False, True): "T2A", (True, False): "V2A"}.get((video, text), "unconditional")
 
 
 @dataclass
@@ -283,13 +272,18 @@ class WavFlowGenerator:
     def encode_video(self, path: str | os.PathLike) -> tuple[Tensor, Tensor]:
         """Decode and encode the first `duration` seconds: (clip_seq_len, D_clip), (sync_seq_len, 768)."""
         self.check_video_lengths()
-        frames = decode_video(path, self.duration)
+        clip, sync = self.encode_video_frames([decode_video(path, self.duration)], where=f"features of video {path}")
+        return clip[0], sync[0]
+
+    @torch.inference_mode()
+    def encode_video_frames(self, frames: Sequence[VideoFrames], *, where: str) -> tuple[list[Tensor], list[Tensor]]:
+        """Decoded clips of `duration` seconds, encoded as one batch: (CLIP, Synchformer) features each."""
         enc = self.encoders(need_video=True)
         with autocast_context(self.device, self.precision, tf32=True):
-            clip = enc.encode_clip_frames(frames.clip.unsqueeze(0).to(self.device))[0]
-            sync = enc.encode_sync(sync_segments(frames.sync).unsqueeze(0).to(self.device))[0]
-        where = f"features of video {path}"
-        return self._expect("clip_features", clip.float(), where), self._expect("sync_features", sync.float(), where)
+            clip = enc.encode_clip_frames(torch.stack([f.clip for f in frames]).to(self.device))
+            sync = enc.encode_sync(torch.stack([sync_segments(f.sync) for f in frames]).to(self.device))
+        return ([self._expect("clip_features", c.float(), where) for c in clip],
+                [self._expect("sync_features", c.float(), where) for c in sync])
 
     @torch.inference_mode()
     def encode_text(self, caption: str) -> Tensor:
@@ -356,11 +350,16 @@ class WavFlowGenerator:
         noise_scale: Optional[float] = None,
         trim: Optional[bool] = None,
         on_step: Optional[Callable[[int], None]] = None,
+        initial_noise: Optional[Tensor] = None,
+        known: Optional[KnownAudio] = None,
     ) -> Tensor:
         """Sample a batch: (B, round(sr*duration)) when trimmed, else (B, N*latent_dim), float32 CPU.
 
         Arguments left as None come from the config (inference.*, sampling.*). `on_step(calls)`
         is called after each network call of the sampler with the count so far (progress bars).
+        `initial_noise` (B, N, latent_dim) replaces the noise drawn from `seeds` (long-form
+        windows cut it from one noise signal per clip). `known` fixes part of the audio: see
+        KnownAudio.
         """
         if len(items) != len(seeds) or not items:
             raise ValueError(f"generate_batch needs one seed per item and at least one item ({len(items)} items, {len(seeds)} seeds)")
@@ -375,8 +374,10 @@ class WavFlowGenerator:
         batched_cfg = bool(icfg.get("batched_cfg", True) if batched_cfg is None else batched_cfg)
         trim = bool(icfg.get("trim_to_duration", True) if trim is None else trim)
 
-        x0 = self.initial_noise(seeds, noise_scale)
+        x0 = self.initial_noise(seeds, noise_scale) if initial_noise is None else initial_noise.to(self.device)
         clip, sync, text = self.stack_conditions(items)
+        override = known.prediction_override(x0, self.audio_scale, str(scfg.prediction_type),
+                                             float(scfg.min_sigma)) if known is not None else None
         with autocast_context(self.device, self.precision, tf32=True), sdpa_context(self.speed.attention_backend):
             cond = self.model.preprocess_conditions(clip, sync, text)
             empty = self.model.get_empty_conditions(len(items))
@@ -385,6 +386,8 @@ class WavFlowGenerator:
 
             def fn(t: Tensor, x: Tensor) -> Tensor:
                 out = guided(t, x)
+                if override is not None:
+                    out = torch.where(override[0], override[1].to(out.dtype), out)
                 self.last_model_calls += 1
                 if on_step is not None:
                     on_step(self.last_model_calls)
@@ -404,6 +407,21 @@ class WavFlowGenerator:
         audio = unpatchify(x1.float() / self.audio_scale).cpu()
         return audio[:, : self.num_samples] if trim else audio
 
+    def long_form_setting(self, name: str) -> Any:
+        """inference.long_form ("auto" when unset) / inference.window_overlap_sec (null when unset)."""
+        default = "auto" if name == "long_form" else None
+        return OmegaConf.select(self.cfg, f"inference.{name}", default=default)
+
+    def clip_length(self, video: str | os.PathLike | None, duration: Optional[float], mode: str) -> float:
+        """Seconds to generate: `duration`, else the video's length (long_form on/auto), else the trained duration."""
+        if duration is not None:
+            if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
+                raise ConfigError(f"duration must be a positive number of seconds, got {duration!r}")
+            return float(duration)
+        if video is not None and mode != "off":
+            return video_duration(video)
+        return self.duration
+
     def generate(
         self,
         video: str | os.PathLike | None = None,
@@ -418,17 +436,34 @@ class WavFlowGenerator:
         cfg_interval: Optional[Sequence[float]] = None,
         loudness_lufs: Optional[float] = None,
         trim: bool = True,
+        long_form: Optional[str] = None,
+        window_overlap_sec: Optional[float] | str = "config",
     ) -> tuple[Tensor, int]:
         """One clip -> (waveform (T,) float32 CPU, sample_rate).
 
         video / text None use the learned empty tokens (both None: an unconditional sample).
         `loudness_lufs` (e.g. -23.0) applies the pyloudnorm gain of the CSV job.
+
+        Length: `duration` seconds, else the whole video, else the trained duration. A clip
+        longer than the trained duration is made in overlapping windows (docs/long_form.md)
+        unless `long_form="off"` (then a video gives its first trained-duration seconds and a
+        longer `duration` stretches the positional tables). `long_form` and
+        `window_overlap_sec` default to inference.long_form / inference.window_overlap_sec.
         """
-        if duration is not None:
-            self.set_duration(duration)
-        features = self.encode_row(video=video, text=text, features_path=features_path)
-        wave = self.generate_batch([features], [seed], cfg=cfg, steps=steps, method=method,
-                                   cfg_interval=cfg_interval, trim=trim)[0]
+        mode = check_long_form_mode(long_form if long_form is not None else self.long_form_setting("long_form"))
+        overlap = self.long_form_setting("window_overlap_sec") if window_overlap_sec == "config" else window_overlap_sec
+        length = self.clip_length(video, duration, mode)
+        if wants_windows(mode, target_num_samples(self.sample_rate, length), self.num_samples):
+            plan = clip_plan(self, length, overlap)
+            txt = self.encode_row(text=text, features_path=features_path).text if text is not None else None
+            item = LongFormItem(plan=plan, windows=encode_windows(self, plan, video=video, text=txt), seed=seed)
+            wave = generate_long(self, [item], cfg=cfg, steps=steps, method=method, cfg_interval=cfg_interval)[0]
+        else:
+            if duration is not None:
+                self.set_duration(duration)
+            features = self.encode_row(video=video, text=text, features_path=features_path)
+            wave = self.generate_batch([features], [seed], cfg=cfg, steps=steps, method=method,
+                                       cfg_interval=cfg_interval, trim=trim)[0]
         if loudness_lufs is not None:
             wave, _ = loudness_normalize(wave, self.sample_rate, loudness_lufs)
         return wave, self.sample_rate

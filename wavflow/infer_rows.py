@@ -1,11 +1,12 @@
 """The inference CSV (`video_path,caption,video_exist,text_exist`, optional `id` and
-`features_path`; docs/method.md §5): each row parsed into an `InferRow` with its unique output
+`features_path` and `duration`; docs/method.md §5, docs/long_form.md): each row parsed into an `InferRow` with its unique output
 name and its mode, bad rows failed up front. The predict job generates from these rows, and the
 evaluation reads the same rows to name and group what predict wrote."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ class InferRow:
     caption: Optional[str]
     features_path: Optional[Path]
     wants_video: bool = False  # video_exist=1: video conditions (from `video` or `features_path`)
+    duration: Optional[float] = None  # seconds to generate (the `duration` column); None: the video's / trained length
+    windows: int = 1  # windows the row was generated in (docs/long_form.md)
     output_stem: str = ""  # file stem of the outputs when it differs from `name` (input clash)
     status: str = ""
     seconds: float = 0.0
@@ -90,7 +93,7 @@ def unique_names(raw: Sequence[str]) -> list[str]:
 def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[InferRow]:
     """Parse the inference CSV; rows with bad flags or a missing video_path are pre-failed."""
 
-    df = read_manifest(csv_path, INFER_COLUMNS, optional=("id", "features_path"))
+    df = read_manifest(csv_path, INFER_COLUMNS, optional=("id", "features_path", "duration"))
     if df.empty:
         raise ManifestError(f"CSV {csv_path} has a header but no rows: nothing to predict")
     names = unique_names([_raw_name(row, i) for i, (_, row) in enumerate(df.iterrows())])
@@ -115,6 +118,10 @@ def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[Inf
             features_path=resolve_path(feats, data_root) if feats else None,
             wants_video=bool(flags["video_exist"]),
         )
+        duration, problem = _parse_duration(str(rec["duration"]))
+        row.duration = duration
+        if problem:
+            problems.append(problem)
         if problems:
             row.fail("; ".join(problems))
         elif row.video is not None and not row.video.is_file() and row.features_path is None:
@@ -123,3 +130,17 @@ def read_rows(csv_path: str | os.PathLike, data_root: Optional[str]) -> list[Inf
             row.fail(f"features_path not found: {row.features_path}")
         rows.append(row)
     return rows
+
+
+def _parse_duration(text: str) -> tuple[Optional[float], str]:
+    """The optional `duration` column: empty, or a positive number of seconds."""
+    text = text.strip()
+    if not text or text.lower() == "nan":
+        return None, ""
+    try:
+        value = float(text)
+    except ValueError:
+        return None, f"duration={text!r} is not a number of seconds"
+    if not (math.isfinite(value) and value > 0):
+        return None, f"duration={text!r} must be a positive number of seconds"
+    return value, ""

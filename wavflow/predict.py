@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -44,14 +44,17 @@ from wavflow.exit_codes import EXIT_OK, run_job
 from wavflow.generator import WavFlowGenerator, row_seed
 from wavflow.infer_rows import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InferRow, read_rows
 from wavflow.io_utils import atomic_write_csv, path_inside
+from wavflow.long_form.plan import check_long_form_mode, resolve_overlap, wants_windows
+from wavflow.long_form.sampler import clip_plan, encode_windows, generate_long, LongFormItem
 from wavflow.model.flow import SAMPLING_METHODS
 from wavflow.row_policy import RowFailures
 from wavflow.runtime import effective_precision, resolve_device
+from wavflow.shapes import target_num_samples
 from wavflow.video import mux_audio
 
 log = logging.getLogger("wavflow.predict")
 
-SUMMARY_COLUMNS = ("id", "status", "seconds", "model_calls", "wav_path", "mp4_path", "reason")
+SUMMARY_COLUMNS = ("id", "status", "seconds", "model_calls", "duration_s", "windows", "wav_path", "mp4_path", "reason")
 CLASH_SUFFIX = "_wavflow"  # output stem suffix when <name>.wav/.mp4 would overwrite an input
 NO_VIDEO_FILE_REASON = "no video file (video features from features_path): mp4 not written"
 _GPU_LIST = re.compile(r"\d+(,\d+)*")
@@ -125,6 +128,7 @@ def check_infer_config(cfg: DictConfig) -> None:
         raise ConfigError(f"sampling.num_steps must be an integer >= 1, got {cfg.sampling.num_steps!r}")
     if not cfg.sampling.noise_scale > 0:
         raise ConfigError(f"sampling.noise_scale must be > 0, got {cfg.sampling.noise_scale!r}")
+    check_long_form_mode(i.get("long_form", "auto"))
     target = cfg.output.loudness_target_lufs
     if not (isinstance(target, (int, float)) and math.isfinite(target) and target < 0):
         raise ConfigError(f"output.loudness_target_lufs must be a negative number (LUFS), got {target!r}")
@@ -231,6 +235,8 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
                     "status": r.status or STATUS_FAILED,
                     "seconds": round(r.seconds, 3),
                     "model_calls": r.model_calls,
+                    "duration_s": r.duration if r.duration is not None else "",
+                    "windows": r.windows if r.status == STATUS_OK else "",
                     "wav_path": r.wav_path,
                     "mp4_path": r.mp4_path,
                     "reason": r.reason or ("" if r.status else "not processed (the job stopped early)"),
@@ -249,6 +255,9 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
 def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, row_seed) -> None:
 
     seed, bs = int(cfg.inference.seed), int(cfg.inference.batch_size)
+    pending, long_rows = split_long_rows(gen, pending, cfg)
+    if long_rows:
+        _run_long_rows(gen, long_rows, cfg, out_dir, seed)
     if any(r.has_video for r in pending):
         gen.check_video_lengths()
     bar = tqdm(total=len(pending), desc="predict", unit="row", disable=None)
@@ -293,6 +302,83 @@ def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, r
                 row.fail(f"writing outputs failed: {_reason(exc)}")
             row.seconds += share + time.perf_counter() - t1
             bar.update(1)
+    bar.close()
+
+
+def split_long_rows(gen, rows: list[InferRow], cfg: DictConfig) -> tuple[list[InferRow], list[tuple[InferRow, Any]]]:
+    """(rows of one trained-duration clip, (row, WindowPlan) of rows made in windows).
+
+    A row's length is its `duration` column, else its video's length (inference.long_form
+    auto/on), else the trained duration; it is made in windows when inference.long_form asks
+    for that at this length (docs/long_form.md). A row whose length cannot be read fails.
+    """
+    mode = check_long_form_mode(cfg.inference.get("long_form", "auto"))
+    overlap = cfg.inference.get("window_overlap_sec")
+    if mode != "off":
+        resolve_overlap(overlap, gen.duration)  # a bad key fails the job before any row
+    short, long_rows = [], []
+    for row in rows:
+        try:
+            video = row.video if row.video is not None and row.video.is_file() else None
+            length = gen.clip_length(video, row.duration, mode)
+            if wants_windows(mode, target_num_samples(gen.sample_rate, length), gen.num_samples):
+                if row.has_video and video is None:
+                    raise WavFlowError(f"{length:g} s asks for windows, which need the video file "
+                                       "(cached features hold one trained-duration clip)")
+                long_rows.append((row, clip_plan(gen, length, overlap)))
+                continue
+            if row.duration is not None and not math.isclose(row.duration, gen.duration):
+                raise WavFlowError(f"duration={row.duration:g} differs from the trained {gen.duration:g} s and "
+                                   f"inference.long_form={mode}; use long_form=auto/on for longer clips")
+            row.duration = gen.duration
+        except Exception as exc:  # one bad row must not stop the others
+            row.fail(_reason(exc))
+            continue
+        short.append(row)
+    return short, long_rows
+
+
+def _run_long_rows(gen, long_rows: list[tuple[InferRow, Any]], cfg: DictConfig, out_dir: Path, seed: int) -> None:
+    """Rows longer than the trained duration, batch_size clips at a time, window k of each together."""
+    bs = int(cfg.inference.batch_size)
+    total = sum(plan.count for _, plan in long_rows)
+    bar = tqdm(total=total, desc="predict (windows)", unit="window", disable=None)
+    for start in range(0, len(long_rows), bs):
+        chunk, items = [], []
+        for row, plan in long_rows[start: start + bs]:
+            t0 = time.perf_counter()
+            try:
+                text = gen.encode_row(text=row.caption, features_path=row.features_path).text
+                video = row.video if row.has_video else None
+                items.append(LongFormItem(plan=plan, windows=encode_windows(gen, plan, video=video, text=text),
+                                          seed=row_seed(seed, row.name)))
+                chunk.append(row)
+            except Exception as exc:
+                row.fail(_reason(exc))
+                bar.update(plan.count)
+            row.seconds += time.perf_counter() - t0
+        if not chunk:
+            continue
+        t0 = time.perf_counter()
+        try:
+            waves = generate_long(gen, items, on_window=lambda k, n: bar.update(sum(k < it.plan.count for it in items)))
+        except Exception as exc:
+            for r in chunk:
+                r.fail(f"sampling failed for the batch: {_reason(exc)}")
+            continue
+        share = (time.perf_counter() - t0) / len(chunk)
+        log.info("sampled %d long row(s) in windows (%s): %d model call(s)", len(chunk),
+                 "; ".join(it.plan.describe() for it in items), gen.last_model_calls_total)
+        for row, item, wave in zip(chunk, items, waves):
+            t1 = time.perf_counter()
+            row.model_calls, row.windows = gen.last_model_calls_total, item.plan.count
+            row.duration = item.plan.total_samples / gen.sample_rate
+            try:
+                write_outputs(gen, row, wave, out_dir, cfg)
+                row.status = STATUS_OK
+            except Exception as exc:
+                row.fail(f"writing outputs failed: {_reason(exc)}")
+            row.seconds += share + time.perf_counter() - t1
     bar.close()
 
 

@@ -32,10 +32,12 @@ from wavflow.demo.audio_measures import log_mel
 from wavflow.errors import ConfigError, WavFlowError
 from wavflow.generator import WavFlowGenerator, row_seed
 from wavflow.infer_rows import InferRow
+from wavflow.long_form.plan import check_long_form_mode, resolve_overlap, wants_windows
+from wavflow.long_form.sampler import clip_plan, encode_windows, generate_long, LongFormItem
 from wavflow.io_utils import atomic_write_bytes, atomic_write_text
 from wavflow.model.flow import SAMPLING_METHODS
 from wavflow.predict import write_outputs
-from wavflow.shapes import video_seq_lens
+from wavflow.shapes import target_num_samples, video_seq_lens
 from wavflow.video import video_duration
 
 ROW_ID = "app"  # the id of the equivalent predict row (its seed is row_seed(seed, ROW_ID))
@@ -58,6 +60,8 @@ class Request:
     method: str = "euler"
     cfg_interval: Optional[tuple[float, float]] = None
     use_ema: bool = True
+    long_form: str = "auto"  # inference.long_form for this request (docs/long_form.md)
+    window_overlap_sec: Optional[float] = None  # inference.window_overlap_sec (None: a quarter of the window)
 
     @property
     def mode(self) -> str:
@@ -87,13 +91,15 @@ class Result:
 class Limits:
     """What the loaded checkpoint can make, shown in the page and checked per request."""
 
-    max_duration: float  # the trained clip length (longer clips need windowed generation)
+    max_duration: float  # the longest clip the page makes (app.max_duration_sec; windows past the trained length)
+    trained_duration: float  # the checkpoint's clip length: one window
     min_video_duration: float  # shortest clip that still has one CLIP frame and one sync segment
     context_length: Optional[int] = None  # the caption tokenizer's tokens, when known
 
 
 def parse_request(*, video: Optional[str], caption: Optional[str], steps: Any, cfg: Any, seed: Any, duration: Any,
-                  method: Any, cfg_interval: Any, use_ema: Any, limits: Limits) -> Request:
+                  method: Any, cfg_interval: Any, use_ema: Any, limits: Limits, long_form: Any = "auto",
+                  window_overlap_sec: Any = None) -> Request:
     """The page's raw widget values -> a checked Request (RequestError names the field)."""
     caption = (caption or "").strip() or None
     video_path = Path(video) if video else None
@@ -104,15 +110,25 @@ def parse_request(*, video: Optional[str], caption: Optional[str], steps: Any, c
     cfg_f = _number(cfg, "CFG scale", 0.0, 50.0)
     duration_f = _number(duration, "Duration", 0.0, math.inf)
     if not 0 < duration_f <= limits.max_duration + 1e-9:
-        raise RequestError(f"Duration {duration_f:g} s: this checkpoint makes clips of up to "
-                           f"{limits.max_duration:g} s (its trained length); choose 0 < duration <= {limits.max_duration:g}.")
+        raise RequestError(f"Duration {duration_f:g} s: this page makes clips of up to {limits.max_duration:g} s "
+                           f"(app.max_duration_sec); choose 0 < duration <= {limits.max_duration:g}.")
+    try:
+        long_form_s = check_long_form_mode(long_form, "Long form")
+        overlap = None if str(window_overlap_sec or "").strip() == "" else _number(window_overlap_sec, "Window overlap", 0.0, math.inf)
+        resolve_overlap(overlap, limits.trained_duration, "Window overlap (s)")
+    except ConfigError as exc:
+        raise RequestError(f"{exc}.") from None
+    if long_form_s == "off" and duration_f > limits.trained_duration + 1e-9:
+        raise RequestError(f"Duration {duration_f:g} s is longer than the trained {limits.trained_duration:g} s: "
+                           "choose Long form auto or on (overlapping windows), or a shorter duration.")
     if video_path is not None and duration_f < limits.min_video_duration:
         raise RequestError(f"Duration {duration_f:g} s is too short for video conditions (at least "
                            f"{limits.min_video_duration:g} s: one CLIP frame and one Synchformer segment).")
     if str(method) not in SAMPLING_METHODS:
         raise RequestError(f"Sampler {method!r} is not one of {', '.join(SAMPLING_METHODS)}.")
     return Request(video=video_path, caption=caption, steps=steps_i, cfg=cfg_f, seed=seed_i, duration=duration_f,
-                   method=str(method), cfg_interval=_interval(cfg_interval), use_ema=bool(use_ema))
+                   method=str(method), cfg_interval=_interval(cfg_interval), use_ema=bool(use_ema),
+                   long_form=long_form_s, window_overlap_sec=overlap)
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
@@ -162,7 +178,8 @@ class Studio:
         # a full trainer checkpoint (it records its step) holds the live weights and model_ema1
         self.has_both_weights = info is not None and info.global_step is not None
         self.trained_duration = float(generator.duration)
-        self.limits = Limits(max_duration=self.trained_duration, min_video_duration=_min_video_duration(),
+        self.limits = Limits(max_duration=max(float(cfg.app.max_duration_sec), self.trained_duration),
+                             trained_duration=self.trained_duration, min_video_duration=_min_video_duration(),
                              context_length=None)
 
     @classmethod
@@ -215,16 +232,11 @@ class Studio:
             gen = self.generator(request.use_ema)
             folder = self.out_root / f"{uuid.uuid4().hex[:12]}_{request.mode}"
             folder.mkdir(parents=True, exist_ok=False)
-            gen.set_duration(request.duration)
             try:
-                features = gen.encode_row(video=request.video, text=request.caption)
+                wave = self._sample(gen, request, on_step)
             except WavFlowError as exc:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise RequestError(str(exc).splitlines()[0]) from exc
-            wave = gen.generate_batch([features], [row_seed(request.seed, ROW_ID)], cfg=request.cfg,
-                                      steps=request.steps, method=request.method,
-                                      cfg_interval=list(request.cfg_interval) if request.cfg_interval else None,
-                                      on_step=on_step)[0]
             row = InferRow(index=0, name=ROW_ID, video=request.video, caption=request.caption, features_path=None,
                            wants_video=request.video is not None)
             write_outputs(gen, row, wave, folder, self.cfg)
@@ -234,6 +246,41 @@ class Studio:
         atomic_write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
         return Result(mode=request.mode, folder=folder, wav=wav, mp4=Path(row.mp4_path) if row.mp4_path else None,
                       spectrogram=spectrogram, settings=settings)
+
+
+    def window_count(self, request: Request) -> int:
+        """Windows the request is made in (1: one clip of the trained length or shorter)."""
+        gen = next(iter(self._generators.values()))
+        if not wants_windows(request.long_form, target_num_samples(gen.sample_rate, request.duration),
+                             target_num_samples(gen.sample_rate, self.trained_duration)):
+            return 1
+        with self._lock:
+            gen.set_duration(self.trained_duration)
+            return clip_plan(gen, request.duration, request.window_overlap_sec).count
+
+    def _sample(self, gen: WavFlowGenerator, request: Request, on_step: Optional[Callable[[int], None]]) -> Any:
+        """One clip, as predict makes the same row: in windows past the trained length."""
+        sampling = dict(cfg=request.cfg, steps=request.steps, method=request.method,
+                        cfg_interval=list(request.cfg_interval) if request.cfg_interval else None)
+        seed = row_seed(request.seed, ROW_ID)
+        gen.set_duration(self.trained_duration)
+        if not wants_windows(request.long_form, target_num_samples(gen.sample_rate, request.duration), gen.num_samples):
+            gen.set_duration(request.duration)
+            features = gen.encode_row(video=request.video, text=request.caption)
+            return gen.generate_batch([features], [seed], on_step=on_step, **sampling)[0]
+        plan = clip_plan(gen, request.duration, request.window_overlap_sec)
+        text = gen.encode_row(text=request.caption).text if request.caption is not None else None
+        item = LongFormItem(plan=plan, windows=encode_windows(gen, plan, video=request.video, text=text), seed=seed)
+        done = [0]  # network calls of the windows already made
+
+        def on_window(k: int, count: int) -> None:
+            done[0] = gen.last_model_calls_total
+
+        def step(calls: int) -> None:
+            if on_step is not None:
+                on_step(done[0] + calls)
+
+        return generate_long(gen, [item], on_window=on_window, on_step=step, **sampling)[0]
 
 
 def _min_video_duration() -> float:
@@ -300,7 +347,12 @@ def settings_record(request: Request, cfg: DictConfig, gen: WavFlowGenerator, *,
         format_override("sampling.method", request.method),
         format_override("sampling.num_steps", request.steps),
     ]
-    if not math.isclose(request.duration, trained_duration):
+    windows = wants_windows(request.long_form, target_num_samples(gen.sample_rate, request.duration),
+                            target_num_samples(gen.sample_rate, trained_duration))
+    overrides += [format_override("inference.long_form", request.long_form),
+                  format_override("inference.window_overlap_sec", request.window_overlap_sec)]
+    row["duration"] = request.duration  # predict's duration column: the same length (and windows)
+    if not windows and not math.isclose(request.duration, trained_duration):
         overrides.append(format_override("data.audio_duration", request.duration))
         overrides.append("inference.allow_config_mismatch=true")  # a length other than the trained one
     buf = io.StringIO()
@@ -318,6 +370,9 @@ def settings_record(request: Request, cfg: DictConfig, gen: WavFlowGenerator, *,
         "cfg_interval": list(request.cfg_interval) if request.cfg_interval else None,
         "sampler": request.method,
         "duration_s": request.duration,
+        "long_form": request.long_form,
+        "window_overlap_sec": request.window_overlap_sec,
+        "windows": clip_plan(gen, request.duration, request.window_overlap_sec).count if windows else 1,
         "sample_rate": gen.sample_rate,
         "loudness_lufs": float(cfg.output.loudness_target_lufs) if cfg.output.loudness_norm else None,
         "csv": buf.getvalue(),

@@ -14,13 +14,14 @@ import gradio as gr
 
 from wavflow.app.generation import MODES, Result, Studio, parse_request, request_folder
 from wavflow.errors import WavFlowError
+from wavflow.long_form.plan import check_long_form_mode, LONG_FORM_MODES
 from wavflow.model.flow import SAMPLING_METHODS
 
 log = logging.getLogger("wavflow.app")
 
 INTRO = """# WavFlow
-Sound for a video, a caption, or both, from the checkpoint `{ckpt}` ({preset}, {sr} Hz, clips up to
-{dur:g} s). Give a video (V2A), a caption (T2A) or both (VT2A); **Compare modes** makes all three from
+Sound for a video, a caption, or both, from the checkpoint `{ckpt}` ({preset}, {sr} Hz, trained on
+{trained:g} s clips; up to {dur:g} s in overlapping windows). Give a video (V2A), a caption (T2A) or both (VT2A); **Compare modes** makes all three from
 one video and caption with the same seed. Every result lists its settings and the `predict.sh`
 command that makes the same clip."""
 
@@ -59,7 +60,7 @@ def _run(studio: Studio, fields: dict[str, Any], modes: tuple[str, ...], progres
     with _uploaded(studio, fields.pop("video")) as video:
         request = parse_request(video=video, limits=studio.limits, **fields)
         wanted = [request.without(m) for m in modes] if modes else [request]
-        total = _model_calls(request.method, request.steps) * len(wanted)
+        total = _model_calls(request.method, request.steps) * studio.window_count(request) * len(wanted)
         results: list[Result] = []
         for k, item in enumerate(wanted):
             def on_step(done: int, k: int = k, mode: str = item.mode) -> None:
@@ -70,10 +71,11 @@ def _run(studio: Studio, fields: dict[str, Any], modes: tuple[str, ...], progres
 
 
 def _handler(studio: Studio, modes: tuple[str, ...]) -> Callable[..., Any]:
-    def handle(video, caption, steps, cfg, cfg_interval, method, seed, duration, use_ema,
-               progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress bar
+    def handle(video, caption, steps, cfg, cfg_interval, method, seed, duration, use_ema, long_form="auto",
+               window_overlap_sec=None, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress bar
         fields = dict(video=video, caption=caption, steps=steps, cfg=cfg, cfg_interval=cfg_interval, method=method,
-                      seed=seed, duration=duration, use_ema=use_ema)
+                      seed=seed, duration=duration, use_ema=use_ema, long_form=long_form,
+                      window_overlap_sec=window_overlap_sec)
         if modes and not (video and (caption or "").strip()):
             raise gr.Error("Compare modes needs both a video and a caption.")
         try:
@@ -94,7 +96,7 @@ def build_page(studio: Studio) -> gr.Blocks:
     # Gradio's cached uploads and outputs older than a day are removed hourly
     with gr.Blocks(title="WavFlow", analytics_enabled=False, delete_cache=(3600, 86400)) as page:
         gr.Markdown(INTRO.format(ckpt=cfg.model.ckpt_path, preset=gen.cfg.model.name, sr=gen.sample_rate,
-                                 dur=limits.max_duration))
+                                 trained=limits.trained_duration, dur=limits.max_duration))
         with gr.Row():
             with gr.Column():
                 video = gr.Video(label="Video (optional)", sources=["upload"], elem_id="video_in")
@@ -108,8 +110,14 @@ def build_page(studio: Studio) -> gr.Blocks:
                                               label="CFG interval 'lo, hi' (flow time; empty: every step)")
                     method = gr.Dropdown(list(SAMPLING_METHODS), value=str(cfg.sampling.method), label="Sampler")
                     seed = gr.Number(value=int(cfg.inference.seed), precision=0, label="Seed", elem_id="seed")
-                    duration = gr.Number(value=limits.max_duration, minimum=0.05, maximum=limits.max_duration,
-                                         label=f"Duration (s, up to {limits.max_duration:g})", elem_id="duration")
+                    duration = gr.Number(value=limits.trained_duration, minimum=0.05, maximum=limits.max_duration,
+                                         label=f"Duration (s, up to {limits.max_duration:g}; past the trained "
+                                               f"{limits.trained_duration:g} s in windows)", elem_id="duration")
+                    long_form = gr.Dropdown(list(LONG_FORM_MODES), value=check_long_form_mode(cfg.inference.long_form),
+                                            label="Long form (windows past the trained duration)", elem_id="long_form")
+                    overlap = cfg.inference.window_overlap_sec
+                    window_overlap = gr.Textbox(value="" if overlap is None else f"{overlap:g}", elem_id="window_overlap",
+                                                label="Window overlap (s; empty: a quarter of the window)")
                     use_ema = gr.Checkbox(value=bool(cfg.model.use_ema), interactive=studio.has_both_weights,
                                           label="EMA weights" + ("" if studio.has_both_weights else " (only one set in this file)"))
                 with gr.Row():
@@ -127,7 +135,8 @@ def build_page(studio: Studio) -> gr.Blocks:
                 with gr.Column():
                     compared += [gr.Audio(type="filepath", label=mode, elem_id=f"audio_{mode}"),
                                  gr.Image(type="filepath", label=f"{mode} log-mel", elem_id=f"spectrogram_{mode}")]
-        inputs = [video, caption, steps, cfg_scale, cfg_interval, method, seed, duration, use_ema]
+        inputs = [video, caption, steps, cfg_scale, cfg_interval, method, seed, duration, use_ema, long_form,
+                  window_overlap]
         go.click(_handler(studio, ()), inputs, [audio, muxed, picture, settings], api_name="generate")
         compare.click(_handler(studio, MODES), inputs, compared, api_name="compare_modes")
     return page

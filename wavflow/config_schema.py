@@ -211,6 +211,7 @@ class Inference:
     compile: bool = MISSING
     long_form: str = MISSING
     window_overlap_sec: Optional[float] = MISSING
+    window_batch: int = MISSING
 
 
 @dataclass

@@ -14,6 +14,7 @@ differently is an error instead of silent garbage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from wavflow.checkpoint_config import (
     ema_warning,
     unlocked,
 )
-from wavflow.conditions import ConditionFeatures, KnownAudio
+from wavflow.conditions import ConditionFeatures, SamplingSettings
 from wavflow.config import apply_overrides, copy_config, explicit_keys, load_config, validate_config
 from wavflow.errors import CheckpointError, ConfigError, FeatureError
 from wavflow.features.report import FeatureStats, identity_tag, STATS_FILENAME
@@ -336,6 +337,60 @@ class WavFlowGenerator:
         text = [f.text.to(self.device) if f.text is not None else m.empty_string_sequence(1)[0] for f in items]
         return torch.stack(clip), torch.stack(sync), torch.stack(text)
 
+    def sampling_settings(
+        self,
+        *,
+        cfg: Optional[float] = None,
+        steps: Optional[int] = None,
+        method: Optional[str] = None,
+        cfg_interval: Optional[Sequence[float]] = None,
+        batched_cfg: Optional[bool] = None,
+    ) -> SamplingSettings:
+        """The sampler's settings: the arguments, else inference.* / sampling.* of the config."""
+        icfg, scfg = self.cfg.inference, self.cfg.sampling
+        method = str(scfg.method if method is None else method)
+        if method not in SAMPLING_METHODS:
+            raise ConfigError(f"sampling.method must be one of {SAMPLING_METHODS}, got {method!r}")
+        if cfg_interval is None and icfg.get("cfg_interval") is not None:
+            cfg_interval = list(icfg.cfg_interval)
+        return SamplingSettings(
+            cfg=float(icfg.cfg if cfg is None else cfg),
+            steps=int(scfg.num_steps if steps is None else steps),
+            method=method,
+            cfg_interval=list(cfg_interval) if cfg_interval is not None else None,
+            batched_cfg=bool(icfg.get("batched_cfg", True) if batched_cfg is None else batched_cfg),
+        )
+
+    def sampling_context(self) -> contextlib.ExitStack:
+        """Precision and attention settings around a whole sampling run."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(autocast_context(self.device, self.precision, tf32=True))
+        stack.enter_context(sdpa_context(self.speed.attention_backend))
+        return stack
+
+    def guided_network(self, items: Sequence[ConditionFeatures], settings: SamplingSettings) -> Callable[[Tensor, Tensor], Tensor]:
+        """f(t, x) -> the guided prediction for these items (x: (B, N, latent_dim)); inside sampling_context."""
+        clip, sync, text = self.stack_conditions(items)
+        cond = self.model.preprocess_conditions(clip, sync, text)
+        empty = self.model.get_empty_conditions(len(items))
+        return cfg_denoiser(self._flow, cond, empty, settings.cfg, cfg_interval=settings.cfg_interval,
+                            batched=settings.batched_cfg)
+
+    def solve(self, fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, settings: SamplingSettings) -> Tensor:
+        """Run the sampler from x0 with prediction function fn (sampling.* of the config)."""
+        scfg = self.cfg.sampling
+        return sample(
+            settings.method,
+            fn,
+            x0,
+            num_steps=settings.steps,
+            shift=float(scfg.noise_shift),
+            min_sigma=float(scfg.min_sigma),
+            prediction_type=str(scfg.prediction_type),
+            adaptive={"method": str(scfg.adaptive_solver), "rtol": float(scfg.rtol), "atol": float(scfg.atol),
+                      "t_end": float(scfg.adaptive_t_end)},
+        )
+
     @torch.inference_mode()
     def generate_batch(
         self,
@@ -350,60 +405,30 @@ class WavFlowGenerator:
         noise_scale: Optional[float] = None,
         trim: Optional[bool] = None,
         on_step: Optional[Callable[[int], None]] = None,
-        initial_noise: Optional[Tensor] = None,
-        known: Optional[KnownAudio] = None,
     ) -> Tensor:
         """Sample a batch: (B, round(sr*duration)) when trimmed, else (B, N*latent_dim), float32 CPU.
 
         Arguments left as None come from the config (inference.*, sampling.*). `on_step(calls)`
         is called after each network call of the sampler with the count so far (progress bars).
-        `initial_noise` (B, N, latent_dim) replaces the noise drawn from `seeds` (long-form
-        windows cut it from one noise signal per clip). `known` fixes part of the audio: see
-        KnownAudio.
         """
         if len(items) != len(seeds) or not items:
             raise ValueError(f"generate_batch needs one seed per item and at least one item ({len(items)} items, {len(seeds)} seeds)")
-        icfg, scfg = self.cfg.inference, self.cfg.sampling
-        cfg = float(icfg.cfg if cfg is None else cfg)
-        steps = int(scfg.num_steps if steps is None else steps)
-        method = str(scfg.method if method is None else method)
-        if method not in SAMPLING_METHODS:
-            raise ConfigError(f"sampling.method must be one of {SAMPLING_METHODS}, got {method!r}")
-        if cfg_interval is None and icfg.get("cfg_interval") is not None:
-            cfg_interval = list(icfg.cfg_interval)
-        batched_cfg = bool(icfg.get("batched_cfg", True) if batched_cfg is None else batched_cfg)
-        trim = bool(icfg.get("trim_to_duration", True) if trim is None else trim)
-
-        x0 = self.initial_noise(seeds, noise_scale) if initial_noise is None else initial_noise.to(self.device)
-        clip, sync, text = self.stack_conditions(items)
-        override = known.prediction_override(x0, self.audio_scale, str(scfg.prediction_type),
-                                             float(scfg.min_sigma)) if known is not None else None
-        with autocast_context(self.device, self.precision, tf32=True), sdpa_context(self.speed.attention_backend):
-            cond = self.model.preprocess_conditions(clip, sync, text)
-            empty = self.model.get_empty_conditions(len(items))
-            guided = cfg_denoiser(self._flow, cond, empty, cfg, cfg_interval=cfg_interval, batched=batched_cfg)
+        settings = self.sampling_settings(cfg=cfg, steps=steps, method=method, cfg_interval=cfg_interval,
+                                          batched_cfg=batched_cfg)
+        trim = bool(self.cfg.inference.get("trim_to_duration", True) if trim is None else trim)
+        x0 = self.initial_noise(seeds, noise_scale)
+        with self.sampling_context():
+            guided = self.guided_network(items, settings)
             self.last_model_calls = 0  # calls of the guided network (one batched CFG pass = 1)
 
             def fn(t: Tensor, x: Tensor) -> Tensor:
                 out = guided(t, x)
-                if override is not None:
-                    out = torch.where(override[0], override[1].to(out.dtype), out)
                 self.last_model_calls += 1
                 if on_step is not None:
                     on_step(self.last_model_calls)
                 return out
 
-            x1 = sample(
-                method,
-                fn,
-                x0,
-                num_steps=steps,
-                shift=float(scfg.noise_shift),
-                min_sigma=float(scfg.min_sigma),
-                prediction_type=str(scfg.prediction_type),
-                adaptive={"method": str(scfg.adaptive_solver), "rtol": float(scfg.rtol), "atol": float(scfg.atol),
-                          "t_end": float(scfg.adaptive_t_end)},
-            )
+            x1 = self.solve(fn, x0, settings)
         audio = unpatchify(x1.float() / self.audio_scale).cpu()
         return audio[:, : self.num_samples] if trim else audio
 

@@ -341,8 +341,7 @@ def split_long_rows(gen, rows: list[InferRow], cfg: DictConfig) -> tuple[list[In
 def _run_long_rows(gen, long_rows: list[tuple[InferRow, Any]], cfg: DictConfig, out_dir: Path, seed: int) -> None:
     """Rows longer than the trained duration, batch_size clips at a time, window k of each together."""
     bs = int(cfg.inference.batch_size)
-    total = sum(plan.count for _, plan in long_rows)
-    bar = tqdm(total=total, desc="predict (windows)", unit="window", disable=None)
+    bar = tqdm(total=len(long_rows), desc="predict (long rows)", unit="row", disable=None)
     for start in range(0, len(long_rows), bs):
         chunk, items = [], []
         for row, plan in long_rows[start: start + bs]:
@@ -355,23 +354,24 @@ def _run_long_rows(gen, long_rows: list[tuple[InferRow, Any]], cfg: DictConfig, 
                 chunk.append(row)
             except Exception as exc:
                 row.fail(_reason(exc))
-                bar.update(plan.count)
+                bar.update(1)
             row.seconds += time.perf_counter() - t0
         if not chunk:
             continue
         t0 = time.perf_counter()
         try:
-            waves = generate_long(gen, items, on_window=lambda k, n: bar.update(sum(k < it.plan.count for it in items)))
+            waves = generate_long(gen, items)
         except Exception as exc:
             for r in chunk:
                 r.fail(f"sampling failed for the batch: {_reason(exc)}")
+            bar.update(len(chunk))
             continue
         share = (time.perf_counter() - t0) / len(chunk)
         log.info("sampled %d long row(s) in windows (%s): %d model call(s)", len(chunk),
-                 "; ".join(it.plan.describe() for it in items), gen.last_model_calls_total)
+                 "; ".join(it.plan.describe() for it in items), gen.last_model_calls)
         for row, item, wave in zip(chunk, items, waves):
             t1 = time.perf_counter()
-            row.model_calls, row.windows = gen.last_model_calls_total, item.plan.count
+            row.model_calls, row.windows = gen.last_model_calls, item.plan.count
             row.duration = item.plan.total_samples / gen.sample_rate
             try:
                 write_outputs(gen, row, wave, out_dir, cfg)
@@ -379,6 +379,7 @@ def _run_long_rows(gen, long_rows: list[tuple[InferRow, Any]], cfg: DictConfig, 
             except Exception as exc:
                 row.fail(f"writing outputs failed: {_reason(exc)}")
             row.seconds += share + time.perf_counter() - t1
+            bar.update(1)
     bar.close()
 
 

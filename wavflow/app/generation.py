@@ -248,16 +248,6 @@ class Studio:
                       spectrogram=spectrogram, settings=settings)
 
 
-    def window_count(self, request: Request) -> int:
-        """Windows the request is made in (1: one clip of the trained length or shorter)."""
-        gen = next(iter(self._generators.values()))
-        if not wants_windows(request.long_form, target_num_samples(gen.sample_rate, request.duration),
-                             target_num_samples(gen.sample_rate, self.trained_duration)):
-            return 1
-        with self._lock:
-            gen.set_duration(self.trained_duration)
-            return clip_plan(gen, request.duration, request.window_overlap_sec).count
-
     def _sample(self, gen: WavFlowGenerator, request: Request, on_step: Optional[Callable[[int], None]]) -> Any:
         """One clip, as predict makes the same row: in windows past the trained length."""
         sampling = dict(cfg=request.cfg, steps=request.steps, method=request.method,
@@ -271,16 +261,7 @@ class Studio:
         plan = clip_plan(gen, request.duration, request.window_overlap_sec)
         text = gen.encode_row(text=request.caption).text if request.caption is not None else None
         item = LongFormItem(plan=plan, windows=encode_windows(gen, plan, video=request.video, text=text), seed=seed)
-        done = [0]  # network calls of the windows already made
-
-        def on_window(k: int, count: int) -> None:
-            done[0] = gen.last_model_calls_total
-
-        def step(calls: int) -> None:
-            if on_step is not None:
-                on_step(done[0] + calls)
-
-        return generate_long(gen, [item], on_window=on_window, on_step=step, **sampling)[0]
+        return generate_long(gen, [item], on_step=on_step, **sampling)[0]
 
 
 def _min_video_duration() -> float:

@@ -60,7 +60,7 @@ def _run(studio: Studio, fields: dict[str, Any], modes: tuple[str, ...], progres
     with _uploaded(studio, fields.pop("video")) as video:
         request = parse_request(video=video, limits=studio.limits, **fields)
         wanted = [request.without(m) for m in modes] if modes else [request]
-        total = _model_calls(request.method, request.steps) * studio.window_count(request) * len(wanted)
+        total = _model_calls(request.method, request.steps) * len(wanted)
         results: list[Result] = []
         for k, item in enumerate(wanted):
             def on_step(done: int, k: int = k, mode: str = item.mode) -> None:

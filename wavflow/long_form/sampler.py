@@ -1,12 +1,14 @@
 """Windowed generation of clips longer than the trained duration (docs/long_form.md).
 
-Every clip gets one noise signal of its whole length (from its seed); window k samples the
-slice of it under the window, with the window's own video features and the clip's caption.
-Windows after the first are sampled with their overlap fixed to the audio already made
-(KnownAudio: the network sees that audio re-noised with the same noise at every ODE step), so
-the window continues the sound instead of starting a new one; a linear crossfade over the
-overlap then joins them. Window k of every clip in a batch is sampled together, and the
-windows of one clip run one after another: memory is that of one window batch.
+Every clip gets one noise signal of its whole length (from its seed); window k starts from the
+slice of it under the window and is conditioned on the window's own video features and the
+clip's caption. All windows take each ODE step together, and at every step two neighbours get
+one prediction for the audio they share (share_overlaps): the earlier window's, handing over
+to the later window's own in a short ramp at the overlap's end. Their states therefore stay
+equal in the overlap, so each window continues the sound its predecessor is making instead of
+starting a new one, and the clip is one signal with no seam to hide. The network runs
+`window_batch` windows at a time: memory is that of one window batch (plus one state of a
+window's length per window).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from wavflow.errors import ConfigError
-from wavflow.conditions import ConditionFeatures, KnownAudio
+from wavflow.conditions import ConditionFeatures
 from wavflow.long_form.plan import plan_windows, resolve_overlap, WindowPlan
 from wavflow.long_form.video_windows import decode_windows
 from wavflow.shapes import target_num_samples
@@ -30,6 +32,9 @@ if TYPE_CHECKING:  # the generator imports this module
 
 # Windows whose frames are decoded and encoded together (the encoders' batch).
 ENCODE_BATCH = 8
+DEFAULT_WINDOW_BATCH = 16  # inference.window_batch when a config has none
+# Share of an overlap, at its end, over which the earlier window's prediction hands over to the later one's.
+JUNCTION_RAMP_FRACTION = 0.25
 
 
 @dataclass
@@ -77,54 +82,105 @@ def _encode(gen: "WavFlowGenerator", frames: list, text: Optional[Tensor], video
 
 
 def clip_noise(gen: "WavFlowGenerator", seed: int, plan: WindowPlan, noise_scale: Optional[float] = None) -> Tensor:
-    """One noise signal (samples, in token units) covering every window of the clip."""
+    """One noise signal (samples, in token units) under every window of the clip."""
     scale = float(gen.cfg.sampling.noise_scale if noise_scale is None else noise_scale)
-    span = gen.model.latent_seq_len * gen.model.latent_dim
-    length = plan.starts[-1] + span
+    length = plan.starts[-1] + gen.model.latent_seq_len * gen.model.latent_dim
     return torch.randn(length, generator=torch.Generator().manual_seed(int(seed))) * scale
 
 
-def generate_long(gen: "WavFlowGenerator", items: Sequence[LongFormItem], *,
-                  on_window: Optional[Callable[[int, int], None]] = None, **sampling: Any) -> list[Tensor]:
+@dataclass(frozen=True)
+class _Overlap:
+    """Window `later` starts inside window `earlier` (its predecessor) of the same clip."""
+
+    earlier: int  # index into the flat window list
+    later: int
+    offset: int  # the later window's start within the earlier one (samples)
+    length: int  # overlap samples
+    ramp: int  # samples at the overlap's end that blend into the later window's prediction
+
+
+def _window_layout(items: Sequence[LongFormItem]) -> tuple[list[tuple[int, int]], list[_Overlap]]:
+    windows = [(i, k) for i, it in enumerate(items) for k in range(it.plan.count)]
+    index = {w: n for n, w in enumerate(windows)}
+    overlaps = []
+    for i, it in enumerate(items):
+        for k in range(1, it.plan.count):
+            length = it.plan.known_samples(k)
+            overlaps.append(_Overlap(earlier=index[(i, k - 1)], later=index[(i, k)],
+                                     offset=it.plan.starts[k] - it.plan.starts[k - 1], length=length,
+                                     ramp=max(1, int(length * JUNCTION_RAMP_FRACTION))))
+    return windows, overlaps
+
+
+def share_overlaps(pred: Tensor, overlaps: Sequence[_Overlap]) -> Tensor:
+    """One prediction for every overlap, written into both windows (pred: (windows, span) samples).
+
+    The earlier window's prediction holds the overlap, except its last `ramp` samples, which
+    blend linearly into the later window's own prediction. Both windows then take the same step
+    there, so their states stay equal in the overlap at every step: the later window sees the
+    audio the earlier one is making at the current noise level, and continues it. Applied in
+    window order, so a chain of overlaps carries through.
+    """
+    for ov in overlaps:
+        tail = pred[ov.earlier, ov.offset: ov.offset + ov.length]
+        head = pred[ov.later, : ov.length]
+        w = torch.zeros(ov.length, dtype=pred.dtype, device=pred.device)
+        w[ov.length - ov.ramp:] = torch.arange(1, ov.ramp + 1, dtype=pred.dtype, device=pred.device) / (ov.ramp + 1)
+        fused = (1 - w) * tail + w * head
+        pred[ov.earlier, ov.offset: ov.offset + ov.length] = fused
+        pred[ov.later, : ov.length] = fused
+    return pred
+
+
+@torch.inference_mode()
+def generate_long(gen: "WavFlowGenerator", items: Sequence[LongFormItem], *, window_batch: Optional[int] = None,
+                  noise_scale: Optional[float] = None, on_step: Optional[Callable[[int], None]] = None,
+                  **sampling: Any) -> list[Tensor]:
     """Sample every clip of `items` in its windows -> one (total_samples,) float32 CPU wave each.
 
-    `sampling` takes generate_batch's keywords (cfg, steps, method, cfg_interval, batched_cfg,
-    noise_scale). `on_window(k, count)` is called after window k of the batch is done.
+    All windows (of every clip) take each ODE step together, `window_batch` windows per network
+    call (default inference.window_batch); `sampling` takes generate_batch's keywords (cfg,
+    steps, method, cfg_interval, batched_cfg). `on_step(n)` is called after the sampler's n-th
+    evaluation (every window once), as generate_batch's for one clip (progress bars).
     """
     n_tokens, dim = int(gen.model.latent_seq_len), int(gen.model.latent_dim)
     span = n_tokens * dim
     for it in items:
         if it.plan.window_samples != gen.num_samples or len(it.windows) != it.plan.count:
             raise ValueError("a long-form item's plan does not fit this generator or its windows")
-    noises = [clip_noise(gen, it.seed, it.plan, sampling.get("noise_scale")) for it in items]
+    settings = gen.sampling_settings(**sampling)
+    windows, overlaps = _window_layout(items)
+    noises = [clip_noise(gen, it.seed, it.plan, noise_scale) for it in items]
+    x0 = torch.stack([noises[i][items[i].plan.starts[k]: items[i].plan.starts[k] + span] for i, k in windows])
+    size = int(window_batch or gen.cfg.inference.get("window_batch", DEFAULT_WINDOW_BATCH))
+    chunks = [list(range(a, min(a + size, len(windows)))) for a in range(0, len(windows), size)]
+    gen.last_model_calls = 0  # network calls (one per window batch per sampler evaluation)
+    evaluations = 0
+    with gen.sampling_context():
+        guided = [gen.guided_network([items[windows[n][0]].windows[windows[n][1]] for n in chunk], settings)
+                  for chunk in chunks]
+
+        def fn(t: Tensor, x: Tensor) -> Tensor:
+            nonlocal evaluations
+            pred = torch.cat([g(t, x[chunk].reshape(len(chunk), n_tokens, dim)).reshape(len(chunk), span)
+                              for chunk, g in zip(chunks, guided)])
+            gen.last_model_calls += len(chunks)
+            evaluations += 1
+            if on_step is not None:
+                on_step(evaluations)
+            return share_overlaps(pred.to(x.dtype), overlaps)
+
+        x1 = gen.solve(fn, x0.to(gen.device), settings)
+    x1 = x1.float().cpu() / gen.audio_scale
     outs = [torch.zeros(it.plan.total_samples) for it in items]
-    count = max(it.plan.count for it in items)
-    gen.last_model_calls_total = 0
-    for k in range(count):
-        active = [i for i, it in enumerate(items) if k < it.plan.count]
-        x0 = torch.stack([noises[i][items[i].plan.starts[k]: items[i].plan.starts[k] + span] for i in active])
-        known = None
-        if k > 0:
-            wave = torch.zeros(len(active), span)
-            mask = torch.zeros(len(active), span, dtype=torch.bool)
-            for j, i in enumerate(active):
-                start, n_known = items[i].plan.starts[k], items[i].plan.known_samples(k)
-                wave[j, :n_known] = outs[i][start: start + n_known]
-                mask[j, :n_known] = True
-            known = KnownAudio(wave=wave, mask=mask)
-        waves = gen.generate_batch([items[i].windows[k] for i in active], [items[i].seed for i in active],
-                                   initial_noise=x0.reshape(len(active), n_tokens, dim), known=known,
-                                   trim=False, **sampling)
-        gen.last_model_calls_total += gen.last_model_calls
-        for j, i in enumerate(active):
-            _place(outs[i], waves[j], items[i].plan, k)
-        if on_window is not None:
-            on_window(k, count)
+    for n, (i, k) in enumerate(windows):
+        _place(outs[i], x1[n], items[i].plan, k)
     return outs
 
 
 def _place(out: Tensor, wave: Tensor, plan: WindowPlan, k: int) -> None:
-    """Write window k into the clip: a linear crossfade over the overlap, then its own audio."""
+    """Write window k into the clip: a linear crossfade over the overlap (the windows agree
+    there, so it changes nothing unless they do not), then its own audio."""
     start, n_known = plan.starts[k], plan.known_samples(k)
     end = min(start + plan.window_samples, plan.total_samples)
     wave = wave[: end - start]

@@ -1,0 +1,153 @@
+"""Long-form generation with a demo model: sync, class, seams, speed and memory (docs/long_form.md).
+
+    python scripts/bench/long_form.py --demo DEMO_OUT [--clips 8] [--overlap 0.25] [--steps 25]
+        [--cfg 1.5] [--lengths 10 60] [--json OUT]
+
+Quality: the held-out V2A clips of a finished demo (DEMO_OUT, `bash scripts/launch/demo.sh`)
+are joined into one long video (and their real audio into one long wav), generated in windows
+(V2A: the video alone), and scored per 1-s segment with the demo's scorer: class accuracy and
+onset median beside the same model's per-clip figures on the same clips (the demo's own predict
+outputs), and the seam scores of wavflow.demo.seams at the window junctions beside the real
+audio's. Speed: --lengths videos (the held-out clips looped) are generated, each in a fresh
+process, reporting wall time and peak resident memory. Not a test: run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from wavflow.audio import load_audio, write_wav  # noqa: E402
+from wavflow.demo import metrics  # noqa: E402
+from wavflow.demo.audio_measures import onset_errors  # noqa: E402
+from wavflow.demo.make_dataset import load_dataset_info  # noqa: E402
+from wavflow.demo.seams import seam_scores  # noqa: E402
+from wavflow.generator import WavFlowGenerator  # noqa: E402
+from wavflow.long_form.sampler import clip_plan  # noqa: E402
+
+
+def join_videos(paths: list[Path], out: Path, fps: int) -> Path:
+    """One mp4 of the clips one after another (re-encoded, frame times continuous)."""
+    with av.open(str(out), "w") as dst:
+        stream = None
+        pts = 0
+        for path in paths:
+            with av.open(str(path)) as src:
+                for frame in src.decode(video=0):
+                    if stream is None:
+                        stream = dst.add_stream("libx264", rate=fps)
+                        stream.width, stream.height, stream.pix_fmt = frame.width, frame.height, "yuv420p"
+                    img = av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
+                    img.pts = pts
+                    pts += 1
+                    for packet in stream.encode(img):
+                        dst.mux(packet)
+        for packet in stream.encode(None):
+            dst.mux(packet)
+    return out
+
+
+def checkpoint_of(demo: Path) -> Path:
+    found = sorted((demo / "train").glob("*/checkpoint_latest.pth"))
+    if not found:
+        raise SystemExit(f"no train/*/checkpoint_latest.pth in {demo}: run the demo first")
+    return found[0]
+
+
+def score_segments(wave: np.ndarray, clips, ref, sr: int) -> tuple[float, list[float]]:
+    right, errors = 0, []
+    for i, clip in enumerate(clips):
+        seg = wave[i * sr: (i + 1) * sr]
+        right += ref.classify(seg) == clip.label
+        errors += [e for e in onset_errors(clip.onsets, ref.onsets(seg, clip.label)) if np.isfinite(e)]
+    return right / len(clips), errors
+
+
+def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
+    info = load_dataset_info(args.demo / "data")
+    clips = [c for c in info.split("holdout") if c.mode == "V2A"][: args.clips]
+    ref = metrics.fit_reference(info)
+    sr = info.sample_rate
+    work = args.demo / "long_form"
+    work.mkdir(exist_ok=True)
+    video = join_videos([info.root / c.video_path for c in clips], work / "long_v2a.mp4", int(info.fps))
+    real = np.concatenate([load_audio(info.root / c.audio_path, sr).numpy()[:sr] for c in clips])
+    plan = clip_plan(gen, len(real) / sr, args.overlap)
+    t0 = time.perf_counter()
+    wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=0, window_overlap_sec=args.overlap)
+    seconds = time.perf_counter() - t0
+    wave = wave.numpy()
+    write_wav(work / "long_v2a.wav", wave, sr)
+    long_acc, long_err = score_segments(wave, clips, ref, sr)
+    per_clip = {c.id: load_audio(args.demo / "predict" / f"{c.id}.wav", sr).numpy() for c in clips}
+    clip_acc, clip_err = score_segments(np.concatenate([per_clip[c.id][:sr] for c in clips]), clips, ref, sr)
+    return {
+        "segments": len(clips), "windows": plan.count, "overlap_sec": plan.known_samples(1) / sr,
+        "generation_seconds": round(seconds, 2),
+        "class_accuracy_long": long_acc, "class_accuracy_per_clip": clip_acc,
+        "onset_median_ms_long": float(np.median(np.abs(long_err)) * 1000) if long_err else None,
+        "onset_median_ms_per_clip": float(np.median(np.abs(clip_err)) * 1000) if clip_err else None,
+        "onsets_detected_long": len(long_err), "onsets_detected_per_clip": len(clip_err),
+        "seams": seam_scores(wave, real, plan.junctions(), sr),
+    }
+
+
+def speed_child(args: argparse.Namespace) -> None:
+    """In a fresh process: generate one --child-length video, print seconds and peak RSS."""
+    info = load_dataset_info(args.demo / "data")
+    clips = [c for c in info.split("holdout") if c.mode == "V2A"]
+    n = int(round(args.child_length))
+    paths = [info.root / clips[i % len(clips)].video_path for i in range(n)]
+    video = join_videos(paths, args.demo / "long_form" / f"speed_{n}s.mp4", int(info.fps))
+    gen = WavFlowGenerator.from_checkpoint(checkpoint_of(args.demo), device="cpu")
+    gen.encoders(need_video=True)  # loading the encoders is start-up, not generation
+    t0 = time.perf_counter()
+    wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=0, window_overlap_sec=args.overlap)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"length_s": len(wave) / gen.sample_rate, "seconds": round(seconds, 2),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", type=Path, required=True)
+    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--overlap", type=float, default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--lengths", type=float, nargs="*", default=[10, 60])
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--child-length", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    if args.child_length is not None:
+        speed_child(args)
+        return
+    gen = WavFlowGenerator.from_checkpoint(checkpoint_of(args.demo), device="cpu")
+    result = {"quality": quality(args, gen), "speed": []}
+    print(json.dumps(result["quality"], indent=1), flush=True)
+    for length in args.lengths:
+        cmd = [sys.executable, __file__, "--demo", str(args.demo), "--steps", str(args.steps), "--cfg", str(args.cfg),
+               "--child-length", str(length)] + (["--overlap", str(args.overlap)] if args.overlap is not None else [])
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        result["speed"].append(json.loads(line))
+        print(line, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,13 @@
 """Long-form generation with a demo model: sync, class, seams, speed and memory (docs/long_form.md).
 
     python scripts/bench/long_form.py --demo DEMO_OUT [--clips 8] [--overlap 0.25] [--steps 25]
-        [--cfg 1.5] [--lengths 10 60] [--json OUT]
+        [--cfg 1.5] [--seeds 4] [--lengths 10 60] [--json OUT]
 
 Quality: the held-out V2A clips of a finished demo (DEMO_OUT, `bash scripts/launch/demo.sh`)
 are joined into one long video (and their real audio into one long wav), generated in windows
-(V2A: the video alone), and scored per 1-s segment with the demo's scorer: class accuracy and
-onset median beside the same model's per-clip figures on the same clips (the demo's own predict
-outputs), and the seam scores of wavflow.demo.seams at the window junctions beside the real
+(V2A: the video alone) with --seeds seeds, and scored per trained-duration segment with the
+demo's scorer: class accuracy and onset median beside the same model's per-clip figures (each
+clip generated alone with the same seeds), and the seam scores of wavflow.demo.seams at the window junctions beside the real
 audio's. Speed: --lengths videos (the held-out clips looped) are generated, each in a fresh
 process, reporting wall time and peak resident memory. Not a test: run it on an idle machine.
 """
@@ -67,10 +67,11 @@ def checkpoint_of(demo: Path) -> Path:
     return found[0]
 
 
-def score_segments(wave: np.ndarray, clips, ref, sr: int) -> tuple[float, list[float]]:
+def score_segments(wave: np.ndarray, clips, ref, n: int) -> tuple[float, list[float]]:
+    """Class accuracy and onset errors of consecutive n-sample segments, one per clip."""
     right, errors = 0, []
     for i, clip in enumerate(clips):
-        seg = wave[i * sr: (i + 1) * sr]
+        seg = wave[i * n: (i + 1) * n]
         right += ref.classify(seg) == clip.label
         errors += [e for e in onset_errors(clip.onsets, ref.onsets(seg, clip.label)) if np.isfinite(e)]
     return right / len(clips), errors
@@ -84,20 +85,31 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
     work = args.demo / "long_form"
     work.mkdir(exist_ok=True)
     video = join_videos([info.root / c.video_path for c in clips], work / "long_v2a.mp4", int(info.fps))
-    real = np.concatenate([load_audio(info.root / c.audio_path, sr).numpy()[:sr] for c in clips])
+    n = int(round(info.duration * sr))  # one clip's samples
+    real = np.concatenate([load_audio(info.root / c.audio_path, sr).numpy()[:n] for c in clips])
     plan = clip_plan(gen, len(real) / sr, args.overlap)
-    t0 = time.perf_counter()
-    wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=0, window_overlap_sec=args.overlap)
-    seconds = time.perf_counter() - t0
-    wave = wave.numpy()
-    write_wav(work / "long_v2a.wav", wave, sr)
-    long_acc, long_err = score_segments(wave, clips, ref, sr)
-    per_clip = {c.id: load_audio(args.demo / "predict" / f"{c.id}.wav", sr).numpy() for c in clips}
-    clip_acc, clip_err = score_segments(np.concatenate([per_clip[c.id][:sr] for c in clips]), clips, ref, sr)
+    long_right, clip_right, long_err, clip_err, seconds = 0.0, 0.0, [], [], 0.0
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=seed,
+                               window_overlap_sec=args.overlap)
+        seconds += time.perf_counter() - t0
+        wave = wave.numpy()
+        if seed == 0:
+            write_wav(work / "long_v2a.wav", wave, sr)
+            first = wave
+        acc, err = score_segments(wave, clips, ref, n)
+        long_right, long_err = long_right + acc, long_err + err
+        # the same model on each clip alone (one trained-duration clip per video), same seed
+        per_clip = [gen.generate(video=str(info.root / c.video_path), cfg=args.cfg, steps=args.steps, seed=seed,
+                                 long_form="off")[0].numpy() for c in clips]
+        acc, err = score_segments(np.concatenate(per_clip), clips, ref, n)
+        clip_right, clip_err = clip_right + acc, clip_err + err
+    wave = first
     return {
-        "segments": len(clips), "windows": plan.count, "overlap_sec": plan.known_samples(1) / sr,
-        "generation_seconds": round(seconds, 2),
-        "class_accuracy_long": long_acc, "class_accuracy_per_clip": clip_acc,
+        "segments": len(clips), "seeds": args.seeds, "windows": plan.count,
+        "overlap_sec": plan.known_samples(1) / sr, "generation_seconds_per_clip": round(seconds / args.seeds, 2),
+        "class_accuracy_long": long_right / args.seeds, "class_accuracy_per_clip": clip_right / args.seeds,
         "onset_median_ms_long": float(np.median(np.abs(long_err)) * 1000) if long_err else None,
         "onset_median_ms_per_clip": float(np.median(np.abs(clip_err)) * 1000) if clip_err else None,
         "onsets_detected_long": len(long_err), "onsets_detected_per_clip": len(clip_err),
@@ -124,7 +136,8 @@ def speed_child(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", type=Path, required=True)
-    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--clips", type=int, default=12)
+    p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=1.5)

@@ -3,7 +3,7 @@
 A clip longer than the model's trained duration W is covered by windows of exactly W seconds:
 window k starts at k * (W - overlap) samples, and the last window is moved back so that it ends
 on the clip's last sample (its overlap with the one before is then larger). Window k > 0 is
-generated with its first `known_samples(k)` samples fixed to the audio already made.
+sampled together with window k-1, sharing one prediction over their `known_samples(k)` common samples.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from wavflow.errors import ConfigError
 
 LONG_FORM_MODES = ("auto", "off", "on")
 DEFAULT_OVERLAP_FRACTION = 0.25  # inference.window_overlap_sec=null: a quarter of the window
+# Where in an overlap the earlier window hands over to the later one (0.5: its middle, so each
+# window holds the central part of itself, where it sees the most video on both sides; at 1.0,
+# the overlap's end, the demo's onsets came twice as late: docs/long_form.md), and the share of
+# the overlap over which the two predictions blend around that point.
+HANDOVER = 0.5
+JUNCTION_RAMP_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,9 @@ class WindowPlan:
         return self.starts[k - 1] + self.window_samples - self.starts[k]
 
     def junctions(self) -> list[int]:
-        """Sample positions where a window's own audio takes over from the previous window's:
-        the end of each overlap (the only places a seam can appear)."""
-        return [self.starts[k - 1] + self.window_samples for k in range(1, self.count)]
+        """Sample positions where a window's own audio takes over from the previous window's
+        (HANDOVER of the way into each overlap): where a seam could appear."""
+        return [self.starts[k] + int(round(HANDOVER * self.known_samples(k))) for k in range(1, self.count)]
 
     def describe(self) -> str:
         """`count x W s, overlap O s` for logs and summary.csv."""

@@ -3,8 +3,8 @@
 Every clip gets one noise signal of its whole length (from its seed); window k starts from the
 slice of it under the window and is conditioned on the window's own video features and the
 clip's caption. All windows take each ODE step together, and at every step two neighbours get
-one prediction for the audio they share (share_overlaps): the earlier window's, handing over
-to the later window's own in a short ramp at the overlap's end. Their states therefore stay
+one prediction for the audio they share (share_overlaps): the earlier window's for the first
+half of the overlap, the later window's for the second, blended in a short ramp between. Their states therefore stay
 equal in the overlap, so each window continues the sound its predecessor is making instead of
 starting a new one, and the clip is one signal with no seam to hide. The network runs
 `window_batch` windows at a time: memory is that of one window batch (plus one state of a
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from wavflow.errors import ConfigError
 from wavflow.conditions import ConditionFeatures
-from wavflow.long_form.plan import plan_windows, resolve_overlap, WindowPlan
+from wavflow.long_form.plan import HANDOVER, JUNCTION_RAMP_FRACTION, plan_windows, resolve_overlap, WindowPlan
 from wavflow.long_form.video_windows import decode_windows
 from wavflow.shapes import target_num_samples
 
@@ -33,8 +33,6 @@ if TYPE_CHECKING:  # the generator imports this module
 # Windows whose frames are decoded and encoded together (the encoders' batch).
 ENCODE_BATCH = 8
 DEFAULT_WINDOW_BATCH = 16  # inference.window_batch when a config has none
-# Share of an overlap, at its end, over which the earlier window's prediction hands over to the later one's.
-JUNCTION_RAMP_FRACTION = 0.25
 
 
 @dataclass
@@ -96,7 +94,7 @@ class _Overlap:
     later: int
     offset: int  # the later window's start within the earlier one (samples)
     length: int  # overlap samples
-    ramp: int  # samples at the overlap's end that blend into the later window's prediction
+    ramp: int  # samples around the handover point over which the two predictions blend
 
 
 def _window_layout(items: Sequence[LongFormItem]) -> tuple[list[tuple[int, int]], list[_Overlap]]:
@@ -115,8 +113,9 @@ def _window_layout(items: Sequence[LongFormItem]) -> tuple[list[tuple[int, int]]
 def share_overlaps(pred: Tensor, overlaps: Sequence[_Overlap]) -> Tensor:
     """One prediction for every overlap, written into both windows (pred: (windows, span) samples).
 
-    The earlier window's prediction holds the overlap, except its last `ramp` samples, which
-    blend linearly into the later window's own prediction. Both windows then take the same step
+    The earlier window's prediction holds the overlap up to the handover point (HANDOVER of the
+    way in), the later window's after it, with a linear blend over `ramp` samples around that
+    point. Both windows then take the same step
     there, so their states stay equal in the overlap at every step: the later window sees the
     audio the earlier one is making at the current noise level, and continues it. Applied in
     window order, so a chain of overlaps carries through.
@@ -124,8 +123,9 @@ def share_overlaps(pred: Tensor, overlaps: Sequence[_Overlap]) -> Tensor:
     for ov in overlaps:
         tail = pred[ov.earlier, ov.offset: ov.offset + ov.length]
         head = pred[ov.later, : ov.length]
-        w = torch.zeros(ov.length, dtype=pred.dtype, device=pred.device)
-        w[ov.length - ov.ramp:] = torch.arange(1, ov.ramp + 1, dtype=pred.dtype, device=pred.device) / (ov.ramp + 1)
+        centre = min(max(HANDOVER * ov.length, ov.ramp / 2), ov.length - ov.ramp / 2)
+        n = torch.arange(ov.length, dtype=pred.dtype, device=pred.device) + 0.5
+        w = ((n - (centre - ov.ramp / 2)) / ov.ramp).clamp(0, 1)
         fused = (1 - w) * tail + w * head
         pred[ov.earlier, ov.offset: ov.offset + ov.length] = fused
         pred[ov.later, : ov.length] = fused

@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     out = tmp_path / "demo run #2"  # ' #' and spaces reach every stage whole (issue 11)
     env = dict(os.environ, WAVFLOW_PYTHON=sys.executable, OMP_NUM_THREADS="1", DEMO_OUT=str(out),
                WAVFLOW_CACHE_DIR=str(wavflow_cache_dir))
-    cmd = ["bash", str(REPO / "scripts/launch/demo.sh"), "demo.n=12", "demo.train.max_steps=6",
+    cmd = ["bash", str(REPO / "scripts/launch/demo.sh"), "demo.n=24", "demo.long_video_clips=2", "demo.train.max_steps=6",
            "demo.train.batch_size=4", "demo.train.time_mean=-0.7", "model.name=tiny_16k",
            "sampling.num_steps=2", "demo.figure_clips=2", "data.feature_norm_rms.clip_features=0.25"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -69,10 +69,17 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
     assert "class_accuracy" not in metrics["groups"]["overall"]
     for mode in ("VT2A", "T2A", "V2A"):
         group = metrics["groups"][mode]
-        assert group["n"] > 0, mode  # 12 clips, 3 held out: one row of each mode
+        assert group["n"] > 0, mode  # 24 clips, 6 held out: two rows of each mode
         assert group["class_accuracy"] is not None and 0.0 <= group["class_accuracy"] <= 1.0, mode
     assert sum(metrics["groups"][m]["n"] for m in ("VT2A", "T2A", "V2A")) == len(holdout)
     assert (out / "metrics/metrics.txt").read_text().strip()
+    # the long video: the 2 held-out V2A clips joined (2 s), made in windows, scored per segment
+    long_form = metrics["long_form"]
+    assert (long_form["n"], long_form["seconds"], long_form["windows"]) == (2, 2.0, 3)
+    assert sf.read(out / "predict_long/long_v2a.wav")[0].shape == (32000,)
+    long_summary = pd.read_csv(out / "predict_long/summary.csv", keep_default_na=False)
+    assert long_summary.windows.tolist() == [3] and (out / "predict_long/long_v2a.mp4").is_file()
+    assert "V2A long 2 s/3w" in proc.stdout and "seams at 2 junctions" in proc.stdout
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "WavFlow demo finished" in proc.stdout and "not a model that sounds right" in proc.stdout.replace("\n  ", " ")
     assert str(out / "figure.png") in proc.stdout

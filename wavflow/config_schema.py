@@ -316,6 +316,7 @@ class Demo:
     train: DemoTrain = _node(DemoTrain)
     predict: DemoPredict = _node(DemoPredict)
     figure_clips: int = MISSING
+    long_video_clips: int = MISSING
 
 
 @dataclass

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -32,32 +31,15 @@ if str(ROOT) not in sys.path:
 
 from wavflow.audio import load_audio, write_wav  # noqa: E402
 from wavflow.demo import metrics  # noqa: E402
-from wavflow.demo.audio_measures import onset_errors  # noqa: E402
+from wavflow.demo.audio_measures import summarise_onsets  # noqa: E402
+from wavflow.demo.long_clip import join_videos, long_clips, score_segments  # noqa: E402
 from wavflow.demo.make_dataset import load_dataset_info  # noqa: E402
 from wavflow.demo.seams import seam_scores  # noqa: E402
 from wavflow.generator import WavFlowGenerator  # noqa: E402
 from wavflow.long_form.sampler import clip_plan  # noqa: E402
 
 
-def join_videos(paths: list[Path], out: Path, fps: int) -> Path:
-    """One mp4 of the clips one after another (re-encoded, frame times continuous)."""
-    with av.open(str(out), "w") as dst:
-        stream = None
-        pts = 0
-        for path in paths:
-            with av.open(str(path)) as src:
-                for frame in src.decode(video=0):
-                    if stream is None:
-                        stream = dst.add_stream("libx264", rate=fps)
-                        stream.width, stream.height, stream.pix_fmt = frame.width, frame.height, "yuv420p"
-                    img = av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
-                    img.pts = pts
-                    pts += 1
-                    for packet in stream.encode(img):
-                        dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
-    return out
+TOLERANCE_MS = 100.0  # as the demo's metrics
 
 
 def checkpoint_of(demo: Path) -> Path:
@@ -67,19 +49,9 @@ def checkpoint_of(demo: Path) -> Path:
     return found[0]
 
 
-def score_segments(wave: np.ndarray, clips, ref, n: int) -> tuple[float, list[float]]:
-    """Class accuracy and onset errors of consecutive n-sample segments, one per clip."""
-    right, errors = 0, []
-    for i, clip in enumerate(clips):
-        seg = wave[i * n: (i + 1) * n]
-        right += ref.classify(seg) == clip.label
-        errors += [e for e in onset_errors(clip.onsets, ref.onsets(seg, clip.label)) if np.isfinite(e)]
-    return right / len(clips), errors
-
-
 def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
     info = load_dataset_info(args.demo / "data")
-    clips = [c for c in info.split("holdout") if c.mode == "V2A"][: args.clips]
+    clips = long_clips(info)[: args.clips]
     ref = metrics.fit_reference(info)
     sr = info.sample_rate
     work = args.demo / "long_form"
@@ -88,7 +60,7 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
     n = int(round(info.duration * sr))  # one clip's samples
     real = np.concatenate([load_audio(info.root / c.audio_path, sr).numpy()[:n] for c in clips])
     plan = clip_plan(gen, len(real) / sr, args.overlap)
-    long_right, clip_right, long_err, clip_err, seconds = 0.0, 0.0, [], [], 0.0
+    long_right, clip_right, long_err, clip_err, seconds = 0.0, 0.0, [], [], 0.0  # errors: one array per segment
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=seed,
@@ -110,9 +82,8 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
         "segments": len(clips), "seeds": args.seeds, "windows": plan.count,
         "overlap_sec": plan.known_samples(1) / sr, "generation_seconds_per_clip": round(seconds / args.seeds, 2),
         "class_accuracy_long": long_right / args.seeds, "class_accuracy_per_clip": clip_right / args.seeds,
-        "onset_median_ms_long": float(np.median(np.abs(long_err)) * 1000) if long_err else None,
-        "onset_median_ms_per_clip": float(np.median(np.abs(clip_err)) * 1000) if clip_err else None,
-        "onsets_detected_long": len(long_err), "onsets_detected_per_clip": len(clip_err),
+        "onsets_long": summarise_onsets(long_err, TOLERANCE_MS),
+        "onsets_per_clip": summarise_onsets(clip_err, TOLERANCE_MS),
         "seams": seam_scores(wave, real, plan.junctions(), sr),
     }
 
@@ -120,7 +91,7 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
 def speed_child(args: argparse.Namespace) -> None:
     """In a fresh process: generate one --child-length video, print seconds and peak RSS."""
     info = load_dataset_info(args.demo / "data")
-    clips = [c for c in info.split("holdout") if c.mode == "V2A"]
+    clips = long_clips(info)
     n = int(round(args.child_length))
     paths = [info.root / clips[i % len(clips)].video_path for i in range(n)]
     video = join_videos(paths, args.demo / "long_form" / f"speed_{n}s.mp4", int(info.fps))

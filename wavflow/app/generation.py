@@ -61,7 +61,7 @@ class Request:
     cfg_interval: Optional[tuple[float, float]] = None
     use_ema: bool = True
     long_form: str = "auto"  # inference.long_form for this request (docs/long_form.md)
-    window_overlap_sec: Optional[float] = None  # inference.window_overlap_sec (None: a quarter of the window)
+    window_overlap_sec: Optional[float] = None  # inference.window_overlap_sec (None: half the window)
 
     @property
     def mode(self) -> str:

@@ -117,7 +117,7 @@ def build_page(studio: Studio) -> gr.Blocks:
                                             label="Long form (windows past the trained duration)", elem_id="long_form")
                     overlap = cfg.inference.window_overlap_sec
                     window_overlap = gr.Textbox(value="" if overlap is None else f"{overlap:g}", elem_id="window_overlap",
-                                                label="Window overlap (s; empty: a quarter of the window)")
+                                                label="Window overlap (s; empty: half the window)")
                     use_ema = gr.Checkbox(value=bool(cfg.model.use_ema), interactive=studio.has_both_weights,
                                           label="EMA weights" + ("" if studio.has_both_weights else " (only one set in this file)"))
                 with gr.Row():

@@ -73,6 +73,7 @@ from wavflow.demo.audio_measures import (
     onset_errors,
     summarise_onsets,
 )
+from wavflow.demo.long_clip import score_long_clip
 from wavflow.demo.make_dataset import MODES, DatasetInfo, load_dataset_info
 from wavflow.errors import AudioError, ManifestError
 from wavflow.io_utils import atomic_write_text
@@ -270,13 +271,16 @@ def _collect_generated(generated_dir: Path) -> dict[str, Path]:
 
 
 def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Path | None = None,
-             *, tolerance_ms: float = 100.0, seed: int = 0,
-             progress: bool = True) -> tuple[dict[str, Any], str]:
+             *, tolerance_ms: float = 100.0, seed: int = 0, progress: bool = True,
+             long_wav: str | Path | None = None, window_sec: float | None = None,
+             overlap_sec: float | None = None) -> tuple[dict[str, Any], str]:
     """Score `<id>.wav` files of `generated_dir` against the data set at `reference`.
 
     Files whose stem is not a clip id of the data set are listed under `ignored_files`;
-    holdout ids without a file under `missing_ids`. Writes metrics.json and metrics.txt to
-    `out_dir` when given; returns (metrics dict, readable table).
+    holdout ids without a file under `missing_ids`. `long_wav`: the long video's generated
+    audio (wavflow.demo.long_clip), made in windows of `window_sec` overlapping by
+    `overlap_sec` (None: the default half window), scored under `long_form`. Writes metrics.json
+    and metrics.txt to `out_dir` when given; returns (metrics dict, readable table).
     """
     generated_dir = Path(generated_dir)
     info = load_dataset_info(reference)
@@ -295,6 +299,11 @@ def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Pa
     metrics["reference"] = str(info.events_path)
     metrics["ignored_files"] = sorted(str(p.name) for i, p in files.items() if i not in clip_ids)
     metrics["missing_ids"] = sorted(c.id for c in info.split("holdout") if c.id not in matched)
+    if long_wav is not None:
+        if not Path(long_wav).is_file():
+            raise AudioError(f"the long video's generated audio {long_wav} is missing (its predict stage wrote none)")
+        metrics["long_form"] = score_long_clip(Path(long_wav), info, ref, window_sec=float(window_sec or info.duration),
+                                               overlap_sec=overlap_sec, tolerance_ms=tolerance_ms)
     table = format_table(metrics)
     if out_dir is not None:
         out = Path(out_dir)
@@ -353,6 +362,11 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     for mode in MODES:
         out += [_table_line(f"{mode} generated", metrics["groups"][mode]),
                 _table_line(f"{mode} real audio", real[mode], relative=False)]
+    long_form = metrics.get("long_form")
+    if long_form:
+        label = f"V2A long {long_form['seconds']:g} s/{long_form['windows']}w"
+        out += [_table_line(label, long_form), _table_line("V2A long real audio", {**long_form["real_audio"],
+                                                           "n": long_form["n"]}, relative=False)]
     out += ["-" * len(head),
             _table_line(f"{OVERALL_LABEL} generated", metrics["groups"]["overall"]),
             _table_line(f"{OVERALL_LABEL} real audio", real["overall"], relative=False),
@@ -365,6 +379,15 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             f"×rvr = frechet / real vs real (train halves, {halves[0]}+{halves[1]} clips): "
             f"{_cell(base['frechet_real_vs_real'], '.1f')}; the real-audio rows give Fréchet at "
             f"the same n; white noise vs real: {_cell(base['frechet_noise_vs_real'], '.1f')}"]
+    if long_form:
+        seams = long_form["seams"]
+        out.append(
+            f"V2A long: the held-out V2A clips joined, made in {long_form['windows']} windows; class per clip-long "
+            f"segment; seams at {seams['junctions']} junctions, generated minus elsewhere (real spread): level jump "
+            f"{seams['level_jump_db_excess']:+.2f} dB ({seams['real_level_jump_db']['elsewhere_iqr']:.2f}), "
+            f"spectral flux {seams['spectral_flux_db_excess']:+.2f} dB ({seams['real_spectral_flux_db']['elsewhere_iqr']:.2f}); "
+            f"largest step at a junction {seams['click_step_at_junctions']:.3f} vs p99 elsewhere "
+            f"{seams['click_step_p99_elsewhere']:.3f}")
     if metrics.get("missing_ids"):
         out.append(f"holdout clips without generated audio: {len(metrics['missing_ids'])}")
     return "\n".join(out) + "\n"

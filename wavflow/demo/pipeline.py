@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from wavflow.audio import integrated_loudness, load_audio
 from wavflow.config import CONFIG_DIR, format_override
 from wavflow.demo.figures import plot_real_vs_generated
+from wavflow.demo.long_clip import LONG_ID, make_long_clip
 from wavflow.demo.make_dataset import check_args, DATASETS, load_dataset_info, make_dataset
 from wavflow.demo.metrics import evaluate
 from wavflow.errors import AudioError, ConfigError, WavFlowError
@@ -91,6 +92,10 @@ class DemoPaths:
     @property
     def predict(self) -> Path:
         return self.root / "predict"
+
+    @property
+    def predict_long(self) -> Path:
+        return self.root / "predict_long"
 
     @property
     def metrics(self) -> Path:
@@ -205,6 +210,9 @@ def check_demo_config(cfg: DictConfig) -> None:
         raise ConfigError(f"demo.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
     check_args(int(d.n), float(cfg.data.audio_duration), int(cfg.data.target_sample_rate), 25, 96,
                 float(d.holdout_frac), float(d.v2a_frac), float(d.t2a_frac), names=DATASET_KEYS)
+    clips = OmegaConf.select(cfg, "demo.long_video_clips")
+    if not isinstance(clips, int) or isinstance(clips, bool) or clips < 0:
+        raise ConfigError(f"demo.long_video_clips must be an integer >= 0, got {clips!r}")
     for key in ("demo.nproc", "demo.train.max_steps", "demo.train.batch_size"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -230,14 +238,22 @@ def run_demo(cfg: DictConfig) -> DemoResult:
                      sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(cfg.demo.holdout_frac),
                      no_caption_frac=float(cfg.demo.v2a_frac), no_video_frac=float(cfg.demo.t2a_frac),
                      dataset=str(cfg.demo.dataset))
+    long_csv = paths.data / "long_infer.csv"
+    if not long_csv.is_file():
+        long_csv = make_long_clip(load_dataset_info(paths.data), int(cfg.demo.long_video_clips))  # None: too few
     timings["data"] = time.time() - start
     train_csvs = _extract_features(cfg, paths, shared, nproc, logs, timings)
     timings["train"] = run_stage("train", "train", _train_overrides(cfg, paths, shared, train_csvs),
                                  nproc, logs)
     timings["predict"] = run_stage("predict", "predict", _predict_overrides(cfg, paths, shared), 1, logs)
+    if long_csv is not None:
+        timings["predict_long"] = run_stage("predict_long", "predict",
+                                            _predict_overrides(cfg, paths, shared, long_csv), 1, logs)
 
     start = time.time()
-    metrics, table = evaluate(paths.predict, paths.data, out_dir=paths.metrics)
+    metrics, table = evaluate(paths.predict, paths.data, out_dir=paths.metrics,
+                              long_wav=paths.predict_long / f"{LONG_ID}.wav" if long_csv is not None else None,
+                              window_sec=float(cfg.data.audio_duration))
     timings["metrics"] = time.time() - start
     plot_real_vs_generated(paths.data, paths.predict, paths.figure, max_clips=int(cfg.demo.figure_clips))
     atomic_write_text(paths.root / "timings.json", json.dumps(timings, indent=1) + "\n")
@@ -304,16 +320,18 @@ def _train_overrides(cfg: DictConfig, paths: DemoPaths, shared: list[str], train
     ]
 
 
-def _predict_overrides(cfg: DictConfig, paths: DemoPaths, shared: list[str]) -> list[str]:
-    """Prediction on the held-out clips (VT2A, T2A and V2A rows) with mp4 muxing."""
+def _predict_overrides(cfg: DictConfig, paths: DemoPaths, shared: list[str], csv: Path | None = None) -> list[str]:
+    """Prediction on the held-out clips (VT2A, T2A and V2A rows) with mp4 muxing; with `csv`
+    (the long video's row), into predict_long/ in windows (docs/long_form.md)."""
+    out = paths.predict if csv is None else paths.predict_long
     return shared + [
-        f"data.csv_path={paths.data / 'holdout_infer.csv'}",
+        f"data.csv_path={csv or paths.data / 'holdout_infer.csv'}",
         f"data.data_root={paths.data}",
         f"model.ckpt_path={paths.checkpoint}",
         f"model.use_ema={str(bool(cfg.demo.predict.use_ema)).lower()}",
         f"inference.cfg={cfg.demo.predict.cfg}",
         f"sampling.num_steps={cfg.sampling.num_steps}",
-        f"output.output_dir={paths.predict}",
+        f"output.output_dir={out}",
         "output.mux_video=true",
         "output.overwrite=true",
         *loudness_overrides(cfg.demo.predict.loudness_target_lufs, paths.data),
@@ -367,6 +385,7 @@ def describe(result: DemoResult, steps: int) -> str:
         f"  cached features              {p.features}",
         f"  training run (checkpoints, training.log, tensorboard/)  {p.train / 'demo'}",
         f"  generated audio              {p.predict}  ({len(list(p.predict.glob('*.wav')))} wavs, {len(mp4s)} mp4s with the new audio)",
+        f"  a long video, in windows     {p.predict_long}  (held-out V2A clips joined; docs/long_form.md)",
         f"  per-row status               {p.predict / 'summary.csv'}",
         f"  metrics                      {p.metrics / 'metrics.json'}  and metrics.txt",
         f"  real vs generated figure     {p.figure}",

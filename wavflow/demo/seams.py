@@ -4,8 +4,9 @@ Per 10 ms frame: the level jump (|dB change| of the frame RMS from the frame bef
 spectral flux (mean rise of the log-mel bins from the frame before). A junction's frames are
 compared with the median of the frames away from every junction, and the same statistic is
 taken of the real audio at the same places, whose own spread (the interquartile range of its
-non-junction frames) is the yardstick. A click is the largest sample-to-sample step within
-5 ms of a junction against the 99th percentile of steps elsewhere.
+non-junction frames) is the yardstick. A click: the largest sample-to-sample step at a junction
+(from its sample before to its sample) above the 99th percentile of the steps more than 5 ms
+from any junction.
 """
 
 from __future__ import annotations
@@ -42,17 +43,26 @@ def _near(length: int, centres: Sequence[int], radius: int, offset: int = 0) -> 
     return mask
 
 
+def _rolling_max(values: np.ndarray, radius: int) -> np.ndarray:
+    padded = np.pad(values, radius, mode="edge")
+    return np.max(np.stack([padded[k: k + len(values)] for k in range(2 * radius + 1)]), axis=0)
+
+
 def seam_scores(generated: np.ndarray, real: np.ndarray, junctions: Sequence[int], sample_rate: int) -> dict[str, Any]:
-    """Junction against non-junction frames, for the generated and the real audio of one clip."""
+    """Junction against non-junction frames, for the generated and the real audio of one clip.
+
+    Each frame statistic is first maximised over ±1 frame (a junction falls anywhere inside a
+    frame), at junctions and elsewhere alike; the junction figure is the median over junctions.
+    """
     hop = int(round(FRAME_SEC * sample_rate))
     out: dict[str, Any] = {"junctions": len(junctions)}
     for name, wave in (("generated", generated), ("real", real)):
-        changes = frame_changes(wave, sample_rate)
-        for stat, values in changes.items():
-            at = _near(len(values), [round(j / hop) for j in junctions], 1, offset=1)
-            away = values[~at]
+        for stat, values in frame_changes(wave, sample_rate).items():
+            values = _rolling_max(values, 1)
+            centres = [min(max(round(j / hop) - 1, 0), len(values) - 1) for j in junctions]  # value i: frames i, i+1
+            away = values[~_near(len(values), centres, 2)]
             q1, q3 = np.percentile(away, [25, 75])
-            out[f"{name}_{stat}"] = {"junction_median": float(np.median(values[at])),
+            out[f"{name}_{stat}"] = {"junction_median": float(np.median(values[centres])),
                                      "elsewhere_median": float(np.median(away)), "elsewhere_iqr": float(q3 - q1)}
     for stat in ("level_jump_db", "spectral_flux_db"):
         g, r = out[f"generated_{stat}"], out[f"real_{stat}"]
@@ -60,9 +70,9 @@ def seam_scores(generated: np.ndarray, real: np.ndarray, junctions: Sequence[int
         out[f"{stat}_excess"] = excess
         out[f"{stat}_within_real_spread"] = bool(excess <= r["elsewhere_iqr"])
     steps = np.abs(np.diff(np.asarray(generated, dtype=np.float64)))
-    radius = int(round(CLICK_WINDOW_SEC * sample_rate))
-    near = _near(len(steps), list(junctions), radius)
-    out["click_step_at_junctions"] = float(steps[near].max()) if near.any() else 0.0
+    at = [j - 1 for j in junctions if 0 < j <= len(steps)]  # the step from sample j-1 to sample j
+    near = _near(len(steps), at, int(round(CLICK_WINDOW_SEC * sample_rate)))
+    out["click_step_at_junctions"] = float(steps[at].max()) if at else 0.0
     out["click_step_p99_elsewhere"] = float(np.percentile(steps[~near], 99))
     out["no_click"] = bool(out["click_step_at_junctions"] <= out["click_step_p99_elsewhere"])
     return out

@@ -121,6 +121,15 @@ def test_a_long_clip_on_the_page_is_made_in_windows_like_predict_makes_it(studio
     np.testing.assert_array_equal(page_wave, _predict_same(result, studio, tmp_path, video if mode == "VT2A" else None))
 
 
+def test_an_empty_duration_means_the_whole_video_or_the_trained_length(video):
+    whole = parse_request(**{**GOOD, "video": str(video), "duration": None}, limits=LIMITS)
+    assert whole.duration == pytest.approx(1.52)  # the fixture's 1.5 s at 25 fps: 38 frames
+    assert parse_request(**{**GOOD, "duration": ""}, limits=LIMITS).duration == 1.0
+    short = Limits(max_duration=1.2, trained_duration=1.0, min_video_duration=0.25)
+    with pytest.raises(RequestError, match=r"The uploaded video lasts 1.52 s; this page makes clips of up to 1.2 s"):
+        parse_request(**{**GOOD, "video": str(video), "duration": None}, limits=short)
+
+
 def test_another_seed_or_caption_gives_another_clip_and_the_same_request_the_same(studio):
     def wave(**change):
         return sf.read(studio.run(parse_request(**{**GOOD, **change}, limits=studio.limits)).wav)[0]

@@ -130,9 +130,11 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     assert (sr, len(wave)) == (16000, 16000)
     _wait_until(lambda: '"mode": "T2A"' in _css(browser, "#settings")[0].text, "the settings of the T2A request")
 
-    # 2. with a video (VT2A): the wav and the mp4 with it muxed
+    # 2. with a video (VT2A), Duration left empty: the whole video (1.52 s: 38 frames at 25 fps,
+    # past the trained 1 s: 3 windows), the wav and the mp4 with it muxed
     video = tmp_path / "clip.mp4"
     write_video(video, seconds=1.5, fps=25)
+    whole = round(16000 * 1.52)
     before = _links(browser, "audio_out")
     _css(browser, "#video_in input[type=file]")[0].send_keys(str(video))
     time.sleep(1.0)  # the upload finishes before the click
@@ -142,13 +144,13 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     mp4_url = _download(browser, "video_out", set())
     print(f"VT2A request {time.time() - start:.1f} s")
     wave, sr = sf.read(_fetch(wav_url, tmp_path / "vt2a.wav"))
-    assert (sr, len(wave)) == (16000, 16000)
+    assert (sr, len(wave)) == (16000, whole)
     import av
 
     with av.open(str(_fetch(mp4_url, tmp_path / "vt2a.mp4"))) as box:
         assert {s.type for s in box.streams} >= {"video", "audio"}
     _wait_until(lambda: '"mode": "VT2A"' in _css(browser, "#settings")[0].text, "the settings of the VT2A request")
-    assert "predict.sh" in _css(browser, "#settings")[0].text
+    assert "predict.sh" in _css(browser, "#settings")[0].text and '"windows": 3' in _css(browser, "#settings")[0].text
     shot = os.environ.get("WAVFLOW_APP_SCREENSHOT")
     if shot:
         browser.save_screenshot(shot)
@@ -158,7 +160,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     _css(browser, "#compare")[0].click()
     for mode in ("VT2A", "V2A", "T2A"):
         wave, sr = sf.read(_fetch(_download(browser, f"audio_{mode}", set()), tmp_path / f"cmp_{mode}.wav"))
-        assert (sr, len(wave)) == (16000, 16000), mode
+        assert (sr, len(wave)) == (16000, whole), mode
     print(f"compare modes {time.time() - start:.1f} s")
 
     # 3. a file that is not a video: the page says so, no traceback

@@ -141,6 +141,19 @@ def test_each_window_continues_the_audio_already_made(gen, monkeypatch):
         torch.testing.assert_close(new, before, atol=1e-5, rtol=0)
 
 
+def test_windows_agree_wherever_they_overlap_even_when_several_share_a_stretch():
+    plan = plan_windows(1300, 1000, 900, 1000)  # starts 0, 100, 200, 300: [300, 1000) lies in all four
+    assert plan.starts == (0, 100, 200, 300)
+    items = [LongFormItem(plan=plan, windows=[None] * plan.count, seed=0)]
+    _, layout = long_sampler._window_layout(items)
+    pred = long_sampler.share_overlaps(torch.randn(4, 1000), layout)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            lo, hi = plan.starts[b], plan.starts[a] + 1000
+            torch.testing.assert_close(pred[a, lo - plan.starts[a]: hi - plan.starts[a]], pred[b, : hi - lo],
+                                       atol=0, rtol=0)
+
+
 # A model with a known answer: data are 5 Hz tones of random phase and amplitude, and the network
 # is replaced by the exact posterior mean of such a tone given the noisy window (2x2 solve).
 # One tone must run through the whole clip; windows that do not see the audio already made

@@ -108,7 +108,13 @@ def parse_request(*, video: Optional[str], caption: Optional[str], steps: Any, c
     steps_i = _integer(steps, "Steps", 1, MAX_STEPS)
     seed_i = _integer(seed, "Seed", 0, 2**32 - 1)
     cfg_f = _number(cfg, "CFG scale", 0.0, 50.0)
-    duration_f = _number(duration, "Duration", 0.0, math.inf)
+    if duration is None or str(duration).strip() == "":  # empty: the whole video (else the trained length)
+        duration_f = _video_length(video_path) if video_path is not None else limits.trained_duration
+        if duration_f > limits.max_duration + 1e-9:
+            raise RequestError(f"The uploaded video lasts {duration_f:.2f} s; this page makes clips of up to "
+                               f"{limits.max_duration:g} s (app.max_duration_sec): set Duration to {limits.max_duration:g} or less.")
+    else:
+        duration_f = _number(duration, "Duration", 0.0, math.inf)
     if not 0 < duration_f <= limits.max_duration + 1e-9:
         raise RequestError(f"Duration {duration_f:g} s: this page makes clips of up to {limits.max_duration:g} s "
                            f"(app.max_duration_sec); choose 0 < duration <= {limits.max_duration:g}.")
@@ -275,7 +281,7 @@ def _min_video_duration() -> float:
     return 10.0
 
 
-def _check_video(path: Path, duration: float) -> None:
+def _video_length(path: Path) -> float:
     try:
         length = video_duration(path)
     except Exception as exc:  # noqa: BLE001 - PyAV raises many kinds for a file that is not a video
@@ -283,6 +289,11 @@ def _check_video(path: Path, duration: float) -> None:
         raise RequestError(f"The upload {path.name} is not a video that can be read: {why}") from exc
     if not length > 0:
         raise RequestError("The uploaded video has no frames.")
+    return length
+
+
+def _check_video(path: Path, duration: float) -> None:
+    length = _video_length(path)
     if length + 1e-3 < duration:
         raise RequestError(f"The uploaded video lasts {length:.2f} s, shorter than the requested {duration:g} s: "
                            "choose a shorter duration or a longer video.")

@@ -110,9 +110,10 @@ def build_page(studio: Studio) -> gr.Blocks:
                                               label="CFG interval 'lo, hi' (flow time; empty: every step)")
                     method = gr.Dropdown(list(SAMPLING_METHODS), value=str(cfg.sampling.method), label="Sampler")
                     seed = gr.Number(value=int(cfg.inference.seed), precision=0, label="Seed", elem_id="seed")
-                    duration = gr.Number(value=limits.trained_duration, minimum=0.05, maximum=limits.max_duration,
-                                         label=f"Duration (s, up to {limits.max_duration:g}; past the trained "
-                                               f"{limits.trained_duration:g} s in windows)", elem_id="duration")
+                    duration = gr.Number(value=None, minimum=0.05, maximum=limits.max_duration, elem_id="duration",
+                                         label=f"Duration (s, up to {limits.max_duration:g}; empty: the whole video, "
+                                               f"or {limits.trained_duration:g} s for a caption alone; past "
+                                               f"{limits.trained_duration:g} s in windows)")
                     long_form = gr.Dropdown(list(LONG_FORM_MODES), value=check_long_form_mode(cfg.inference.long_form),
                                             label="Long form (windows past the trained duration)", elem_id="long_form")
                     overlap = cfg.inference.window_overlap_sec

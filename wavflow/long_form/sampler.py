@@ -4,9 +4,9 @@ Every clip gets one noise signal of its whole length (from its seed); window k s
 slice of it under the window and is conditioned on the window's own video features and the
 clip's caption. All windows take each ODE step together, and at every step two neighbours get
 one prediction for the audio they share (share_overlaps): the earlier window's for the first
-half of the overlap, the later window's for the second, blended in a short ramp between. Their states therefore stay
-equal in the overlap, so each window continues the sound its predecessor is making instead of
-starting a new one, and the clip is one signal with no seam to hide. The network runs
+half of the overlap, the later window's for the second, blended in a short ramp between. Their
+states therefore stay equal in the overlap, so each window continues the sound its predecessor
+is making instead of starting a new one, and the clip is one signal with no seam to hide. The network runs
 `window_batch` windows at a time: memory is that of one window batch (plus one state of a
 window's length per window).
 """
@@ -21,11 +21,12 @@ from typing import Any, Callable, Optional, Sequence, TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from wavflow.errors import ConfigError
 from wavflow.conditions import ConditionFeatures
+from wavflow.errors import ConfigError
 from wavflow.long_form.plan import HANDOVER, JUNCTION_RAMP_FRACTION, plan_windows, resolve_overlap, WindowPlan
 from wavflow.long_form.video_windows import decode_windows
 from wavflow.shapes import target_num_samples
+from wavflow.video import VideoFrames
 
 if TYPE_CHECKING:  # the generator imports this module
     from wavflow.generator import WavFlowGenerator
@@ -62,7 +63,7 @@ def encode_windows(gen: "WavFlowGenerator", plan: WindowPlan, *, video: str | os
         return [ConditionFeatures(text=text) for _ in range(plan.count)]
     gen.check_video_lengths()
     out: list[ConditionFeatures] = []
-    pending = []
+    pending: list[VideoFrames] = []
     starts = [plan.start_sec(k) for k in range(plan.count)]
     for frames in decode_windows(video, starts, gen.duration):
         pending.append(frames)
@@ -74,7 +75,8 @@ def encode_windows(gen: "WavFlowGenerator", plan: WindowPlan, *, video: str | os
     return out
 
 
-def _encode(gen: "WavFlowGenerator", frames: list, text: Optional[Tensor], video: Any) -> list[ConditionFeatures]:
+def _encode(gen: "WavFlowGenerator", frames: list[VideoFrames], text: Optional[Tensor],
+            video: str | os.PathLike) -> list[ConditionFeatures]:
     clip, sync = gen.encode_video_frames(frames, where=f"features of video {video}")
     return [ConditionFeatures(clip=c, sync=s, text=text) for c, s in zip(clip, sync)]
 
@@ -87,48 +89,52 @@ def clip_noise(gen: "WavFlowGenerator", seed: int, plan: WindowPlan, noise_scale
 
 
 @dataclass(frozen=True)
-class _Overlap:
-    """Window `later` starts inside window `earlier` (its predecessor) of the same clip."""
+class _ClipWindows:
+    """Where one clip's windows sit in the flat window list and on the clip's time axis."""
 
-    earlier: int  # index into the flat window list
-    later: int
-    offset: int  # the later window's start within the earlier one (samples)
-    length: int  # overlap samples
-    ramp: int  # samples around the handover point over which the two predictions blend
+    rows: tuple[int, ...]  # index of each window in the flat list
+    starts: tuple[int, ...]  # samples
+    handovers: tuple[float, ...]  # sample where window k takes over from window k-1 (k >= 1)
+    ramps: tuple[int, ...]  # samples of linear blend centred on each handover
 
 
-def _window_layout(items: Sequence[LongFormItem]) -> tuple[list[tuple[int, int]], list[_Overlap]]:
+def _window_layout(items: Sequence[LongFormItem]) -> tuple[list[tuple[int, int]], list[_ClipWindows]]:
     windows = [(i, k) for i, it in enumerate(items) for k in range(it.plan.count)]
     index = {w: n for n, w in enumerate(windows)}
-    overlaps = []
+    clips = []
     for i, it in enumerate(items):
-        for k in range(1, it.plan.count):
-            length = it.plan.known_samples(k)
-            overlaps.append(_Overlap(earlier=index[(i, k - 1)], later=index[(i, k)],
-                                     offset=it.plan.starts[k] - it.plan.starts[k - 1], length=length,
-                                     ramp=max(1, int(length * JUNCTION_RAMP_FRACTION))))
-    return windows, overlaps
+        plan = it.plan
+        known = [plan.known_samples(k) for k in range(1, plan.count)]
+        clips.append(_ClipWindows(
+            rows=tuple(index[(i, k)] for k in range(plan.count)),
+            starts=plan.starts,
+            handovers=tuple(plan.starts[k + 1] + HANDOVER * n for k, n in enumerate(known)),
+            ramps=tuple(max(1, int(n * JUNCTION_RAMP_FRACTION)) for n in known),
+        ))
+    return windows, clips
 
 
-def share_overlaps(pred: Tensor, overlaps: Sequence[_Overlap]) -> Tensor:
-    """One prediction for every overlap, written into both windows (pred: (windows, span) samples).
+def share_overlaps(pred: Tensor, clips: Sequence[_ClipWindows]) -> Tensor:
+    """One prediction for each clip's time axis, written back into every window of it
+    (pred: (windows, span) samples).
 
-    The earlier window's prediction holds the overlap up to the handover point (HANDOVER of the
-    way in), the later window's after it, with a linear blend over `ramp` samples around that
-    point. Both windows then take the same step
-    there, so their states stay equal in the overlap at every step: the later window sees the
-    audio the earlier one is making at the current noise level, and continues it. Applied in
-    window order, so a chain of overlaps carries through.
+    Each stretch of the clip takes the prediction of the window that holds it: window k-1 up to
+    its handover to window k (HANDOVER of the way into their overlap), window k after it, with a
+    linear blend over `ramp` samples around the handover. Every window then takes the same step
+    wherever windows overlap, so their states stay equal there at every step: a window sees the
+    audio its neighbours are making, at the current noise level, and continues it.
     """
-    for ov in overlaps:
-        tail = pred[ov.earlier, ov.offset: ov.offset + ov.length]
-        head = pred[ov.later, : ov.length]
-        centre = min(max(HANDOVER * ov.length, ov.ramp / 2), ov.length - ov.ramp / 2)
-        n = torch.arange(ov.length, dtype=pred.dtype, device=pred.device) + 0.5
-        w = ((n - (centre - ov.ramp / 2)) / ov.ramp).clamp(0, 1)
-        fused = (1 - w) * tail + w * head
-        pred[ov.earlier, ov.offset: ov.offset + ov.length] = fused
-        pred[ov.later, : ov.length] = fused
+    span = pred.shape[1]
+    for clip in clips:
+        axis = pred.new_zeros(clip.starts[-1] + span)
+        axis[:span] = pred[clip.rows[0]]
+        for k in range(1, len(clip.rows)):
+            start, h, ramp = clip.starts[k], clip.handovers[k - 1], clip.ramps[k - 1]
+            n = torch.arange(span, dtype=pred.dtype, device=pred.device) + 0.5 + start
+            w = ((n - (h - ramp / 2)) / ramp).clamp(0, 1)  # 0 before the handover, 1 after
+            axis[start: start + span] = (1 - w) * axis[start: start + span] + w * pred[clip.rows[k]]
+        for k, row in enumerate(clip.rows):
+            pred[row] = axis[clip.starts[k]: clip.starts[k] + span]
     return pred
 
 
@@ -149,7 +155,7 @@ def generate_long(gen: "WavFlowGenerator", items: Sequence[LongFormItem], *, win
         if it.plan.window_samples != gen.num_samples or len(it.windows) != it.plan.count:
             raise ValueError("a long-form item's plan does not fit this generator or its windows")
     settings = gen.sampling_settings(**sampling)
-    windows, overlaps = _window_layout(items)
+    windows, layout = _window_layout(items)
     noises = [clip_noise(gen, it.seed, it.plan, noise_scale) for it in items]
     x0 = torch.stack([noises[i][items[i].plan.starts[k]: items[i].plan.starts[k] + span] for i, k in windows])
     size = int(window_batch or gen.cfg.inference.get("window_batch", DEFAULT_WINDOW_BATCH))
@@ -168,7 +174,7 @@ def generate_long(gen: "WavFlowGenerator", items: Sequence[LongFormItem], *, win
             evaluations += 1
             if on_step is not None:
                 on_step(evaluations)
-            return share_overlaps(pred.to(x.dtype), overlaps)
+            return share_overlaps(pred.to(x.dtype), layout)
 
         x1 = gen.solve(fn, x0.to(gen.device), settings)
     x1 = x1.float().cpu() / gen.audio_scale

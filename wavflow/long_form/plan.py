@@ -15,15 +15,10 @@ from typing import Optional
 from wavflow.errors import ConfigError
 
 LONG_FORM_MODES = ("auto", "off", "on")
-# inference.window_overlap_sec=null: half the window, so each window holds its central half (with
-# a quarter, the demo's onsets came 1.5x later than per clip, but a 60 s video took 60 s, not 86 s)
+# inference.window_overlap_sec=null: half the window, so every moment lies in two windows and the
+# one that sees it nearer its centre weighs more (with a quarter, the demo's onsets came 1.5x
+# later than per clip, though a 60 s video took 60 s instead of 79 s: docs/long_form.md)
 DEFAULT_OVERLAP_FRACTION = 0.5
-# Where in an overlap the earlier window hands over to the later one (0.5: its middle, so each
-# window holds the central part of itself, where it sees the most video on both sides; at 1.0,
-# the overlap's end, the demo's onsets came twice as late: docs/long_form.md), and the share of
-# the overlap over which the two predictions blend around that point.
-HANDOVER = 0.5
-JUNCTION_RAMP_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -49,9 +44,9 @@ class WindowPlan:
         return self.starts[k - 1] + self.window_samples - self.starts[k]
 
     def junctions(self) -> list[int]:
-        """Sample positions where a window's own audio takes over from the previous window's
-        (HANDOVER of the way into each overlap): where a seam could appear."""
-        return [self.starts[k] + int(round(HANDOVER * self.known_samples(k))) for k in range(1, self.count)]
+        """The middle of each overlap, where the later window's prediction starts to weigh more
+        than the earlier one's: where a seam would show."""
+        return [self.starts[k] + self.known_samples(k) // 2 for k in range(1, self.count)]
 
     def describe(self) -> str:
         """`count x W s, overlap O s` for logs and summary.csv."""

@@ -2,11 +2,11 @@
 
 Every clip gets one noise signal of its whole length (from its seed); window k starts from the
 slice of it under the window and is conditioned on the window's own video features and the
-clip's caption. All windows take each ODE step together, and at every step two neighbours get
-one prediction for the audio they share (share_overlaps): the earlier window's for the first
-half of the overlap, the later window's for the second, blended in a short ramp between. Their
-states therefore stay equal in the overlap, so each window continues the sound its predecessor
-is making instead of starting a new one, and the clip is one signal with no seam to hide. The network runs
+clip's caption. All windows take each ODE step together, and at every step neighbours get one
+prediction for the audio they share (share_overlaps): a linear crossfade across their overlap
+from the earlier window's prediction to the later one's. Their states therefore stay equal in
+the overlap, so each window continues the sound its neighbours are making instead of starting
+a new one, and the clip is one signal with no seam to hide. The network runs
 `window_batch` windows at a time: memory is that of one window batch (plus one state of a
 window's length per window).
 """
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from wavflow.conditions import ConditionFeatures
 from wavflow.errors import ConfigError
-from wavflow.long_form.plan import HANDOVER, JUNCTION_RAMP_FRACTION, plan_windows, resolve_overlap, WindowPlan
+from wavflow.long_form.plan import plan_windows, resolve_overlap, WindowPlan
 from wavflow.long_form.video_windows import decode_windows
 from wavflow.shapes import target_num_samples
 from wavflow.video import VideoFrames
@@ -94,23 +94,15 @@ class _ClipWindows:
 
     rows: tuple[int, ...]  # index of each window in the flat list
     starts: tuple[int, ...]  # samples
-    handovers: tuple[float, ...]  # sample where window k takes over from window k-1 (k >= 1)
-    ramps: tuple[int, ...]  # samples of linear blend centred on each handover
+    overlaps: tuple[int, ...]  # samples window k shares with window k-1 (k >= 1)
 
 
 def _window_layout(items: Sequence[LongFormItem]) -> tuple[list[tuple[int, int]], list[_ClipWindows]]:
     windows = [(i, k) for i, it in enumerate(items) for k in range(it.plan.count)]
     index = {w: n for n, w in enumerate(windows)}
-    clips = []
-    for i, it in enumerate(items):
-        plan = it.plan
-        known = [plan.known_samples(k) for k in range(1, plan.count)]
-        clips.append(_ClipWindows(
-            rows=tuple(index[(i, k)] for k in range(plan.count)),
-            starts=plan.starts,
-            handovers=tuple(plan.starts[k + 1] + HANDOVER * n for k, n in enumerate(known)),
-            ramps=tuple(max(1, int(n * JUNCTION_RAMP_FRACTION)) for n in known),
-        ))
+    clips = [_ClipWindows(rows=tuple(index[(i, k)] for k in range(it.plan.count)), starts=it.plan.starts,
+                          overlaps=tuple(it.plan.known_samples(k) for k in range(1, it.plan.count)))
+             for i, it in enumerate(items)]
     return windows, clips
 
 
@@ -118,20 +110,20 @@ def share_overlaps(pred: Tensor, clips: Sequence[_ClipWindows]) -> Tensor:
     """One prediction for each clip's time axis, written back into every window of it
     (pred: (windows, span) samples).
 
-    Each stretch of the clip takes the prediction of the window that holds it: window k-1 up to
-    its handover to window k (HANDOVER of the way into their overlap), window k after it, with a
-    linear blend over `ramp` samples around the handover. Every window then takes the same step
-    wherever windows overlap, so their states stay equal there at every step: a window sees the
-    audio its neighbours are making, at the current noise level, and continues it.
+    Where window k overlaps window k-1, the prediction crossfades linearly from the earlier
+    window's (weight 1 at the overlap's start) to window k's (weight 1 at its end), so each
+    moment is decided mostly by the window that sees it nearer its centre. Every window then
+    takes the same step wherever windows overlap, so their states stay equal there at every
+    step: a window sees the audio its neighbours are making, at the current noise level, and
+    continues it.
     """
     span = pred.shape[1]
     for clip in clips:
         axis = pred.new_zeros(clip.starts[-1] + span)
         axis[:span] = pred[clip.rows[0]]
         for k in range(1, len(clip.rows)):
-            start, h, ramp = clip.starts[k], clip.handovers[k - 1], clip.ramps[k - 1]
-            n = torch.arange(span, dtype=pred.dtype, device=pred.device) + 0.5 + start
-            w = ((n - (h - ramp / 2)) / ramp).clamp(0, 1)  # 0 before the handover, 1 after
+            start, overlap = clip.starts[k], clip.overlaps[k - 1]
+            w = ((torch.arange(span, dtype=pred.dtype, device=pred.device) + 0.5) / overlap).clamp(max=1)
             axis[start: start + span] = (1 - w) * axis[start: start + span] + w * pred[clip.rows[k]]
         for k, row in enumerate(clip.rows):
             pred[row] = axis[clip.starts[k]: clip.starts[k] + span]

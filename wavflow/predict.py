@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -281,28 +281,36 @@ def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, r
             row.seconds += time.perf_counter() - t0
         if not chunk:
             continue
-        t0 = time.perf_counter()
-        try:
-            waves = gen.generate_batch(feats, [row_seed(seed, r.name) for r in chunk])
-        except Exception as exc:
-            for r in chunk:
-                r.fail(f"sampling failed for the batch: {_reason(exc)}")
-            bar.update(len(chunk))
-            continue
-        share = (time.perf_counter() - t0) / len(chunk)
-        calls = int(getattr(gen, "last_model_calls", 0))
-        log.info("sampled %d row(s) with %s: %d model call(s)", len(chunk), cfg.sampling.method, calls)
-        for row, wave in zip(chunk, waves):
-            t1 = time.perf_counter()
-            row.model_calls = calls  # the batch's sampler calls (each row shared them)
-            try:
-                write_outputs(gen, row, wave, out_dir, cfg)
-                row.status = STATUS_OK
-            except Exception as exc:
-                row.fail(f"writing outputs failed: {_reason(exc)}")
-            row.seconds += share + time.perf_counter() - t1
-            bar.update(1)
+        _sample_and_write(gen, chunk, lambda: gen.generate_batch(feats, [row_seed(seed, r.name) for r in chunk]),
+                          f"with {cfg.sampling.method}", out_dir, cfg, bar)
     bar.close()
+
+
+def _sample_and_write(gen, chunk: list[InferRow], sample: Callable[[], Sequence[Any]], how: str, out_dir: Path,
+                      cfg: DictConfig, bar: Any) -> None:
+    """Sample one batch of rows (`sample()` -> one wave per row), then write each row's outputs;
+    a failure fails the batch's rows (sampling) or the row (writing), never the job."""
+    t0 = time.perf_counter()
+    try:
+        waves = sample()
+    except Exception as exc:
+        for r in chunk:
+            r.fail(f"sampling failed for the batch: {_reason(exc)}")
+        bar.update(len(chunk))
+        return
+    share = (time.perf_counter() - t0) / len(chunk)
+    calls = int(getattr(gen, "last_model_calls", 0))
+    log.info("sampled %d row(s) %s: %d model call(s)", len(chunk), how, calls)
+    for row, wave in zip(chunk, waves):
+        t1 = time.perf_counter()
+        row.model_calls = calls  # the batch's sampler calls (each row shared them)
+        try:
+            write_outputs(gen, row, wave, out_dir, cfg)
+            row.status = STATUS_OK
+        except Exception as exc:
+            row.fail(f"writing outputs failed: {_reason(exc)}")
+        row.seconds += share + time.perf_counter() - t1
+        bar.update(1)
 
 
 def split_long_rows(gen, rows: list[InferRow], cfg: DictConfig) -> tuple[list[InferRow], list[tuple[InferRow, Any]]]:
@@ -358,28 +366,10 @@ def _run_long_rows(gen, long_rows: list[tuple[InferRow, Any]], cfg: DictConfig, 
             row.seconds += time.perf_counter() - t0
         if not chunk:
             continue
-        t0 = time.perf_counter()
-        try:
-            waves = generate_long(gen, items)
-        except Exception as exc:
-            for r in chunk:
-                r.fail(f"sampling failed for the batch: {_reason(exc)}")
-            bar.update(len(chunk))
-            continue
-        share = (time.perf_counter() - t0) / len(chunk)
-        log.info("sampled %d long row(s) in windows (%s): %d model call(s)", len(chunk),
-                 "; ".join(it.plan.describe() for it in items), gen.last_model_calls)
-        for row, item, wave in zip(chunk, items, waves):
-            t1 = time.perf_counter()
-            row.model_calls, row.windows = gen.last_model_calls, item.plan.count
-            row.duration = item.plan.total_samples / gen.sample_rate
-            try:
-                write_outputs(gen, row, wave, out_dir, cfg)
-                row.status = STATUS_OK
-            except Exception as exc:
-                row.fail(f"writing outputs failed: {_reason(exc)}")
-            row.seconds += share + time.perf_counter() - t1
-            bar.update(1)
+        for row, item in zip(chunk, items):
+            row.windows, row.duration = item.plan.count, item.plan.total_samples / gen.sample_rate
+        how = "in windows (" + "; ".join(it.plan.describe() for it in items) + ")"
+        _sample_and_write(gen, chunk, lambda: generate_long(gen, items), how, out_dir, cfg, bar)
     bar.close()
 
 

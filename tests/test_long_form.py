@@ -79,6 +79,14 @@ def test_each_window_gets_the_frames_of_its_own_time_span(long_video):
     assert not torch.equal(windows[1].sync, windows[0].sync)
 
 
+def test_windows_of_a_phone_video_are_turned_upright_like_whole_clips(tmp_path):
+    video = write_video(tmp_path / "portrait.mp4", seconds=1.5, fps=25, rotate=90)
+    window = list(decode_windows(video, [0.0, 0.5], 1.0))[0]
+    whole = decode_video(video, 1.0)
+    assert window.rotation == whole.rotation == 90 and window.source_size == whole.source_size
+    assert torch.equal(window.clip, whole.clip) and torch.equal(window.sync, whole.sync)
+
+
 def test_a_video_that_ends_before_the_last_window_is_named(tmp_path, long_video):
     with pytest.raises(VideoError, match=r"long.mp4 is too short for a 1 s window"):
         list(decode_windows(long_video, [0.0, 2.5], 1.0))

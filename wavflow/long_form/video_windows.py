@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import av
 import torch
@@ -78,7 +78,7 @@ def decode_windows(path: str | os.PathLike, starts_sec: Sequence[float], duratio
         container.close()
 
 
-def _decode(container, stream, path: Path, starts: list[float], duration_sec: float,
+def _decode(container: Any, stream: Any, path: Path, starts: list[float], duration_sec: float,
             n_clip: int, n_sync: int) -> Iterator[VideoFrames]:
     time_base = stream.time_base or Fraction(1, 1000)
     source_fps = float(stream.average_rate) if stream.average_rate else None
@@ -93,7 +93,7 @@ def _decode(container, stream, path: Path, starts: list[float], duration_sec: fl
             synth_pts += max(int(round(1 / (float(time_base) * (source_fps or 25.0)))), 1)
         pts = int(frame.pts)
         frame.time_base = time_base
-        if emitted == 0 and next_window == 0:
+        if previous is None:  # the first frame: ffmpeg attaches the display matrix to every frame
             rotation = normalise_rotation(getattr(frame, "rotation", 0))
             size = (frame.width, frame.height)
         last_end = float((pts + (frame.duration or 0)) * time_base)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -268,6 +269,9 @@ def test_predict_writes_each_row_at_its_own_length(gen, tmp_path, wavflow_cache_
         assert int(summary.loc[name, "windows"]) == windows and math.isclose(float(summary.loc[name, "duration_s"]), seconds)
         data, sr = sf.read(tmp_path / "out" / f"{name}.wav")
         assert data.shape == (round(sr * seconds),)
+    with av.open(str(tmp_path / "out" / "long.mp4")) as box:  # the whole video with the whole new audio
+        audio = box.streams.audio[0]
+        assert len(box.streams.video) == 1 and round(audio.duration * audio.time_base * audio.rate) == round(SR * 2.6)
     assert result.exit_code == 1  # the bad row
 
 

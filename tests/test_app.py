@@ -54,7 +54,7 @@ def video(tmp_path_factory) -> Path:
     (dict(steps=2.5), "Steps must be a whole number"),
     (dict(seed="x"), "Seed must be a number"),
     (dict(duration=4.5), "this page makes clips of up to 4 s"),
-    (dict(duration=0), "choose 0 < duration <= 4"),
+    (dict(duration=-1), "Duration must be between 0 and inf, got -1"),
     (dict(duration=1.5, long_form="off"), "longer than the trained 1 s: choose Long form auto or on"),
     (dict(long_form="sometimes"), "Long form must be one of auto, off, on"),
     (dict(duration=2.0, window_overlap_sec="1.0"), r"Window overlap \(s\)=1 must lie strictly between 0 and the window length 1 s"),
@@ -121,10 +121,11 @@ def test_a_long_clip_on_the_page_is_made_in_windows_like_predict_makes_it(studio
     np.testing.assert_array_equal(page_wave, _predict_same(result, studio, tmp_path, video if mode == "VT2A" else None))
 
 
-def test_an_empty_duration_means_the_whole_video_or_the_trained_length(video):
-    whole = parse_request(**{**GOOD, "video": str(video), "duration": None}, limits=LIMITS)
-    assert whole.duration == pytest.approx(1.52)  # the fixture's 1.5 s at 25 fps: 38 frames
-    assert parse_request(**{**GOOD, "duration": ""}, limits=LIMITS).duration == 1.0
+def test_an_empty_or_zero_duration_means_the_whole_video_or_the_trained_length(video):
+    for empty in (None, "", 0):  # the page sends 0 for its empty number field
+        whole = parse_request(**{**GOOD, "video": str(video), "duration": empty}, limits=LIMITS)
+        assert whole.duration == pytest.approx(1.52)  # the fixture's 1.5 s at 25 fps: 38 frames
+        assert parse_request(**{**GOOD, "duration": empty}, limits=LIMITS).duration == 1.0
     short = Limits(max_duration=1.2, trained_duration=1.0, min_video_duration=0.25)
     with pytest.raises(RequestError, match=r"The uploaded video lasts 1.52 s; this page makes clips of up to 1.2 s"):
         parse_request(**{**GOOD, "video": str(video), "duration": None}, limits=short)

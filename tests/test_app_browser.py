@@ -130,7 +130,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     assert (sr, len(wave)) == (16000, 16000)
     _wait_until(lambda: '"mode": "T2A"' in _css(browser, "#settings")[0].text, "the settings of the T2A request")
 
-    # 2. with a video (VT2A), Duration left empty: the whole video (1.52 s: 38 frames at 25 fps,
+    # 2. with a video (VT2A), Duration left at 0: the whole video (1.52 s: 38 frames at 25 fps,
     # past the trained 1 s: 3 windows), the wav and the mp4 with it muxed
     video = tmp_path / "clip.mp4"
     write_video(video, seconds=1.5, fps=25)

@@ -108,13 +108,12 @@ def parse_request(*, video: Optional[str], caption: Optional[str], steps: Any, c
     steps_i = _integer(steps, "Steps", 1, MAX_STEPS)
     seed_i = _integer(seed, "Seed", 0, 2**32 - 1)
     cfg_f = _number(cfg, "CFG scale", 0.0, 50.0)
-    if duration is None or str(duration).strip() == "":  # empty: the whole video (else the trained length)
+    duration_f = 0.0 if duration is None or str(duration).strip() == "" else _number(duration, "Duration", 0.0, math.inf)
+    if duration_f == 0:  # 0 or empty (the page's empty number): the whole video, else the trained length
         duration_f = _video_length(video_path) if video_path is not None else limits.trained_duration
         if duration_f > limits.max_duration + 1e-9:
             raise RequestError(f"The uploaded video lasts {duration_f:.2f} s; this page makes clips of up to "
                                f"{limits.max_duration:g} s (app.max_duration_sec): set Duration to {limits.max_duration:g} or less.")
-    else:
-        duration_f = _number(duration, "Duration", 0.0, math.inf)
     if not 0 < duration_f <= limits.max_duration + 1e-9:
         raise RequestError(f"Duration {duration_f:g} s: this page makes clips of up to {limits.max_duration:g} s "
                            f"(app.max_duration_sec); choose 0 < duration <= {limits.max_duration:g}.")

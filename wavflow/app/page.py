@@ -110,8 +110,8 @@ def build_page(studio: Studio) -> gr.Blocks:
                                               label="CFG interval 'lo, hi' (flow time; empty: every step)")
                     method = gr.Dropdown(list(SAMPLING_METHODS), value=str(cfg.sampling.method), label="Sampler")
                     seed = gr.Number(value=int(cfg.inference.seed), precision=0, label="Seed", elem_id="seed")
-                    duration = gr.Number(value=None, minimum=0.05, maximum=limits.max_duration, elem_id="duration",
-                                         label=f"Duration (s, up to {limits.max_duration:g}; empty: the whole video, "
+                    duration = gr.Number(value=0, minimum=0, maximum=limits.max_duration, elem_id="duration",
+                                         label=f"Duration (s, up to {limits.max_duration:g}; 0: the whole video, "
                                                f"or {limits.trained_duration:g} s for a caption alone; past "
                                                f"{limits.trained_duration:g} s in windows)")
                     long_form = gr.Dropdown(list(LONG_FORM_MODES), value=check_long_form_mode(cfg.inference.long_form),

@@ -275,6 +275,16 @@ def test_predict_writes_each_row_at_its_own_length(gen, tmp_path, wavflow_cache_
     assert result.exit_code == 1  # the bad row
 
 
+def test_predict_rows_that_ask_for_another_length_than_windows_allow_fail_saying_why(gen, tmp_path):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,video_path,caption,video_exist,text_exist,duration\nlong,,rain,0,1,2.5\nshort,,rain,0,1,0.5\n")
+    cfg = load_config("infer.yaml", [*TINY_OVERRIDES, f"model.ckpt_path={gen.checkpoint.path}", f"data.csv_path={csv}",
+                                     f"output.output_dir={tmp_path / 'out'}", "inference.long_form=off"])
+    rows = {r.name: r for r in run_predict(cfg, generator=gen).rows}
+    assert rows["long"].status == "failed" and "inference.long_form=auto or on makes longer clips" in rows["long"].reason
+    assert rows["short"].status == "failed" and "data.audio_duration" in rows["short"].reason
+
+
 def test_predict_refuses_an_overlap_as_long_as_the_window(gen, tmp_path):
     csv = tmp_path / "rows.csv"
     csv.write_text("video_path,caption,video_exist,text_exist,duration\n,rain,0,1,2.5\n")

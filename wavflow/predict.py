@@ -336,8 +336,10 @@ def split_long_rows(gen, rows: list[InferRow], cfg: DictConfig) -> tuple[list[In
                 long_rows.append((row, clip_plan(gen, length, overlap)))
                 continue
             if row.duration is not None and not math.isclose(row.duration, gen.duration):
-                raise WavFlowError(f"duration={row.duration:g} differs from the trained {gen.duration:g} s and "
-                                   f"inference.long_form={mode}; use long_form=auto/on for longer clips")
+                fix = ("inference.long_form=auto or on makes longer clips in windows" if row.duration > gen.duration
+                       else "a shorter clip needs data.audio_duration set for the whole run")
+                raise WavFlowError(f"duration={row.duration:g} differs from the trained {gen.duration:g} s "
+                                   f"(inference.long_form={mode}): {fix}")
             row.duration = gen.duration
         except Exception as exc:  # one bad row must not stop the others
             row.fail(_reason(exc))

@@ -32,9 +32,9 @@ from wavflow.demo.audio_measures import log_mel
 from wavflow.errors import ConfigError, WavFlowError
 from wavflow.generator import WavFlowGenerator, row_seed
 from wavflow.infer_rows import InferRow
+from wavflow.io_utils import atomic_write_bytes, atomic_write_text
 from wavflow.long_form.plan import check_long_form_mode, resolve_overlap, wants_windows
 from wavflow.long_form.sampler import clip_plan, encode_windows, generate_long, LongFormItem
-from wavflow.io_utils import atomic_write_bytes, atomic_write_text
 from wavflow.model.flow import SAMPLING_METHODS
 from wavflow.predict import write_outputs
 from wavflow.shapes import target_num_samples, video_seq_lens
@@ -251,7 +251,6 @@ class Studio:
         atomic_write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
         return Result(mode=request.mode, folder=folder, wav=wav, mp4=Path(row.mp4_path) if row.mp4_path else None,
                       spectrogram=spectrogram, settings=settings)
-
 
     def _sample(self, gen: WavFlowGenerator, request: Request, on_step: Optional[Callable[[int], None]]) -> Any:
         """One clip, as predict makes the same row: in windows past the trained length."""

@@ -17,7 +17,7 @@ from wavflow.errors import ConfigError
 LONG_FORM_MODES = ("auto", "off", "on")
 # inference.window_overlap_sec=null: half the window, so every moment lies in two windows and the
 # one that sees it nearer its centre weighs more (with a quarter, the demo's onsets came 1.5x
-# later than per clip, though a 60 s video took 60 s instead of 79 s: docs/long_form.md)
+# later than per clip, though a 60 s video took 49 s instead of 74-79 s: docs/long_form.md)
 DEFAULT_OVERLAP_FRACTION = 0.5
 
 

@@ -56,9 +56,19 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
     sr = info.sample_rate
     work = args.demo / "long_form"
     work.mkdir(exist_ok=True)
-    video = join_videos([info.root / c.video_path for c in clips], work / "long_v2a.mp4", int(info.fps))
     n = int(round(info.duration * sr))  # one clip's samples
-    real = np.concatenate([load_audio(info.root / c.audio_path, sr).numpy()[:n] for c in clips])
+    # --lead-in-frames: the last frames of one more held-out clip go first, so that windows
+    # start off the joined clips' boundaries (at the default overlap of half a window, every
+    # other window would otherwise hold exactly one held-out clip); scoring starts after it.
+    fps = int(info.fps)
+    lead_frames = max(0, min(args.lead_in_frames, int(round(info.duration * fps))))
+    lead_clip = clips[-1] if lead_frames else None  # any held-out clip will do
+    skip = int(round(info.duration * fps)) - lead_frames
+    paths = ([info.root / lead_clip.video_path] if lead_clip else []) + [info.root / c.video_path for c in clips]
+    video = join_videos(paths, work / "long_v2a.mp4", fps, skip_first=skip if lead_clip else 0)
+    lead = int(round(lead_frames / fps * sr))
+    lead_audio = [load_audio(info.root / lead_clip.audio_path, sr).numpy()[n - lead: n]] if lead_clip else []
+    real = np.concatenate(lead_audio + [load_audio(info.root / c.audio_path, sr).numpy()[:n] for c in clips])
     plan = clip_plan(gen, len(real) / sr, args.overlap)
     long_right, clip_right, long_err, clip_err, seconds = 0.0, 0.0, [], [], 0.0  # errors: one array per segment
     for seed in range(args.seeds):
@@ -66,10 +76,10 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
         wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=seed,
                                window_overlap_sec=args.overlap)
         seconds += time.perf_counter() - t0
-        wave = wave.numpy()
         if seed == 0:
-            write_wav(work / "long_v2a.wav", wave, sr)
-            first = wave
+            write_wav(work / "long_v2a.wav", wave.numpy(), sr)
+            first = wave.numpy()  # with the lead-in: the seams are scored on the whole axis
+        wave = wave.numpy()[lead:]
         acc, err = score_segments(wave, clips, ref, n)
         long_right, long_err = long_right + acc, long_err + err
         # the same model on each clip alone (one trained-duration clip per video), same seed
@@ -110,6 +120,8 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=12)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--overlap", type=float, default=None)
+    p.add_argument("--lead-in-frames", type=int, default=0,
+                   help="frames of one more held-out clip before the scored ones (windows then start off the clips' boundaries)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--lengths", type=float, nargs="*", default=[10, 60])

@@ -25,15 +25,18 @@ from wavflow.long_form.plan import plan_windows, resolve_overlap
 LONG_ID = "long_v2a"
 
 
-def join_videos(paths: Sequence[Path], out: Path, fps: int) -> Path:
-    """One H.264 mp4 of the clips one after another (re-encoded; frame times continue)."""
+def join_videos(paths: Sequence[Path], out: Path, fps: int, skip_first: int = 0) -> Path:
+    """One H.264 mp4 of the clips one after another (re-encoded; frame times continue), less
+    the first clip's first `skip_first` frames."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     with av.open(str(tmp), "w", format="mp4") as dst:
         stream, pts = None, 0
-        for path in paths:
+        for n, path in enumerate(paths):
             with av.open(str(path)) as src:
-                for frame in src.decode(video=0):
+                for i, frame in enumerate(src.decode(video=0)):
+                    if n == 0 and i < skip_first:
+                        continue
                     if stream is None:
                         stream = dst.add_stream("libx264", rate=fps)
                         stream.width, stream.height, stream.pix_fmt = frame.width, frame.height, "yuv420p"

@@ -101,7 +101,7 @@ class ClipEncoder(nn.Module):
 
     def normalize_frames(self, frames: Tensor) -> Tensor:
         """(N, 3, H, W) in [0, 1] -> OpenAI-CLIP-normalised."""
-        return (frames - self.mean.to(frames.dtype)) / self.std.to(frames.dtype)
+        return (frames - self.mean.to(frames.dtype)).div_(self.std.to(frames.dtype))  # one new tensor, not two
 
     def encode_frames(self, frames: Tensor) -> Tensor:
         """(B, T, 3, H, W) in [0, 1] -> (B, T, D) unit vectors (encode_image, normalize=True)."""

@@ -115,6 +115,14 @@ class TrainSampling(SamplingBase):
 
 
 @dataclass
+class LoRA:
+    rank: Optional[int] = MISSING  # null / 0: no adapters
+    alpha: Optional[float] = MISSING  # null: the rank (scale 1)
+    dropout: float = MISSING
+    targets: Optional[List[str]] = MISSING  # null: wavflow.train.lora.DEFAULT_TARGETS
+
+
+@dataclass
 class Training:
     output_dir: str = MISSING
     experiment_id: str = MISSING
@@ -158,6 +166,11 @@ class Training:
     save_every_steps: int = MISSING
     resume: bool = MISSING
     tensorboard: bool = MISSING
+    init_from: Optional[str] = MISSING  # fine-tuning: a new run's starting weights (wavflow/train/finetune.py)
+    init_from_ema: bool = MISSING
+    init_from_sha256: Optional[str] = MISSING
+    trainable: Optional[List[str]] = MISSING
+    lora: LoRA = field(default_factory=LoRA)
 
 
 @dataclass

@@ -112,9 +112,9 @@ def load_latest_checkpoint(path: Path) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def load_initial_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint named by checkpoint.initial_load_path: full (has 'model') or flat state dict."""
-    ckpt = safe_torch_load(path, what="checkpoint.initial_load_path")
+def load_initial_checkpoint(path: str | Path, key: str = "checkpoint.initial_load_path") -> dict[str, Any]:
+    """A checkpoint named by `key` (the config key): full (has 'model') or flat state dict."""
+    ckpt = safe_torch_load(path, what=key)
     if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"checkpoint.initial_load_path {path} does not hold a dict")
+        raise CheckpointError(f"{key} {path} does not hold a dict")
     return dict(ckpt)

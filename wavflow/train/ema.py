@@ -33,15 +33,20 @@ class ParamEMA:
         self.foreach = bool(foreach)
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone() for _, p in model.named_parameters()]
+        # Frozen parameters (training.trainable, frozen buffers-as-parameters) never change, so
+        # their EMA is their value: only the trained ones are averaged.
+        self.trained = [i for i, (_, p) in enumerate(model.named_parameters()) if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - ema_decay(self.decay, step, self.warmup)
+        params = list(model.parameters())
+        shadow, live = [self.shadow[i] for i in self.trained], [params[i].detach() for i in self.trained]
         if self.foreach:
-            torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], weight)
+            torch._foreach_lerp_(shadow, live, weight)
             return
-        for e, (_, p) in zip(self.shadow, model.named_parameters()):
-            e.lerp_(p.detach(), weight)
+        for e, p in zip(shadow, live):
+            e.lerp_(p, weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{name: cpu tensor}: the reference `model_ema{1,2}` layout."""

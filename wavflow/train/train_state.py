@@ -4,7 +4,8 @@
 rank's training generator, the position in the run (`Progress`) and the learning rates. It
 builds the checkpoint dict, writes it through the run folder (rank 0 writes, all ranks take
 part) and restores it at start-up: a resume of this run (every rank must read the same point)
-or `checkpoint.initial_load_path` (weights, or a full state unless model-only).
+or `checkpoint.initial_load_path` (weights, or a full state unless model-only), or the weights
+of `training.init_from` for a new run (wavflow/train/finetune.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wavflow.distributed import DistInfo
-from wavflow.errors import CheckpointError, WavFlowError
+from wavflow.errors import CheckpointError, ConfigError, WavFlowError
+from wavflow.io_utils import atomic_torch_save
 from wavflow.model.checkpoint import load_weights, resolve_checkpoint_path
 from wavflow.speed import with_kernel_flags_of
 from wavflow.train.checkpointing import (
@@ -28,6 +30,8 @@ from wavflow.train.checkpointing import (
     model_state_cpu,
 )
 from wavflow.train.ema import ParamEMA
+from wavflow.train.finetune import InitRecord, check_feature_norm, check_pinned_hash, file_sha256, initial_weights
+from wavflow.train.lora import ADAPTER_FORMAT, adapter_state
 from wavflow.train.resume import RunFolder, restore_rank_rng, restore_weights, weights_digest
 
 
@@ -61,6 +65,7 @@ class TrainState:
     lr_base: float
     last_lr: float
     progress: Progress = field(default_factory=Progress)
+    init_from: dict[str, str] | None = None  # InitRecord.as_dict() of a run started by training.init_from
 
     # ------------------------------------------------------------------ writing
     def checkpoint_dict(self, rng_states: list[Any]) -> dict[str, Any]:
@@ -80,13 +85,32 @@ class TrainState:
             "world_size": self.info.world_size,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "format": CHECKPOINT_FORMAT,
+            **({"init_from": dict(self.init_from)} if self.init_from else {}),
         }
 
     def save(self, names: Sequence[str]) -> None:
-        """Write the full checkpoint under each name (rank 0; all ranks must call)."""
+        """Write the full checkpoint under each name (rank 0; all ranks must call), and with
+        LoRA the adapters alone beside each (`adapter_<name>`)."""
         p = self.progress
         self.folder.save(names, self.checkpoint_dict, self.generator, epoch=p.epoch,
                          batch_in_epoch=p.batch_in_epoch, global_step=p.global_step)
+        if getattr(self.model, "lora", None) is not None and self.info.is_main:
+            for name in names:
+                path = atomic_torch_save(self.adapter_dict(), self.folder.exp_dir / f"adapter_{name}")
+                self.logger.info("Adapters saved to %s", path)
+
+    def adapter_dict(self) -> dict[str, Any]:
+        """An adapter checkpoint: the adapters (raw and EMA-1), their settings, and the base they adapt."""
+        return {
+            "format": ADAPTER_FORMAT,
+            "lora": self.model.lora_settings.as_dict(),
+            "adapter": adapter_state(model_state_cpu(self.model)),
+            "adapter_ema1": adapter_state(self.ema1.state_dict()),
+            "base": dict(self.init_from or {}),
+            "epoch": self.progress.epoch,
+            "global_step": self.progress.global_step,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
 
     def save_ema(self, epoch: int) -> None:
         self.folder.save_ema(self.ema1.state_dict(), epoch)
@@ -100,7 +124,17 @@ class TrainState:
         latest = self.folder.latest_path
         if latest.exists():
             self.logger.warning("training.resume=false: ignoring (and later overwriting) %s", latest)
-        if self.cfg.checkpoint.initial_load_path:
+        init_from, initial = self.cfg.training.get("init_from"), self.cfg.checkpoint.initial_load_path
+        if init_from and initial:
+            raise ConfigError(
+                f"training.init_from={init_from} and checkpoint.initial_load_path={initial} both name starting "
+                "weights: set one (init_from starts a new run at step 0; initial_load_path can also restore the optimiser)"
+            )
+        if getattr(self.model, "lora", None) is not None and not init_from:
+            raise ConfigError("training.lora adapts trained weights: set training.init_from to the checkpoint it adapts")
+        if init_from:
+            self._init_from()
+        elif initial:
             self._initial_load()
 
     def _resume(self) -> None:
@@ -120,6 +154,26 @@ class TrainState:
             latest, p.epoch, p.global_step, p.batch_in_epoch, p.epoch + 1,
         )
 
+    def _init_from(self) -> None:
+        """training.init_from: the network of this new run (step 0, fresh optimiser) and its EMAs."""
+        tr = self.cfg.training
+        path = resolve_checkpoint_path(str(tr.init_from), key="training.init_from")
+        if not path.is_file():
+            raise CheckpointError(f"training.init_from {path} does not exist")
+        digest = file_sha256(path)
+        check_pinned_hash(path, digest, tr.get("init_from_sha256"))
+        weights, which = initial_weights(load_initial_checkpoint(path, key="training.init_from"),
+                                         use_ema=bool(tr.get("init_from_ema", False)), source=str(path))
+        check_feature_norm(weights, self.model, source=str(path), feature_norm_setting=self.cfg.data.feature_norm)
+        weights = {**adapter_state(self.model.state_dict()), **weights}  # new adapters start as built (B = 0)
+        load_weights(self.model, weights, source=f"training.init_from {path}")
+        self.ema1.reset_to(self.model)
+        self.ema2.reset_to(self.model)
+        self.init_from = InitRecord(str(path), digest, which).as_dict()
+        tr.init_from_sha256 = digest  # recorded in config.yaml and in every checkpoint's config
+        self.logger.info("Started from the %s weights of %s (SHA-256 %s): step 0, fresh optimiser and schedule",
+                         which, path, digest)
+
     def _initial_load(self) -> None:
         ck = self.cfg.checkpoint
         path = resolve_checkpoint_path(str(ck.initial_load_path), key="checkpoint.initial_load_path")
@@ -138,6 +192,8 @@ class TrainState:
     def _load_full(self, ckpt: dict[str, Any], *, model_only: bool, source: str) -> None:
         restore_weights(ckpt, self.model, (self.ema1, self.ema2), source=source,
                         feature_norm_setting=self.cfg.data.feature_norm)
+        if isinstance(ckpt.get("init_from"), dict):  # a resumed fine-tuning run keeps its origin
+            self.init_from = {str(k): str(v) for k, v in ckpt["init_from"].items()}
         if model_only or "optimizer" not in ckpt or "epoch" not in ckpt:
             return
         try:

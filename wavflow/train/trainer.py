@@ -52,6 +52,7 @@ from wavflow.train.epoch_data import (
 )
 from wavflow.train.logging_utils import TensorBoard, close_logging, setup_logging
 from wavflow.train.lr_schedule import base_lr
+from wavflow.train.finetune import configure_trainable
 from wavflow.train.network_setup import build_training_network, wrap_for_data_parallel
 from wavflow.train.optim_step import OptimizerStep
 from wavflow.train.optimizer import build_optimizer
@@ -105,6 +106,8 @@ class Trainer:
 
         self.model = build_training_network(cfg, rows, resuming=resuming, device=self.device, speed=self.speed,
                                             logger=self.logger)
+        # before AdamW, the EMAs and DDP: each of them takes only the parameters that train
+        self.trainable_params, self.total_params = configure_trainable(self.model, tr)
         self.optimizer = build_optimizer(self.model, tr, self.speed, self.device)
         self.eff_batch = int(tr.batch_size) * self.world_size * self.accum
         lr_base = base_lr(tr.lr, float(tr.blr), self.eff_batch)
@@ -153,8 +156,9 @@ class Trainer:
     def _log_start(self, n_rows: int) -> None:
         tr = self.tr
         save_config(self.cfg, self.exp_dir / "config.yaml")
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
-        self.logger.info("Number of trainable parameters: %.6fM", n_train)
+        self.logger.info("Number of trainable parameters: %.6fM of %.6fM (%.2f %%)%s", self.trainable_params / 1e6,
+                         self.total_params / 1e6, 100.0 * self.trainable_params / max(1, self.total_params),
+                         f", training.trainable={list(tr.trainable)}" if tr.get("trainable") is not None else "")
         self.logger.info("Base lr: %s", "from training.lr" if tr.lr is not None else f"{float(tr.blr):.2e}")
         self.logger.info("Actual lr: %.2e", self.state.lr_base)
         self.logger.info("Effective batch size: %d", self.eff_batch)

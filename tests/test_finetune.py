@@ -233,6 +233,8 @@ def test_a_lora_run_trains_only_its_adapters_and_merges_into_a_plain_checkpoint(
     qkv = "fused_blocks.0.attn.qkv.weight"
     assert not torch.equal(merged["model_ema1"][qkv], start[qkv])
     gen = WavFlowGenerator.from_checkpoint(out, device="cpu")  # loads like any checkpoint (strict)
+    with pytest.raises(CheckpointError, match="holds LoRA adapters .*python -m wavflow.train.lora_merge"):
+        WavFlowGenerator.from_checkpoint(tr.exp_dir / "checkpoint_latest.pth", device="cpu")
     assert torch.equal(gen.model.state_dict()[qkv], want[qkv])
 
     # the adapters onto another base: refused by the recorded hash
@@ -240,3 +242,31 @@ def test_a_lora_run_trains_only_its_adapters_and_merges_into_a_plain_checkpoint(
     assert merge_main(["--adapter", str(adapter_path), "--out", str(tmp_path / "x.pth"), "--base", str(other)]) == 3
     assert "is not the base" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.slow
+def test_lora_and_a_frozen_network_train_under_ddp_on_two_ranks(tmp_path, pretrained):
+    """Two gloo ranks through the launcher: adapters all-reduced (ranks agree), the base untouched."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train_common import overrides
+
+    csv, run = pretrained
+    root = Path(__file__).resolve().parent.parent
+    args = overrides(tmp_path, csv, training__init_from=str(run), training__lora__rank=2, training__epochs=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NNODES", "NODE_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", WAVFLOW_PYTHON=sys.executable, NPROC_PER_NODE="2")
+    proc = subprocess.run(["bash", str(root / "scripts" / "launch" / "train_single_node.sh"), *args],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exp = tmp_path / "out" / "exp"
+    log = (exp / "training.log").read_text()
+    assert "Weights identical on all 2 rank(s)" in log
+    ckpt = safe_torch_load(exp / "checkpoint_latest.pth")
+    start = safe_torch_load(run / "checkpoint_latest.pth")["model"]
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == 1
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in start.items())
+    assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in ckpt["model"].items())
+    assert (exp / "adapter_checkpoint_latest.pth").is_file()

@@ -128,6 +128,11 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         for k, v in expected.items()
         if k in sd and tuple(sd[k].shape) != tuple(v.shape)
     ]
+    if unexpected and all(k.startswith("lora.") for k in unexpected) and not missing and not wrong_shape:
+        raise CheckpointError(
+            f"{source} holds LoRA adapters ({len(unexpected)} lora.* tensors): merge them into a plain checkpoint "
+            "with `python -m wavflow.train.lora_merge --adapter <run>/adapter_checkpoint_latest.pth --out merged.pth`"
+        )
     if missing or unexpected or wrong_shape:
         preset = getattr(model, "preset_name", type(model).__name__)
         parts = []

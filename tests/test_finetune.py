@@ -57,12 +57,16 @@ def test_init_from_is_recorded_in_config_and_checkpoints_and_kept_on_resume(tmp_
     saved = yaml.safe_load((part.exp_dir / "config.yaml").read_text())
     assert saved["training"]["init_from_sha256"] == digest
     first = safe_torch_load(part.exp_dir / "checkpoint_latest.pth")
-    assert first["init_from"] == {"path": str(source), "sha256": digest, "weights": "model"}
+    assert first["init_from"] == {"path": str(source), "sha256": digest, "weights": "flat"}
     assert f"init_from_sha256: {digest}" in first["config"]
     rest = run_training(make_config(tmp_path, csv, **common))
     assert rest.global_step == 4
-    assert safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")["init_from"] == first["init_from"]
+    last = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
+    assert last["init_from"] == first["init_from"] and f"init_from_sha256: {digest}" in last["config"]
+    assert yaml.safe_load((rest.exp_dir / "config.yaml").read_text())["training"]["init_from_sha256"] == digest
     assert "Resumed from" in (rest.exp_dir / "training.log").read_text()
+    with pytest.raises(CheckpointError, match="init_from_sha256 pins abc"):  # a pin is checked on resume too
+        Trainer(make_config(tmp_path, csv, training__init_from_sha256="abc", **common))
 
 
 def test_a_fine_tuning_run_resumes_bit_identically(tmp_path, pretrained):
@@ -133,6 +137,9 @@ def test_init_from_refuses_a_changed_file_a_wrong_shape_and_two_starting_points(
     with pytest.raises(ConfigError, match="both name starting weights"):
         Trainer(make_config(tmp_path / "c", csv, training__init_from=str(source),
                             checkpoint__initial_load_path=str(source)))
+    with pytest.raises(CheckpointError, match="is a flat state dict with no separate EMA weights"):
+        Trainer(make_config(tmp_path / "e", csv, training__init_from=str(run / "ema_epoch_1.pth"),
+                            training__init_from_ema=True))
     with pytest.raises(CheckpointError, match="training.init_from .* does not exist"):
         Trainer(make_config(tmp_path / "d", csv, training__init_from=str(tmp_path / "missing.pth")))
 
@@ -219,7 +226,7 @@ def test_a_lora_run_trains_only_its_adapters_and_merges_into_a_plain_checkpoint(
 
     adapter_path = tr.exp_dir / "adapter_checkpoint_latest.pth"
     adapter = safe_torch_load(adapter_path)
-    assert set(adapter["adapter"]) == set(adapter["adapter_ema1"]) == lora_params
+    assert set(adapter["adapter"]) == set(adapter["adapter_ema1"]) == trained  # adapters + final_layer.conv
     assert adapter["base"] == {"path": str(source), "sha256": _sha256(source), "weights": "model_ema1"}
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapter["adapter"].items() if k.endswith(".B"))
 
@@ -232,6 +239,9 @@ def test_a_lora_run_trains_only_its_adapters_and_merges_into_a_plain_checkpoint(
         assert torch.equal(merged["model_ema1"][name], want[name]), name
     qkv = "fused_blocks.0.attn.qkv.weight"
     assert not torch.equal(merged["model_ema1"][qkv], start[qkv])
+    for name in ("final_layer.conv.weight", "final_layer.conv.bias"):  # trained beside the adapters: kept
+        assert torch.equal(merged["model_ema1"][name], ckpt["model_ema1"][name])
+        assert not torch.equal(merged["model_ema1"][name], start[name])
     gen = WavFlowGenerator.from_checkpoint(out, device="cpu")  # loads like any checkpoint (strict)
     with pytest.raises(CheckpointError, match="holds LoRA adapters .*python -m wavflow.train.lora_merge"):
         WavFlowGenerator.from_checkpoint(tr.exp_dir / "checkpoint_latest.pth", device="cpu")

@@ -57,7 +57,7 @@ def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
     work = args.demo / "long_form"
     work.mkdir(exist_ok=True)
     n = int(round(info.duration * sr))  # one clip's samples
-    # --lead-in-frames: the last frames of one more held-out clip go first, so that windows
+    # --lead-in-frames: the last frames of the last held-out clip go first as well, so that windows
     # start off the joined clips' boundaries (at the default overlap of half a window, every
     # other window would otherwise hold exactly one held-out clip); scoring starts after it.
     fps = int(info.fps)
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--lead-in-frames", type=int, default=0,
-                   help="frames of one more held-out clip before the scored ones (windows then start off the clips' boundaries)")
+                   help="the last N frames of the last scored clip put before the scored ones (windows then start off the clips' boundaries)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--lengths", type=float, nargs="*", default=[10, 60])

@@ -130,8 +130,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     ]
     if unexpected and all(k.startswith("lora.") for k in unexpected) and not missing and not wrong_shape:
         raise CheckpointError(
-            f"{source} holds LoRA adapters ({len(unexpected)} lora.* tensors): merge them into a plain checkpoint "
-            "with `python -m wavflow.train.lora_merge --adapter <run>/adapter_checkpoint_latest.pth --out merged.pth`"
+            f"{source} holds LoRA adapters ({len(unexpected)} lora.* tensors): to predict or evaluate, merge them into "
+            "a plain checkpoint with `python -m wavflow.train.lora_merge --adapter <run>/adapter_checkpoint_latest.pth "
+            "--out merged.pth`; to resume the run, pass its training.lora settings (they are in its config.yaml)"
         )
     if missing or unexpected or wrong_shape:
         preset = getattr(model, "preset_name", type(model).__name__)

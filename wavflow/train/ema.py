@@ -33,8 +33,8 @@ class ParamEMA:
         self.foreach = bool(foreach)
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone() for _, p in model.named_parameters()]
-        # Frozen parameters (training.trainable, frozen buffers-as-parameters) never change, so
-        # their EMA is their value: only the trained ones are averaged.
+        # Frozen parameters (training.trainable, LoRA's base, frozen buffers-as-parameters) never
+        # change, so averaging would leave their EMA where it is: only trained ones are averaged.
         self.trained = [i for i, (_, p) in enumerate(model.named_parameters()) if p.requires_grad]
 
     @torch.no_grad()

@@ -48,7 +48,7 @@ class InitRecord:
 
     path: str
     sha256: str
-    weights: str  # "model" or "model_ema1"
+    weights: str  # "model" or "model_ema1" of a full checkpoint, "flat" for a flat state dict
 
     def as_dict(self) -> dict[str, str]:
         return {"path": self.path, "sha256": self.sha256, "weights": self.weights}
@@ -70,7 +70,12 @@ def initial_weights(ckpt: Mapping[str, Any], *, use_ema: bool, source: str) -> t
             raise CheckpointError(f"training.init_from_ema=true but {source} holds no model_ema1 (EMA) weights")
         return _tensor_dict(ckpt[key], f"{source} [{key}]"), key
     # a flat state dict: ema_epoch_*.pth (already EMA weights) or bare network weights
-    return _tensor_dict(ckpt, source), "model_ema1" if use_ema else "model"
+    if use_ema:
+        raise CheckpointError(
+            f"training.init_from_ema=true but {source} is a flat state dict with no separate EMA weights (an "
+            "ema_epoch_*.pth already holds EMA weights): set training.init_from_ema=false"
+        )
+    return _tensor_dict(ckpt, source), "flat"
 
 
 def _tensor_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
@@ -109,11 +114,12 @@ def trainable_patterns(value: Any) -> Optional[list[str]]:
     return [str(v) if isinstance(v, str) else v for v in value]
 
 
-def apply_trainable(model: nn.Module, patterns: Optional[Sequence[str]]) -> tuple[int, int]:
+def apply_trainable(model: nn.Module, patterns: Optional[Sequence[str]], *, require_some: bool = True) -> tuple[int, int]:
     """Freeze every parameter no pattern matches; (trainable, total) parameter counts.
 
     None trains everything. A pattern that matches no parameter, or patterns that leave
-    nothing to train, are ConfigErrors (a typo must not silently freeze the whole network)."""
+    nothing to train (unless not `require_some`), are ConfigErrors (a typo must not silently
+    freeze the whole network)."""
     params = list(model.named_parameters())
     total = sum(p.numel() for _, p in params)
     if patterns is None:
@@ -131,7 +137,7 @@ def apply_trainable(model: nn.Module, patterns: Optional[Sequence[str]]) -> tupl
         keep = p.requires_grad and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
         p.requires_grad_(keep)
         trainable += p.numel() if keep else 0
-    if trainable == 0:
+    if trainable == 0 and require_some:
         raise ConfigError(f"training.trainable {list(patterns)} leaves no parameter to train")
     return trainable, total
 
@@ -143,8 +149,9 @@ def configure_trainable(model: nn.Module, tr: Any) -> tuple[int, int]:
     if settings is None:
         return apply_trainable(model, patterns)
     named = set()
-    if patterns is not None:  # checked (and matched) before the adapters freeze the network
-        apply_trainable(model, patterns)
+    patterns = [p for p in patterns or [] if not p.startswith("lora.")]  # the adapters train anyway
+    if patterns:  # checked (and matched) before the adapters freeze the network
+        apply_trainable(model, patterns, require_some=False)
         named = {n for n, p in model.named_parameters() if p.requires_grad}
     add_adapters(model, settings)
     for name, p in model.named_parameters():

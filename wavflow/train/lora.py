@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,14 +76,15 @@ class LoRASettings:
 class LoRAAdapter(nn.Module):
     """The low-rank update of one Linear or channel-last Conv1d layer."""
 
-    def __init__(self, base: nn.Module, settings: LoRASettings) -> None:
+    def __init__(self, base: nn.Module, settings: LoRASettings, name: str = "this layer") -> None:
         super().__init__()
         self.scale = settings.scale
         self.dropout = nn.Dropout(settings.dropout)
         rank = settings.rank
         if isinstance(base, ChannelLastConv1d):
-            if base.stride != (1,) or base.dilation != (1,) or base.groups != 1 or not isinstance(base.padding, tuple):
-                raise ConfigError("LoRA adapts stride-1, ungrouped convolutions only")
+            if (base.stride != (1,) or base.dilation != (1,) or base.groups != 1 or base.padding_mode != "zeros"
+                    or not isinstance(base.padding, tuple)):
+                raise ConfigError(f"training.lora.targets: {name} is not a stride-1, ungrouped, zero-padded convolution")
             self.padding = int(base.padding[0])
             self.A = nn.Parameter(torch.empty(rank, base.in_channels, base.kernel_size[0]))
             out_features = base.out_channels
@@ -92,7 +93,7 @@ class LoRAAdapter(nn.Module):
             self.A = nn.Parameter(torch.empty(rank, base.in_features))
             out_features = base.out_features
         else:
-            raise ConfigError(f"LoRA adapts nn.Linear and channel-last Conv1d layers, not {type(base).__name__}")
+            raise ConfigError(f"training.lora.targets: {name} is a {type(base).__name__}, not a Linear or Conv1d")
         self.B = nn.Parameter(torch.zeros(out_features, rank))
         # as in the LoRA paper: A random (Kaiming-uniform, as nn.Linear), B zero
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
@@ -122,9 +123,9 @@ def adapted_layers(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, 
               if isinstance(m, (nn.Linear, ChannelLastConv1d)) and not n.startswith(PREFIX.rstrip("."))]
     unused = [t for t in targets if not any(fnmatch.fnmatchcase(n, t) for n, _ in layers)]
     if unused:
+        example = f" (names look like {layers[0][0]!r})" if layers else ""
         raise ConfigError(
-            f"training.lora.targets pattern(s) {', '.join(map(repr, unused))} match no Linear or Conv1d layer "
-            f"(names look like {layers[0][0]!r})"
+            f"training.lora.targets pattern(s) {', '.join(map(repr, unused))} match no Linear or Conv1d layer{example}"
         )
     return [(n, m) for n, m in layers if any(fnmatch.fnmatchcase(n, t) for t in targets)]
 
@@ -136,7 +137,7 @@ def add_adapters(model: nn.Module, settings: LoRASettings) -> int:
     model.requires_grad_(False)
     adapters = nn.ModuleDict()
     for name, layer in adapted_layers(model, settings.targets):
-        adapter = LoRAAdapter(layer, settings).to(layer.weight.device)
+        adapter = LoRAAdapter(layer, settings, name).to(layer.weight.device)
         adapters[_key(name)] = adapter
         layer.register_forward_hook(lambda _m, inputs, out, a=adapter: out + a(inputs[0]))
     model.lora = adapters
@@ -144,15 +145,22 @@ def add_adapters(model: nn.Module, settings: LoRASettings) -> int:
     return sum(p.numel() for p in adapters.parameters())
 
 
-def adapter_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The `lora.*` tensors of a full state dict."""
-    return {k: v for k, v in state.items() if k.startswith(PREFIX)}
+def adapter_state(state: Mapping[str, Tensor], also: Collection[str] = ()) -> dict[str, Tensor]:
+    """The `lora.*` tensors of a full state dict, and those named in `also` (parameters trained
+    beside the adapters, which a merge writes over the base)."""
+    return {k: v for k, v in state.items() if k.startswith(PREFIX) or k in also}
 
 
 def merge_state(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], settings: LoRASettings) -> dict[str, Tensor]:
-    """Base weights with every adapter's update added: a plain state dict (no `lora.*` keys)."""
+    """Base weights with every adapter's update added: a plain state dict (no `lora.*` keys).
+    Non-adapter tensors in `adapters` (trained beside them) replace the base's."""
     merged = {k: v.clone() for k, v in base.items() if not k.startswith(PREFIX)}
-    names = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in adapters if k.endswith((".A", ".B"))})
+    for k, v in adapters.items():
+        if not k.startswith(PREFIX):
+            if k not in merged or tuple(merged[k].shape) != tuple(v.shape):
+                raise CheckpointError(f"the adapter file's trained tensor {k} does not fit the base")
+            merged[k] = v.clone()
+    names = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in adapters if k.startswith(PREFIX)})
     for key in names:
         layer = key.replace("__", ".")
         weight_key = f"{layer}.weight"

@@ -6,9 +6,10 @@ page and evaluation load like any other (TRAINING.md "Fine-tuning").
 
 The base is the file the run started from (`training.init_from`), as recorded in the adapter
 file, or --base where it has moved; its SHA-256 must equal the recorded one. The merged network
-is base + (alpha / rank) * B @ A per adapted layer, from the adapters' EMA-1 weights (what
-prediction uses) unless --raw; it is written as the network and both EMAs of a checkpoint that
-carries the run's config.
+is base + (alpha / rank) * B @ A per adapted layer, with the parameters `training.trainable`
+trained beside the adapters written over the base's, all from EMA-1 weights (what prediction
+uses) unless --raw; it is written as the network and both EMAs of a checkpoint that carries the
+run's config.
 """
 
 from __future__ import annotations

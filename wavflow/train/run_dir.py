@@ -21,7 +21,8 @@ LOCK_NAME = "train.lock"
 
 # The temporaries of wavflow.io_utils' atomic writes of this run's own files, nothing else.
 _STALE_TMP = re.compile(
-    r"^\.(checkpoint_latest\.pth|checkpoint_epoch_\d+\.pth|ema_epoch_\d+\.pth|config\.yaml)\.[A-Za-z0-9_]+\.tmp$"
+    r"^\.((adapter_)?checkpoint_latest\.pth|(adapter_)?checkpoint_epoch_\d+\.pth|ema_epoch_\d+\.pth|config\.yaml)"
+    r"\.[A-Za-z0-9_]+\.tmp$"
 )
 
 

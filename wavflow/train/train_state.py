@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -100,12 +101,14 @@ class TrainState:
                 self.logger.info("Adapters saved to %s", path)
 
     def adapter_dict(self) -> dict[str, Any]:
-        """An adapter checkpoint: the adapters (raw and EMA-1), their settings, and the base they adapt."""
+        """An adapter checkpoint: the adapters, and the other parameters `training.trainable`
+        named (raw and EMA-1 each), their settings, and the base they adapt."""
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
         return {
             "format": ADAPTER_FORMAT,
             "lora": self.model.lora_settings.as_dict(),
-            "adapter": adapter_state(model_state_cpu(self.model)),
-            "adapter_ema1": adapter_state(self.ema1.state_dict()),
+            "adapter": adapter_state(model_state_cpu(self.model), trained),
+            "adapter_ema1": adapter_state(self.ema1.state_dict(), trained),
             "base": dict(self.init_from or {}),
             "epoch": self.progress.epoch,
             "global_step": self.progress.global_step,
@@ -194,6 +197,11 @@ class TrainState:
                         feature_norm_setting=self.cfg.data.feature_norm)
         if isinstance(ckpt.get("init_from"), dict):  # a resumed fine-tuning run keeps its origin
             self.init_from = {str(k): str(v) for k, v in ckpt["init_from"].items()}
+            tr = self.cfg.training
+            if self.init_from.get("sha256"):
+                check_pinned_hash(Path(self.init_from.get("path", "?")), self.init_from["sha256"],
+                                  tr.get("init_from_sha256"))
+                tr.init_from_sha256 = self.init_from["sha256"]  # config.yaml is rewritten at every start
         if model_only or "optimizer" not in ckpt or "epoch" not in ckpt:
             return
         try:

@@ -69,10 +69,11 @@ def test_init_from_is_recorded_in_config_and_checkpoints_and_kept_on_resume(tmp_
         Trainer(make_config(tmp_path, csv, training__init_from_sha256="abc", **common))
 
 
-def test_a_fine_tuning_run_resumes_bit_identically(tmp_path, pretrained):
+@pytest.mark.parametrize("way", [dict(training__trainable=HEAD), dict(training__lora__rank=2, training__lora__dropout=0.1)])
+def test_a_fine_tuning_run_resumes_bit_identically(tmp_path, pretrained, way):
     csv, run = pretrained
-    common = dict(training__init_from=str(run), training__trainable=HEAD, training__epochs=2,
-                  training__weight_decay=0.1, training__ema_warmup=True)
+    common = dict(training__init_from=str(run), training__epochs=2, training__weight_decay=0.1,
+                  training__ema_warmup=True, **way)
     full = run_training(make_config(tmp_path / "full", csv, **common))
     run_training(make_config(tmp_path / "part", csv, training__max_steps=3, **common))
     rest = run_training(make_config(tmp_path / "part", csv, **common))
@@ -80,8 +81,14 @@ def test_a_fine_tuning_run_resumes_bit_identically(tmp_path, pretrained):
     b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
     assert a["global_step"] == b["global_step"] == 4
     for key in ("model", "model_ema1", "model_ema2"):
+        assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    if "training__lora__rank" in way:
+        assert any(k.startswith("lora.") for k in a["model"])
+        adapter_a = safe_torch_load(full.exp_dir / "adapter_checkpoint_latest.pth")["adapter"]
+        adapter_b = safe_torch_load(rest.exp_dir / "adapter_checkpoint_latest.pth")["adapter"]
+        assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
 
 
 def test_frozen_parameters_stay_bit_identical_and_out_of_adamw_and_the_ema(tmp_path, pretrained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -103,3 +104,56 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_0(tmp_path):
     assert "SignalException" not in out and "Traceback" not in out
     assert "Stopped by SIGTERM" in log.read_text()
     assert safe_torch_load(tmp_path / "out" / "exp" / "checkpoint_latest.pth")["global_step"] >= 1
+
+
+def _free_port_in(low: int, high: int) -> int:
+    for port in random.Random(os.getpid()).sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def _slurm_stubs(bin_dir: Path, record: Path) -> None:
+    """Stand-ins for SLURM's srun (one task per node, here one node: it runs the command with the
+    task's variables set) and scontrol (the allocation's hosts); srun logs its options."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        f"echo \"$*\" >> {record}\n"
+        "while [ $# -gt 0 ] && [ \"${1#--}\" != \"$1\" ]; do shift; done\n"
+        "SLURM_STEP_ID=0 SLURM_NODEID=0 SLURM_PROCID=0 exec \"$@\"\n")
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.2\n")
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+
+
+def test_slurm_launcher_needs_an_allocation():
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(LAUNCH / "train_slurm.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no SLURM allocation" in proc.stderr and "sbatch --nodes=N" in proc.stderr
+
+
+@pytest.mark.slow
+def test_slurm_batch_script_starts_one_torchrun_per_node_through_srun(tmp_path):
+    csv = make_dataset(tmp_path)
+    record = tmp_path / "srun_calls.txt"
+    _slurm_stubs(tmp_path / "bin", record)
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", SLURM_JOB_ID=str(100000 + _free_port_in(20000, 40000) - 20000),
+               SLURM_JOB_NODELIST="node[1]", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2")
+    args = overrides(tmp_path, csv, training__epochs=1)
+    proc = subprocess.run(["bash", str(LAUNCH / "train_slurm.sh"), *args], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = record.read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("--nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 bash ")
+    port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+    assert f"node 0/1 -> 127.0.0.1:{port}, 2 process(es)" in proc.stderr  # first host, port from the job id
+    log = (tmp_path / "out" / "exp" / "training.log").read_text()
+    assert "Weights identical on all 2 rank(s)" in log
+    assert safe_torch_load(tmp_path / "out" / "exp" / "checkpoint_latest.pth")["world_size"] == 2

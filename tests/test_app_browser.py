@@ -94,6 +94,16 @@ def _css(driver, selector: str):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
+def _click(driver, selector: str) -> None:
+    """Click `selector` once the page has rendered it (Gradio renders its blocks one by one)."""
+    _wait_until(lambda: _css(driver, selector), selector)[0].click()
+
+
+def _text(driver, selector: str) -> str:
+    found = _css(driver, selector)
+    return found[0].text if found else ""
+
+
 def _download(driver, component: str, since: set[str]) -> str:
     """The href of `component`'s download link once it is a new one (a finished request)."""
     def new_link():
@@ -123,12 +133,12 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     # 1. caption only (T2A): a wav of the requested length
     caption.send_keys("two sharp clicks")
     start = time.time()
-    _css(browser, "#generate")[0].click()
+    _click(browser, "#generate")
     wav_url = _download(browser, "audio_out", set())
     print(f"T2A request {time.time() - start:.1f} s (the first may wait for the text encoder to load)")
     wave, sr = sf.read(_fetch(wav_url, tmp_path / "t2a.wav"))
     assert (sr, len(wave)) == (16000, 16000)
-    _wait_until(lambda: '"mode": "T2A"' in _css(browser, "#settings")[0].text, "the settings of the T2A request")
+    _wait_until(lambda: '"mode": "T2A"' in _text(browser, "#settings"), "the settings of the T2A request")
 
     # 2. with a video (VT2A), Duration left at 0: the whole video (1.52 s: 38 frames at 25 fps,
     # past the trained 1 s: 3 windows), the wav and the mp4 with it muxed
@@ -139,7 +149,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
     _css(browser, "#video_in input[type=file]")[0].send_keys(str(video))
     time.sleep(1.0)  # the upload finishes before the click
     start = time.time()
-    _css(browser, "#generate")[0].click()
+    _click(browser, "#generate")
     wav_url = _download(browser, "audio_out", before)
     mp4_url = _download(browser, "video_out", set())
     print(f"VT2A request {time.time() - start:.1f} s")
@@ -149,7 +159,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
 
     with av.open(str(_fetch(mp4_url, tmp_path / "vt2a.mp4"))) as box:
         assert {s.type for s in box.streams} >= {"video", "audio"}
-    _wait_until(lambda: '"mode": "VT2A"' in _css(browser, "#settings")[0].text, "the settings of the VT2A request")
+    _wait_until(lambda: '"mode": "VT2A"' in _text(browser, "#settings"), "the settings of the VT2A request")
     assert "predict.sh" in _css(browser, "#settings")[0].text and '"windows": 3' in _css(browser, "#settings")[0].text
     shot = os.environ.get("WAVFLOW_APP_SCREENSHOT")
     if shot:
@@ -157,7 +167,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
 
     # compare modes: VT2A, V2A and T2A from the same video and caption
     start = time.time()
-    _css(browser, "#compare")[0].click()
+    _click(browser, "#compare")
     for mode in ("VT2A", "V2A", "T2A"):
         wave, sr = sf.read(_fetch(_download(browser, f"audio_{mode}", set()), tmp_path / f"cmp_{mode}.wav"))
         assert (sr, len(wave)) == (16000, whole), mode
@@ -170,7 +180,7 @@ def test_the_page_generates_from_a_caption_a_video_and_refuses_a_bad_upload(app_
         browser, "#video_in button[aria-label='Clear']") else None
     _css(browser, "#video_in input[type=file]")[0].send_keys(str(bad))
     time.sleep(1.0)
-    _css(browser, "#generate")[0].click()
+    _click(browser, "#generate")
     _wait_until(lambda: "is not a video that can be read" in browser.page_source, "the error message")
     assert "Traceback" not in browser.page_source
     # the uploads were copied into per-request folders, all removed again

@@ -82,19 +82,6 @@ def test_segments_are_chunked_independently() -> None:
     assert not torch.allclose(out[0, 0], out[0, 1])
 
 
-def test_tubelet_embedding_equals_its_conv3d() -> None:
-    """The tubelet embedding computes the reference Conv3d as a GEMM: same tokens, same order."""
-    torch.manual_seed(3)
-    cfg = _micro().cfg
-    embed = _micro().vfeat_extractor.patch_embed_3d
-    x = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
-    with torch.no_grad():
-        reference = embed.proj(x).flatten(2).transpose(1, 2)  # (BS, D, t, h, w) -> (BS, t*h*w, D)
-        got = embed(x)
-    assert got.shape == reference.shape == (2, cfg.temporal_resolution * cfg.patches_per_frame, cfg.embed_dim)
-    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
-
-
 def test_load_state_dict_keeps_only_vfeat_keys(tiny: Synchformer) -> None:
     torch.manual_seed(2)
     other = Synchformer.tiny()

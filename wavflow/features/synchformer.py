@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 VFEAT_PREFIX = "vfeat_extractor"
 
@@ -163,17 +162,7 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(3, cfg.embed_dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(BS, 3, T, H, W) -> (BS, t*h*w, D). The kernel equals the stride, so the Conv3d is a
-        GEMM over non-overlapping tubelets: the same sums as F.conv3d in another order, at about the
-        same speed on CPU (scripts/bench/tubelet_embed.py: 0.87-1.03x on a 2-core EPYC)."""
-        bs, c, frames, height, width = x.shape
-        kt, kh, kw = self.proj.kernel_size
-        t, h, w = frames // kt, height // kh, width // kw
-        tubelets = (x[:, :, : t * kt, : h * kh, : w * kw]
-                    .reshape(bs, c, t, kt, h, kh, w, kw)
-                    .permute(0, 2, 4, 6, 1, 3, 5, 7)  # 'BS c t kt h kh w kw -> BS (t h w) (c kt kh kw)'
-                    .reshape(bs, t * h * w, c * kt * kh * kw))
-        return F.linear(tubelets, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (BS, D, t, h, w) -> (BS, t*h*w, D)
 
 
 class SpatialTransformerEncoderLayer(nn.TransformerEncoderLayer):
@@ -261,8 +250,7 @@ class Synchformer(nn.Module):
         if vis.ndim != 6 or tuple(vis.shape[2:]) != expected:
             raise ValueError(f"Synchformer expects (B, S, {', '.join(map(str, expected))}), got {tuple(vis.shape)}")
         b, s = vis.shape[:2]
-        # A view, not a copy: the tubelet embedding gathers its patches in one copy anyway.
-        x = vis.reshape(b * s, cfg.num_frames, 3, cfg.image_size, cfg.image_size).transpose(1, 2)
+        x = vis.transpose(2, 3).reshape(b * s, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
         # Segments are independent: chunking bounds activation memory (1569 tokens each).
         outs = [self.vfeat_extractor(chunk) for chunk in x.split(self.segment_chunk, dim=0)]
         return torch.cat(outs, dim=0).reshape(b, s, cfg.temporal_resolution, cfg.embed_dim)

@@ -206,7 +206,7 @@ def test_robustness_variations_make_their_data_sets_and_forward_their_shapes(mon
     from wavflow.demo.make_dataset import CLASS_NAMES, _plan_clips
 
     shipped = load_config(REPO / "configs/bench_learning.yaml", job="bench_learning")
-    assert list(shipped.bench.stages) == ["memorise", "generalise", "robustness"]
+    assert list(shipped.bench.stages) == ["memorise", "generalise", "robustness", "finetune"]
     cfg = load_config(REPO / "configs/bench_learning.yaml", [f"bench.out_dir={tmp_path}", "bench.stages=[robustness]"],
                       job="bench_learning")
     calls = _fake_pipeline(monkeypatch, _robust_groups)

@@ -374,6 +374,34 @@ class BenchRobustness:
 
 
 @dataclass
+class BenchFinetune:
+    model: Optional[str] = None  # model preset of pre-training and fine-tuning; null: the config's model.name
+    new_class: str = MISSING
+    n: int = MISSING
+    holdout_frac: float = MISSING
+    no_caption_frac: float = MISSING
+    no_video_frac: float = MISSING
+    pretrain_steps: int = MISSING
+    clips: int = MISSING
+    replay_clips: int = MISSING
+    steps: int = MISSING
+    lr: float = MISSING
+    warmup_steps: int = MISSING
+    batch_size: int = MISSING
+    old_eval_clips_per_class: int = MISSING
+    eval_cfg: Optional[float] = None
+    ways: Dict[str, List[str]] = MISSING  # name -> training key=value words (wavflow/demo/finetune_stage.py)
+
+
+@dataclass
+class BenchFinetuneTargets:
+    new_class_acc: Dict[str, float] = MISSING  # mode -> least accuracy on the new class's held-out clips
+    new_onset_ms: Dict[str, float] = MISSING   # mode -> most median onset error (ms) on them
+    old_keep: Optional[float] = None  # least share of the old classes' accuracy kept, every mode; null: not judged
+    max_train_minutes: Optional[float] = None  # most fine-tuning time per way; null: not judged
+
+
+@dataclass
 class BenchGeneraliseTargets:
     class_acc: Dict[str, float] = MISSING  # mode -> least class accuracy on that mode's rows
     onset_ms: Dict[str, float] = MISSING   # mode -> most median onset error (ms)
@@ -385,6 +413,7 @@ class BenchTargets:
     memorise_ratio: float = MISSING
     generalise: BenchGeneraliseTargets = _node(BenchGeneraliseTargets)
     robustness: BenchGeneraliseTargets = _node(BenchGeneraliseTargets)  # same per-mode form
+    finetune: BenchFinetuneTargets = _node(BenchFinetuneTargets)
 
 
 @dataclass
@@ -405,6 +434,7 @@ class Bench:
     memorise: BenchMemorise = _node(BenchMemorise)
     generalise: BenchGeneralise = _node(BenchGeneralise)
     robustness: BenchRobustness = _node(BenchRobustness)
+    finetune: BenchFinetune = _node(BenchFinetune)
     targets: BenchTargets = _node(BenchTargets)
 
 

@@ -56,6 +56,7 @@ def score_mode(gen: WavFlowGenerator, ref: metrics.ReferenceModel, clips: list[C
         "noise_floor_db": float(np.median(gen_levels[:, 1])),
         "real_noise_floor_db": float(np.median(real_levels[:, 1])),
     }
+    out["predicted"] = {c.id: p for c, p in zip(clips, predicted)}  # per clip, for the confusion table
     if mode != "T2A":
         errors = [metrics.onset_errors(c.onsets, ref.onsets(w, c.label)) for w, c in zip(waves, clips)]
         out["onset_median_ms"] = metrics.summarise_onsets(errors, 100.0)["onset_median_ms"]
@@ -87,8 +88,30 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{split:8s} {mode:5s} n={r['n']:3d}  class_acc {r['class_accuracy']:.3f} (chance {r['chance']:.3f})"
                   f"{onset}  level {r['level_db']:.1f} dB (real {r['real_level_db']:.1f})"
                   f"  floor {r['noise_floor_db']:.1f} dB (real {r['real_noise_floor_db']:.1f})", flush=True)
+    for split in a.splits.split(","):
+        print(confusion_table(info, report, split))
     if a.json:
         atomic_write_text(a.json, json.dumps(report, indent=1) + "\n")
+
+
+def confusion_table(info, report: dict[str, dict], split: str) -> str:
+    """Per class and mode, how many clips were named right and what the others were named; and
+    how many clips each mode got wrong alone or together with another mode."""
+    label = {c.id: c.label for c in info.clips}
+    lines = [f"{split}: per class, right / n and the classes wrong clips were named (VT2A | T2A | V2A)"]
+    for k in info.classes:
+        cells = []
+        for mode in MODES:
+            pred = {i: p for i, p in report[f"{split}/{mode}"]["predicted"].items() if label[i] == k}
+            wrong = sorted(p for p in pred.values() if p != k)
+            cells.append(f"{len(pred) - len(wrong)}/{len(pred)} {','.join(wrong) or '-'}")
+        lines.append(f"  {k:12s} " + " | ".join(f"{c:32s}" for c in cells))
+    wrong_in = {m: {i for i, p in report[f"{split}/{m}"]["predicted"].items() if p != label[i]} for m in MODES}
+    both = wrong_in["VT2A"] & (wrong_in["T2A"] | wrong_in["V2A"])
+    lines.append(f"  VT2A wrong {len(wrong_in['VT2A'])}: also wrong in T2A or V2A {len(both)}; "
+                 f"T2A wrong {len(wrong_in['T2A'])}, V2A wrong {len(wrong_in['V2A'])}, "
+                 f"T2A and V2A both wrong {len(wrong_in['T2A'] & wrong_in['V2A'])}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

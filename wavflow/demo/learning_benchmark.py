@@ -59,7 +59,7 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Path, logs: Path) -> Path:
+def extract_features(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Path, logs: Path) -> Path:
     out_csv = out / f"train_{mode}_features.csv"
     run_stage(f"extract_{mode}", f"extract_{mode}", shared_overrides(cfg) + [
         f"data.csv_path={in_csv}", f"data.data_root={data_root}", f"output.pth_dir={out / mode}",
@@ -68,7 +68,7 @@ def _extract(cfg: DictConfig, mode: str, in_csv: Path, data_root: Path, out: Pat
     return out_csv
 
 
-def _train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], out: Path, step: int,
+def train_to(cfg: DictConfig, stage_cfg: DictConfig, train_csvs: list[Path], out: Path, step: int,
               logs: Path) -> float:
     b = cfg.bench
     return run_stage(f"train_to_{step}", "train", shared_overrides(cfg) + [
@@ -102,9 +102,13 @@ def predict_stage(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, 
         # at the data's median loudness, as the demo writes them (level figures compare)
         *(loudness_overrides("data", data_root) if (data_root / "events.json").is_file()
           else ["output.loudness_norm=true"])]
+    return run_stage(f"predict_{tag}", "predict", replace_words(words, extra), 1, logs)
+
+
+def replace_words(words: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """`words` + `extra`, a key set in `extra` replacing its value in `words` (one value per key)."""
     replaced = {w.split("=", 1)[0] for w in extra}
-    words = [w for w in words if w.split("=", 1)[0] not in replaced] + list(extra)
-    return run_stage(f"predict_{tag}", "predict", words, 1, logs)
+    return [w for w in words if w.split("=", 1)[0] not in replaced] + list(extra)
 
 
 def _resume_curve(root: Path) -> tuple[list[dict], float, float]:
@@ -154,7 +158,7 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
     data = root / "data"
     chosen = _memorise_clips(cfg, data)
     ids = [c.id for c in chosen]
-    feats = _extract(cfg, "vt2a", data / "memorise_vt2a.csv", data, root / "features", logs)
+    feats = extract_features(cfg, "vt2a", data / "memorise_vt2a.csv", data, root / "features", logs)
 
     ref_wavs = [data / c.audio_path for c in chosen]
     sr = int(cfg.data.target_sample_rate)
@@ -192,7 +196,7 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
             break  # met twice in a row: stable
         if step <= done:
             continue
-        train_s += _train_to(cfg, st, [feats], root / "train", step, logs)
+        train_s += train_to(cfg, st, [feats], root / "train", step, logs)
         for use_ema in (False, True):
             pred = root / "predict" / (f"step_{step:06d}" + ("_ema" if use_ema else ""))
             predict_stage(cfg, "memorise", data / "memorise_eval.csv", data, ckpt, pred, logs, f"memorise_{step}",
@@ -212,7 +216,7 @@ def run_memorise(cfg: DictConfig, root: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ generalise
-def _mode_targets(targets: Any, metric: str, where: str = "bench.targets.generalise") -> dict[str, float]:
+def mode_targets(targets: Any, metric: str, where: str = "bench.targets.generalise") -> dict[str, float]:
     """`targets.<metric>` as {mode: threshold}; a mode the metrics do not know is a config error
     (`where`: the config key of `targets`, for the message)."""
     per_mode = {str(k): float(v) for k, v in (targets.get(metric) or {}).items()}
@@ -241,10 +245,10 @@ def judge_modes(groups: dict[str, Any], targets: Any, where: str) -> dict[str, A
         "level_diff_db": {m: groups.get(m, {}).get("level_diff_db") for m in MODES},
         "noise_floor_diff_db": {m: groups.get(m, {}).get("noise_floor_diff_db") for m in MODES}}
     met: dict[str, bool] = {}
-    for mode, least in _mode_targets(targets, "class_acc", where).items():
+    for mode, least in mode_targets(targets, "class_acc", where).items():
         value = point["class_accuracy"][mode]
         met[f"class_acc.{mode}"] = value is not None and value >= least
-    for mode, most in _mode_targets(targets, "onset_ms", where).items():
+    for mode, most in mode_targets(targets, "onset_ms", where).items():
         value = point["onset_median_ms"][mode]  # a missed onset counts 1000 ms (demo/metrics.py)
         met[f"onset_ms.{mode}"] = value is not None and value <= most
     if targets.get("frechet_ratio") is not None:
@@ -255,8 +259,8 @@ def judge_modes(groups: dict[str, Any], targets: Any, where: str) -> dict[str, A
 
 def generalise_series(targets: Any) -> list[tuple[str, str | None]]:
     """The curve's panels: one per mode of each per-mode target, then the Fréchet ratio."""
-    return [("class_accuracy", m) for m in _mode_targets(targets, "class_acc")] + \
-        [("onset_median_ms", m) for m in _mode_targets(targets, "onset_ms")] + [("frechet_ratio", None)]
+    return [("class_accuracy", m) for m in mode_targets(targets, "class_acc")] + \
+        [("onset_median_ms", m) for m in mode_targets(targets, "onset_ms")] + [("frechet_ratio", None)]
 
 
 def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
@@ -268,7 +272,7 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
                         sample_rate=int(cfg.data.target_sample_rate), holdout_frac=float(st.holdout_frac),
                         no_caption_frac=float(st.no_caption_frac), no_video_frac=float(st.no_video_frac),
                         progress=False, dataset=str(cfg.bench.dataset))
-    csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
+    csvs = [extract_features(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
     targets = cfg.bench.targets
     curve, train_s, wall_before = _resume_curve(root)
     # points of an interrupted run are judged again by today's targets (from their saved groups)
@@ -284,7 +288,7 @@ def run_generalise(cfg: DictConfig, root: Path) -> dict[str, Any]:
             log.info("generalise: training budget of %s min spent (%.0f s) before step %d", st.max_train_minutes,
                      train_s, step)
             break
-        train_s += _train_to(cfg, st, csvs, root / "train", step, logs)
+        train_s += train_to(cfg, st, csvs, root / "train", step, logs)
         pred = root / "predict" / f"step_{step:06d}"
         predict_stage(cfg, "generalise", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
                  pred, logs, f"generalise_{step}", use_ema=True)
@@ -385,16 +389,16 @@ def _check_variation_dataset(dataset: dict[str, Any]) -> None:
         raise ConfigError(f"caption_split must be one of {list(CAPTION_SPLITS)}, got {dataset['caption_split']!r}")
 
 
-def _check_variation_folder(root: Path, settings: dict[str, Any]) -> None:
-    """Refuse to resume or report a variation folder made with other settings."""
+def check_run_folder(root: Path, settings: dict[str, Any], what: str, remedy: str = "delete that folder") -> None:
+    """Refuse to resume or report a folder of `what` (e.g. "robustness") made with other settings;
+    a new folder records them in settings.json."""
     path = root / "settings.json"
     if path.is_file():
         have = json.loads(path.read_text())
         want = json.loads(json.dumps(settings))  # as JSON reads it back (tuples as lists)
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
-            raise ConfigError(f"{root} holds a robustness run made with other settings ({', '.join(diff)}): "
-                               f"delete that folder or give the variation another name")
+            raise ConfigError(f"{root} holds a {what} run made with other settings ({', '.join(diff)}): {remedy}")
     else:
         atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
@@ -403,7 +407,7 @@ def run_robustness_variation(var: RobustnessVariation, root: Path, targets: Any)
     """Make the variation's data set, extract, train max_steps in one go, predict the held-out
     rows with EMA weights and score each mode; `<root>/metrics.json` marks it finished."""
     done = root / "metrics.json"
-    _check_variation_folder(root, var.settings())
+    check_run_folder(root, var.settings(), "robustness", "delete that folder or give the variation another name")
     if done.is_file():
         log.info("robustness %s: finished earlier (%s), judged again, not run again", var.name, done)
         return summarise_variation(json.loads(done.read_text()), targets)
@@ -411,9 +415,9 @@ def run_robustness_variation(var: RobustnessVariation, root: Path, targets: Any)
     logs, data, cfg = root / "logs", root / "data", var.cfg
     if not (data / "events.json").is_file():  # written last by make_dataset
         make_dataset(data, progress=False, **var.dataset)
-    csvs = [_extract(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
+    csvs = [extract_features(cfg, m, data / f"train_{m}.csv", data, root / "features", logs) for m in ("vt2a", "t2a")]
     rb = cfg.bench.robustness
-    train_s = _train_to(cfg, rb, csvs, root / "train", int(rb.max_steps), logs)
+    train_s = train_to(cfg, rb, csvs, root / "train", int(rb.max_steps), logs)
     pred = root / "predict"
     predict_stage(cfg, "robustness", data / "holdout_infer.csv", data, root / "train" / "run" / "checkpoint_latest.pth",
              pred, logs, f"robustness_{var.name}", use_ema=True)
@@ -499,9 +503,13 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"git_revision": _git_revision(), "config": {
         "model": cfg.model.name, "duration": cfg.data.audio_duration, "precision": cfg.bench.precision,
         "batch_size": cfg.bench.batch_size, "lr": cfg.bench.lr, "sampling_steps": cfg.sampling.num_steps,
-        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise", "robustness")},
+        "cfg": {stage: stage_eval_cfg(cfg, stage) for stage in ("memorise", "generalise", "robustness", "finetune")},
         "train_extra": [str(w) for w in cfg.bench.train_extra]}, "stages": {}}
-    runners = {"memorise": run_memorise, "generalise": run_generalise, "robustness": run_robustness}
+    # a cycle: finetune_stage builds on this module's stage helpers
+    from wavflow.demo.finetune_stage import run_finetune
+
+    runners = {"memorise": run_memorise, "generalise": run_generalise, "robustness": run_robustness,
+               "finetune": run_finetune}
     unknown = [stage for stage in cfg.bench.stages if stage not in runners]
     if unknown:  # before any stage runs
         raise ConfigError(f"bench.stages: unknown stage {unknown[0]!r} ({' | '.join(runners)})")
@@ -535,6 +543,12 @@ def stage_summary(name: str, stage: dict[str, Any]) -> str:
     if name == "robustness":
         return (f"robustness: targets met in {stage['variations_met']} of {len(stage['variations'])} variations "
                 f"{times}\n{robustness_table(stage['variations'])}")
+    if name == "finetune":
+        from wavflow.demo.finetune_stage import finetune_table  # a cycle, as in run_benchmark
+
+        met = [way for way, w in stage["ways"].items() if w["target_met"]]
+        return (f"finetune: targets met by {', '.join(met) if met else 'no way'} {times}\n"
+                f"{finetune_table(stage['before'], stage['ways'], stage['new_class'])}")
     first = stage["target_first_met"]
     return f"{name}: target {'reached at step ' + str(first['step']) if first else 'NOT reached'} {times}"
 

@@ -143,7 +143,12 @@ def stage_command(job: str, overrides: Sequence[str], nproc: int) -> list[str]:
 
 def run_stage(name: str, job: str, overrides: Sequence[str], nproc: int, log_dir: Path) -> float:
     """Run `job` (a STAGE_JOBS key) with overrides; its output goes to the console and a log file."""
-    cmd = stage_command(job, overrides, nproc)
+    return run_command(name, stage_command(job, overrides, nproc), log_dir, nproc)
+
+
+def run_command(name: str, cmd: Sequence[str], log_dir: Path, nproc: int = 1) -> float:
+    """Run a stage's command line; its output goes to the console and `<log_dir>/<name>.log`, a
+    failure is a StageError with the command's exit code and its own last error line."""
     env = {k: v for k, v in os.environ.items() if k != "CONFIG_PATH"}  # --config names the job's own file
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     package_root = str(Path(__file__).resolve().parents[2])  # wavflow importable by the stage's processes

@@ -4,6 +4,8 @@ throughput since the last line, and the loss per quarter of the flow time t_s.""
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from typing import Any
 
@@ -60,3 +62,12 @@ class StepLog:
         self.last_log, self.rows = now, 0
         self.bucket_sum.zero_()
         self.bucket_count.zero_()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA memory allocated by torch on a GPU, else the
+    resident set (what a user sizes a machine by; logged when a run stops or completes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS: bytes, Linux: KiB

@@ -60,7 +60,7 @@ from wavflow.train.resume import RunFolder, weights_in_sync
 from wavflow.train.run_dir import release_run_locks
 from wavflow.train.samples import write_epoch_samples
 from wavflow.train.signals import StopSignals
-from wavflow.train.step_log import StepLog
+from wavflow.train.step_log import peak_memory_mb, StepLog
 from wavflow.train.train_state import TrainState
 
 
@@ -232,6 +232,9 @@ class Trainer:
                 weights_in_sync(self.info, self.model, self.logger)
                 total = int(time.time() - start)
                 self.logger.info("Training completed. Total time: %s", str(timedelta(seconds=total)))
+            if self.is_main:
+                self.logger.info("Peak memory: %.0f MB (%s)", peak_memory_mb(self.device),
+                                 "CUDA, allocated by torch" if self.device.type == "cuda" else "resident set, rank 0")
             if self.run_failures.count and self.is_main:
                 self.logger.warning(
                     "%d row read(s) failed in this run, within data.max_failed_fraction=%g per epoch: %s",

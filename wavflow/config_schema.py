@@ -123,6 +123,13 @@ class LoRA:
 
 
 @dataclass
+class FSDP:
+    param_dtype: Optional[str] = MISSING  # null | float32 | bfloat16 | float16 (wavflow/train/fsdp.py)
+    reduce_dtype: Optional[str] = MISSING
+    reshard_after_forward: bool = MISSING
+
+
+@dataclass
 class Training:
     output_dir: str = MISSING
     experiment_id: str = MISSING
@@ -158,6 +165,8 @@ class Training:
     conv_impl: str = MISSING
     attention_backend: str = MISSING
     gradient_checkpointing: bool = MISSING
+    strategy: str = MISSING  # ddp | fsdp
+    fsdp: FSDP = _node(FSDP)
     log_freq: int = MISSING
     gen_train_freq: int = MISSING
     checkpoint_freq: int = MISSING

@@ -19,6 +19,7 @@ from torch import nn
 
 from wavflow.errors import CheckpointError
 from wavflow.io_utils import safe_torch_load
+from wavflow.train.fsdp import full_tensor
 
 CHECKPOINT_FORMAT = "wavflow-train-1"
 LATEST_NAME = "checkpoint_latest.pth"
@@ -91,7 +92,7 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator) -> list[st
 
 def model_state_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict as CPU copies (no rot/freq buffers: they are non-persistent)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------- loading

@@ -12,6 +12,7 @@ from wavflow.errors import ConfigError, ManifestError
 from wavflow.io_utils import check_safe_id
 from wavflow.row_policy import POLICY_KEY, max_failed_fraction
 from wavflow.speed import SpeedOptions
+from wavflow.train.fsdp import check_strategy
 from wavflow.train.lr_schedule import SCHEDULES
 
 
@@ -55,6 +56,7 @@ def check_experiment_id(value: Any) -> str:
 def check_training_config(cfg: DictConfig) -> None:
     """Every training.* value the trainer uses, checked before a process group or model exists."""
     tr = cfg.training
+    check_strategy(tr)
     if tr.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"training.precision={tr.precision!r} is not one of auto, fp32, bf16")
     if tr.device not in ("auto", "cpu", "cuda"):

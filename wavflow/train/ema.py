@@ -13,6 +13,7 @@ from torch import nn
 
 from wavflow.errors import CheckpointError
 from wavflow.model.cond_norm import migrate_empty_tokens
+from wavflow.train.fsdp import full_tensor
 
 
 def ema_decay(decay: float, step: int, warmup: bool) -> float:
@@ -50,7 +51,7 @@ class ParamEMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{name: cpu tensor}: the reference `model_ema{1,2}` layout."""
-        return {n: e.detach().to("cpu", copy=True) for n, e in zip(self.names, self.shadow)}
+        return {n: full_tensor(e).detach().to("cpu", copy=True) for n, e in zip(self.names, self.shadow)}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -20,6 +20,7 @@ from wavflow.speed import SpeedOptions, set_attention_impl, set_conv_impl
 from wavflow.train.dataset import TrainRow
 from wavflow.train.empty_string import resolve_empty_string_feat
 from wavflow.train.feature_norm import resolve_feature_norm
+from wavflow.train.fsdp import shard_model
 
 
 def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resuming: bool, device: torch.device,
@@ -49,10 +50,20 @@ def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resumin
     return model
 
 
-def wrap_for_data_parallel(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP over the process group (the network itself on one process). Rotary tables are
-    buffers every rank builds alike, so they are not broadcast."""
+def wrap_for_data_parallel(model: nn.Module, info: DistInfo, tr: DictConfig | None = None,
+                           logger: logging.Logger | None = None) -> nn.Module:
+    """training.strategy over the process group (the network itself on one process): DDP, or
+    FSDP2 sharding the network in place (wavflow/train/fsdp.py; the caller then reshards the
+    optimizer and EMAs with shard_training_state). Rotary tables are buffers every rank builds
+    alike, so they are not broadcast."""
+    strategy = str(tr.get("strategy", "ddp")) if tr is not None else "ddp"
     if not info.is_distributed:
+        if strategy == "fsdp" and logger is not None:
+            logger.info("training.strategy=fsdp on one process without a process group: nothing to shard, "
+                        "the network trains whole")
+        return model
+    if strategy == "fsdp":
+        shard_model(model, info, tr.get("fsdp") or {})
         return model
     with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep rot tables local
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)

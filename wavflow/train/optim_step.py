@@ -17,6 +17,7 @@ from torch import nn
 from wavflow.distributed import all_reduce_sum
 from wavflow.errors import RuntimeFailure
 from wavflow.train.config_checks import drop_probs
+from wavflow.train.fsdp import full_tensor, is_sharded, set_gradient_sync, unshard_root
 from wavflow.train.lr_schedule import apply_lr, lr_at
 from wavflow.train.step import (
     StepNoise,
@@ -57,6 +58,7 @@ class OptimizerStep:
         if not real:
             batch = self.placeholder_batch()
         model, dev, s = self.state.model, self.state.info.device, self.sampling
+        unshard_root(model)  # FSDP: the empty tokens are read outside forward
         x1 = batch["audio_tokens"].to(dev, non_blocking=True)
         clip_f, sync_f, text_f = (batch[k].to(dev, non_blocking=True) for k in ("clip_features", "sync_features", "text_features"))
         with self.autocast_factory():
@@ -91,9 +93,12 @@ class OptimizerStep:
         state.optimizer.zero_grad(set_to_none=True)
         k = len(micro_batches)
         losses, per_samples, times, rows = [], [], [], 0
+        sharded = is_sharded(state.model)
         for i, batch in enumerate(micro_batches):
             inner = state.info.is_distributed and i < k - 1
-            with self.ddp_model.no_sync() if inner else nullcontext():  # type: ignore[operator]
+            if sharded:  # FSDP2: reduce-scatter on the last micro-batch only
+                set_gradient_sync(state.model, not inner)
+            with self.ddp_model.no_sync() if inner and not sharded else nullcontext():  # type: ignore[operator]
                 loss, per, t_s, n = self.micro_step(batch)
                 (loss / k).backward()
             if n:
@@ -118,7 +123,7 @@ class OptimizerStep:
         state = self.state
         params = [p for p in state.model.parameters() if p.requires_grad]
         max_norm = float(self.tr.clip_grad_norm)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
         if int(self.tr.max_nonfinite_steps) > 0 and not bool(torch.isfinite(grad_norm)):
             return self._skip_nonfinite_step(lr, float(grad_norm), losses)
         self.nonfinite_in_a_row = 0

@@ -20,6 +20,7 @@ from wavflow.model.checkpoint import load_weights
 from wavflow.model.cond_norm import state_has_cond_norm
 from wavflow.train.checkpointing import LATEST_NAME, capture_rng, ema_checkpoint_name, restore_rng
 from wavflow.train.ema import ParamEMA
+from wavflow.train.fsdp import full_parameters
 from wavflow.train.run_dir import RunLock, remove_stale_temporaries
 
 
@@ -89,11 +90,12 @@ class RunFolder:
         return gathered
 
     def save(self, names: Sequence[str], build: Callable[[list[Any]], dict[str, Any]], generator: torch.Generator,
-             *, epoch: int, batch_in_epoch: int, global_step: int) -> None:
-        """Write `build(every rank's RNG states)` under each name (rank 0; all ranks must call)."""
+             *, epoch: int, batch_in_epoch: int, global_step: int, collective: bool = False) -> None:
+        """Write `build(every rank's RNG states)` under each name (rank 0; all ranks must call).
+        `collective`: every rank builds (a sharded network gathers its tensors), rank 0 writes."""
         rng = self.gather_rng(generator)
+        ckpt = build(rng) if self.info.is_main or collective else None
         if self.info.is_main:
-            ckpt = build(rng)
             for name in names:
                 path = atomic_torch_save(ckpt, self.exp_dir / name)
                 # docs/method.md §8.5: the display epoch; mid-epoch saves name the epoch in progress
@@ -112,8 +114,8 @@ class RunFolder:
 def weights_digest(model: torch.nn.Module) -> str:
     """sha1 over the bytes of every parameter (bitwise identity check across ranks)."""
     h = hashlib.sha1()
-    for _, p in model.named_parameters():
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for _, p in full_parameters(model):  # a sharded network's whole tensors (collective)
+        h.update(p.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

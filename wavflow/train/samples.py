@@ -16,6 +16,7 @@ from wavflow.audio import unpatchify, write_wav
 from wavflow.io_utils import sanitize_filename
 from wavflow.model.flow import cfg_denoiser, euler_sample
 from wavflow.shapes import target_num_samples
+from wavflow.train.fsdp import is_sharded, unshard_root
 from wavflow.train.logging_utils import TensorBoard
 from wavflow.train.step import fill_missing_modalities
 
@@ -79,6 +80,8 @@ def generate_training_sample(
     gt_wave = (unpatchify(x1[0].float().cpu()) / scale)[:n_samples]
     gen_wave = (unpatchify(x[0].float().cpu()) / scale)[:n_samples]
     gt_path, gen_path = sample_paths(exp_dir, epoch, rank, str(batch["id"][0]))
+    if rank >= MAX_SAMPLE_RANKS:
+        return gt_path, gen_path, gt_wave, gen_wave  # sampled to keep a sharded network's collectives in step
     gt_path.parent.mkdir(parents=True, exist_ok=True)
     write_wav(gt_path, gt_wave, sr)
     write_wav(gen_path, gen_wave, sr)
@@ -90,12 +93,15 @@ def write_epoch_samples(model: nn.Module, batch: dict[str, Any], *, cfg: Any, ex
                         tb: TensorBoard, global_step: int) -> None:
     """The end-of-epoch sample pair of one rank (the first MAX_SAMPLE_RANKS ranks), as wavs and
     in TensorBoard. Samples are a side product: a failure is logged, never stops training."""
-    if rank >= MAX_SAMPLE_RANKS:
-        return
+    if rank >= MAX_SAMPLE_RANKS and not is_sharded(model):
+        return  # sharded: every rank takes part in the network's gathers, the first ones write
+    unshard_root(model)  # the empty tokens are read outside forward
     try:
         gt_path, gen_path, gt, gen = generate_training_sample(
             model, batch, cfg=cfg, exp_dir=exp_dir, epoch=epoch, rank=rank, device=device, autocast=autocast,
         )
+        if rank >= MAX_SAMPLE_RANKS:
+            return
         logger.info("Wrote samples %s and %s", gt_path, gen_path)
         sr = int(cfg.data.target_sample_rate)
         tb.audio(f"samples/gt_rank{rank}", gt, sr, global_step)

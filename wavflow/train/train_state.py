@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,7 @@ from wavflow.train.checkpointing import (
     model_state_cpu,
 )
 from wavflow.train.ema import ParamEMA
+from wavflow.train.fsdp import full_optimizer_state_dict, is_sharded, reshard_optimizer, shard_shadows
 from wavflow.train.finetune import InitRecord, check_feature_norm, check_pinned_hash, file_sha256, initial_weights
 from wavflow.train.lora import ADAPTER_FORMAT, adapter_state
 from wavflow.train.resume import RunFolder, restore_rank_rng, restore_weights, weights_digest
@@ -73,7 +74,7 @@ class TrainState:
         p = self.progress
         return {
             "model": model_state_cpu(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state_dict(self.optimizer) if is_sharded(self.model) else self.optimizer.state_dict(),
             "epoch": p.epoch,
             "global_step": p.global_step,
             "model_ema1": self.ema1.state_dict(),
@@ -93,12 +94,21 @@ class TrainState:
         """Write the full checkpoint under each name (rank 0; all ranks must call), and with
         LoRA the adapters alone beside each (`adapter_<name>`)."""
         p = self.progress
+        sharded = is_sharded(self.model)  # gathering the shards is collective: every rank builds
         self.folder.save(names, self.checkpoint_dict, self.generator, epoch=p.epoch,
-                         batch_in_epoch=p.batch_in_epoch, global_step=p.global_step)
-        if getattr(self.model, "lora", None) is not None and self.info.is_main:
-            for name in names:
-                path = atomic_torch_save(self.adapter_dict(), self.folder.exp_dir / f"adapter_{name}")
+                         batch_in_epoch=p.batch_in_epoch, global_step=p.global_step, collective=sharded)
+        if getattr(self.model, "lora", None) is not None and (self.info.is_main or sharded):
+            adapters = self.adapter_dict()
+            for name in names if self.info.is_main else ():
+                path = atomic_torch_save(adapters, self.folder.exp_dir / f"adapter_{name}")
                 self.logger.info("Adapters saved to %s", path)
+
+    def shard_optimizer_and_emas(self, build_optimizer: Callable[[], torch.optim.Optimizer]) -> None:
+        """After FSDP sharded the network (wavflow/train/fsdp.py): AdamW rebuilt on the sharded
+        parameters with its loaded moments cut to this rank's shards, the EMA copies cut alike."""
+        self.optimizer = reshard_optimizer(self.optimizer, build_optimizer)
+        for ema in (self.ema1, self.ema2):
+            ema.shadow = shard_shadows(ema.shadow, self.model)
 
     def adapter_dict(self) -> dict[str, Any]:
         """An adapter checkpoint: the adapters, and the other parameters `training.trainable`

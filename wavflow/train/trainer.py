@@ -58,6 +58,7 @@ from wavflow.train.optim_step import OptimizerStep
 from wavflow.train.optimizer import build_optimizer
 from wavflow.train.resume import RunFolder, weights_in_sync
 from wavflow.train.run_dir import release_run_locks
+from wavflow.train.fsdp import is_sharded
 from wavflow.train.samples import write_epoch_samples
 from wavflow.train.signals import StopSignals
 from wavflow.train.step_log import peak_memory_mb, StepLog
@@ -127,7 +128,10 @@ class Trainer:
         self.progress = self.state.progress
         self.state.load_start(resuming)
 
-        ddp_model = wrap_for_data_parallel(self.model, self.info)
+        ddp_model = wrap_for_data_parallel(self.model, self.info, tr, self.logger)
+        if is_sharded(self.model):  # AdamW and the EMAs follow the parameters onto their shards
+            self.state.shard_optimizer_and_emas(lambda: build_optimizer(self.model, tr, self.speed, self.device))
+            self.optimizer = self.state.optimizer
         self.step = OptimizerStep(
             self.state, ddp_model=ddp_model,
             forward_model=torch.compile(ddp_model) if bool(tr.compile) else ddp_model,
@@ -337,8 +341,11 @@ class Trainer:
         self.tb.flush()
 
     def _write_samples(self, epoch: int) -> None:
-        if self.last_batch is not None:
-            write_epoch_samples(self.model, self.last_batch, cfg=self.cfg, exp_dir=self.exp_dir, epoch=epoch,
+        batch = self.last_batch
+        if batch is None and is_sharded(self.model):  # every rank must sample: the gathers are collective
+            batch = placeholder_batch(self.dataset)
+        if batch is not None:
+            write_epoch_samples(self.model, batch, cfg=self.cfg, exp_dir=self.exp_dir, epoch=epoch,
                                 rank=self.rank, device=self.device, autocast=self.autocast_factory(),
                                 logger=self.logger, tb=self.tb, global_step=self.global_step)
 

@@ -33,9 +33,13 @@ def _losses(log: str) -> list[float]:
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_under_ddp(tmp_path: Path):
+    from wavflow.features.report import main as report
+
     csv = make_dataset(tmp_path, modes=("vt2a", "t2a", "v2a", "vt2a") * 2)
+    # feature statistics: the network carries frozen normalisation parameters (a float64 tag among them)
+    assert report(["--csv", str(csv), "--write-stats", "--encoder-identity", "tiny-v3"]) == 0
     common = dict(training__epochs=2, training__batch_size=2, training__grad_accum_steps=2,
-                  training__gen_train_freq=2, training__ema_warmup=True)
+                  training__gen_train_freq=2, training__ema_warmup=True, data__feature_norm=True)
     ddp = _train(tmp_path, csv, 2, "ddp", **common)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     fsdp = _train(tmp_path, csv, 2, "fsdp", training__strategy="fsdp", training__gradient_checkpointing=True, **common)
@@ -45,7 +49,7 @@ def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_under_ddp(tmp_path: Pat
     # the same rows, noise and weights: the same losses to float rounding (reduce-scatter vs all-reduce order)
     assert len(_losses(fsdp_log)) == len(_losses(ddp_log)) == 2
     assert _losses(fsdp_log) == pytest.approx(_losses(ddp_log), rel=1e-4)
-    assert "Weights identical on all 2 rank(s)" in fsdp_log
+    assert "Weights identical on all 2 rank(s)" in fsdp_log and "Feature normalisation: on" in fsdp_log
 
     a, b = (safe_torch_load(out / e / "checkpoint_latest.pth") for e in ("ddp", "fsdp"))
     assert set(b["model"]) == set(a["model"]) and not any(k.startswith(("module.", "_fsdp")) for k in b["model"])

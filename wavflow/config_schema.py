@@ -164,7 +164,7 @@ class Training:
     ema_impl: str = MISSING
     conv_impl: str = MISSING
     attention_backend: str = MISSING
-    gradient_checkpointing: bool = MISSING
+    gradient_checkpointing: Any = MISSING  # true | false | k (every k-th block) | [block indices]
     strategy: str = MISSING  # ddp | fsdp
     fsdp: FSDP = _node(FSDP)
     log_freq: int = MISSING

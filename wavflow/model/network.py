@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -58,7 +58,7 @@ class WavFlowNet(nn.Module):
         sync_dim: int,
         text_dim: int,
         empty_string_feat: Optional[torch.Tensor] = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Iterable[int] = False,
     ) -> None:
         super().__init__()
         dim, heads, ratio = preset.hidden_dim, preset.num_heads, preset.mlp_ratio
@@ -67,7 +67,9 @@ class WavFlowNet(nn.Module):
         self.hidden_dim = dim
         self.text_seq_len = text_seq_len
         self.clip_dim, self.sync_dim, self.text_dim = clip_dim, sync_dim, text_dim
-        self.gradient_checkpointing = gradient_checkpointing
+        # blocks (joint blocks first, then fused, 0-based) whose activations are recomputed in backward
+        self.checkpoint_blocks = (frozenset(range(preset.depth)) if gradient_checkpointing else frozenset()) \
+            if isinstance(gradient_checkpointing, bool) else frozenset(int(i) for i in gradient_checkpointing)
 
         # Direct parameters first: PyTorch lists them before the children (docs/method.md §2.1).
         self.sync_pos_emb = nn.Parameter(torch.zeros((1, 1, SYNC_TOKENS_PER_SEGMENT, sync_dim)))
@@ -231,8 +233,8 @@ class WavFlowNet(nn.Module):
         return Conditions(clip_f, sync_f, text_f, clip_c, text_c)
 
     # ---------------------------------------------------------------------------- network
-    def _run(self, fn: Any, *args: Any) -> Any:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+    def _run(self, index: int, fn: Any, *args: Any) -> Any:
+        if index in self.checkpoint_blocks and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -246,12 +248,12 @@ class WavFlowNet(nn.Module):
         g = self.global_cond_mlp(clip_c + text_c)
         global_c = self.t_embed(t).unsqueeze(1) + g.unsqueeze(1)
         extended_c = global_c + sync_f
-        for jb in self.joint_blocks:
+        for i, jb in enumerate(self.joint_blocks):
             latent, clip_f, text_f = self._run(
-                jb, latent, clip_f, text_f, global_c, extended_c, self.latent_rot, self.clip_rot
+                i, jb, latent, clip_f, text_f, global_c, extended_c, self.latent_rot, self.clip_rot
             )
-        for fb in self.fused_blocks:
-            latent = self._run(fb, latent, extended_c, self.latent_rot)
+        for i, fb in enumerate(self.fused_blocks, start=len(self.joint_blocks)):
+            latent = self._run(i, fb, latent, extended_c, self.latent_rot)
         # Quirk #55 (kept for checkpoint compatibility): the final layer sees global_c.
         return self.final_layer(latent, global_c)
 
@@ -273,7 +275,7 @@ def build_model(
     sync_dim: Optional[int] = None,
     text_dim: Optional[int] = None,
     empty_string_feat: Optional[torch.Tensor] = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | Iterable[int] = False,
 ) -> WavFlowNet:
     """Build preset `name`. Condition shapes a reference preset pins may not be changed."""
     if name not in PRESETS:
@@ -304,7 +306,7 @@ def build_model(
 
 
 def build_model_from_config(
-    cfg: Any, empty_string_feat: Optional[torch.Tensor] = None, gradient_checkpointing: bool = False
+    cfg: Any, empty_string_feat: Optional[torch.Tensor] = None, gradient_checkpointing: bool | Iterable[int] = False
 ) -> WavFlowNet:
     """Build `cfg.model.name` with N derived from `cfg.data` (sr, duration, audio_dim)."""
     data = cfg.data

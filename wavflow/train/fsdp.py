@@ -61,7 +61,11 @@ def shard_model(model: nn.Module, info: DistInfo, fsdp_cfg: Any) -> None:
     reshard = bool(fsdp_cfg.get("reshard_after_forward", True))
     for block in [*model.joint_blocks, *model.fused_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # The feature statistics stay whole on every rank: frozen, a few KB, and their float64 tag
+    # cannot share a gather buffer with float32 weights (FSDP2 crashed in backward with it).
+    norm = getattr(model, "cond_norm", None)
+    ignored = set(norm.parameters()) if norm is not None else None
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, ignored_params=ignored)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(model, name)
 

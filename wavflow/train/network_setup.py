@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +15,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wavflow.distributed import DistInfo
 from wavflow.features.report import identity_tag
+from wavflow.errors import ConfigError
 from wavflow.model import build_model_from_config
+from wavflow.model.presets import PRESETS
 from wavflow.speed import SpeedOptions, set_attention_impl, set_conv_impl
 from wavflow.train.dataset import TrainRow
 from wavflow.train.empty_string import resolve_empty_string_feat
@@ -34,9 +36,8 @@ def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resumin
     if not resuming:  # a resumed checkpoint carries its own copy
         empty_string, source = resolve_empty_string_feat(cfg, rows[0])
         logger.info("Empty string feature: %s", source)
-    model = build_model_from_config(
-        cfg, empty_string_feat=empty_string, gradient_checkpointing=bool(tr.gradient_checkpointing)
-    ).to(device)
+    blocks = checkpointed_blocks(tr.gradient_checkpointing, PRESETS[str(cfg.model.name)].depth)
+    model = build_model_from_config(cfg, empty_string_feat=empty_string, gradient_checkpointing=blocks).to(device)
     norm_stats, norm_why = resolve_feature_norm(cfg.data.feature_norm, [r.features_path.parent for r in rows])
     logger.info("Feature normalisation: %s", norm_why)
     if norm_stats is not None:  # before the optimizer and EMAs: its frozen parameters are saved with both
@@ -48,6 +49,27 @@ def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resumin
     set_conv_impl(model, speed.conv_impl)
     set_attention_impl(model, speed.attention_backend)
     return model
+
+
+def checkpointed_blocks(setting: Any, depth: int) -> list[int]:
+    """training.gradient_checkpointing as block indices (joint blocks first, then fused, from 0):
+    false none, true all, an integer k every k-th (0, k, 2k, ...), a list those blocks."""
+    key = "training.gradient_checkpointing"
+    if isinstance(setting, bool) or setting is None:
+        return list(range(depth)) if setting else []
+    if isinstance(setting, int):
+        if setting < 1:
+            raise ConfigError(f"{key}={setting}: an integer k checkpoints every k-th block and must be >= 1")
+        return list(range(0, depth, setting))
+    if isinstance(setting, str) or not hasattr(setting, "__iter__"):
+        raise ConfigError(f"{key} must be true, false, an integer k (every k-th block) or a list of block indices, "
+                          f"got {setting!r}")
+    blocks = list(setting)
+    bad = [b for b in blocks if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < depth]
+    if bad:
+        raise ConfigError(f"{key}: {bad} are not block indices of this preset (0 to {depth - 1}: joint blocks "
+                          "first, then fused)")
+    return sorted(set(blocks))
 
 
 def wrap_for_data_parallel(model: nn.Module, info: DistInfo, tr: DictConfig | None = None,

@@ -98,10 +98,12 @@ def test_train_log_figures_read_what_the_trainer_logs(tmp_path: Path):
         "... - INFO - Epoch [1/9] Step [1/1] GlobalStep 25 Loss: 0.5 LR: 1e-4 GradNorm: 1.0 Throughput: 10.0 samples/s\n"
         "... - INFO - Epoch [9/9] Step [1/1] GlobalStep 50 Loss: 0.5 LR: 1e-4 GradNorm: 1.0 Throughput: 64.0 samples/s\n"
         "... - INFO - Epoch [9/9] Step [1/1] GlobalStep 75 Loss: 0.5 LR: 1e-4 GradNorm: 1.0 Throughput: 32.0 samples/s\n"
-        "... - INFO - Peak memory: 997 MB (resident set, rank 0)\n")
+        "... - INFO - Peak memory: 997 MB (resident set, rank 0); training state 70.8 MB on rank 0 (weights, "
+        "gradients, AdamW, EMAs; training.strategy=ddp)\n")
     figures = train_log_figures(log, batch_size=16)
     # the first interval holds the start-up and is left out: median of 64 and 32 samples/s
-    assert figures == {"trainable_params": 151552, "total_params": 5882376, "step_seconds": 0.3333, "peak_mb": 997}
+    assert figures == {"trainable_params": 151552, "total_params": 5882376, "step_seconds": 0.3333, "peak_mb": 997,
+                       "state_mb": 70.8}
     assert train_log_figures(tmp_path / "missing.log", 16)["step_seconds"] is None
 
 
@@ -141,6 +143,19 @@ def test_way_words_name_the_presets_last_block():
     assert list(st.ways) == ["full", "last_block", "lora"]
     assert way_words(st, "last_block", "tiny_16k") == ["training.trainable=[fused_blocks.1.*,final_layer.*]"]
     assert way_words(st, "lora", "tiny_16k") == ["training.lora.rank=8"] and way_words(st, "full", "tiny_16k") == []
+
+
+def test_only_ways_picks_ways_by_name_and_refuses_unknown_ones():
+    from wavflow.config import load_config
+    from wavflow.demo.finetune_stage import selected_ways
+
+    path = REPO / "configs/bench_learning.yaml"
+    assert selected_ways(load_config(path, job="bench_learning").bench.finetune) == ["full", "last_block", "lora"]
+    st = load_config(path, ["bench.finetune.only_ways=[lora,full]"], job="bench_learning").bench.finetune
+    assert selected_ways(st) == ["lora", "full"]
+    st = load_config(path, ["bench.finetune.only_ways=[qlora]"], job="bench_learning").bench.finetune
+    with pytest.raises(ConfigError, match=r"bench.finetune.only_ways: \['qlora'\] are not ways"):
+        selected_ways(st)
 
 
 def _run(out: Path, cache: Path, ways: str) -> subprocess.CompletedProcess:

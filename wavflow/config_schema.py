@@ -400,6 +400,7 @@ class BenchFinetune:
     old_eval_clips_per_class: int = MISSING
     eval_cfg: Optional[float] = None
     ways: Dict[str, List[str]] = MISSING  # name -> training key=value words (wavflow/demo/finetune_stage.py)
+    only_ways: Optional[List[str]] = None  # null: every way; else the names of those to run
 
 
 @dataclass

@@ -49,7 +49,7 @@ def run_cell(demo: Path, preset: str, strategy: str, checkpointing: str, nproc: 
             raise SystemExit(f"{preset} {strategy} checkpointing={checkpointing} failed:\n{proc.stderr}")
         figures = train_log_figures(Path(out) / "memory" / "training.log", 16)  # rank 0 logs its own rows/s
     return {"preset": preset, "strategy": strategy, "gradient_checkpointing": checkpointing, "nproc": nproc,
-            "peak_mb": figures["peak_mb"], "step_seconds": figures["step_seconds"],
+            "peak_mb": figures["peak_mb"], "state_mb": figures["state_mb"], "step_seconds": figures["step_seconds"],
             "params": figures["total_params"]}
 
 
@@ -70,6 +70,7 @@ def main() -> None:
                 row = run_cell(a.demo, preset, strategy, ckpt, a.nproc, a.steps)
                 rows.append(row)
                 print(f"{preset:10s} {strategy:5s} checkpointing={ckpt:6s} ranks {a.nproc}  peak {row['peak_mb']} MB  "
+                      f"state {row['state_mb']} MB  "
                       f"step {row['step_seconds']} s  ({row['params']:,d} parameters)", flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")

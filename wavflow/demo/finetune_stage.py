@@ -128,6 +128,7 @@ def train_log_figures(log_path: Path, batch_size: int) -> dict[str, Any]:
     peak memory, as the run's training.log states them."""
     text = log_path.read_text() if log_path.is_file() else ""
     found: dict[str, Any] = {"trainable_params": None, "total_params": None, "step_seconds": None, "peak_mb": None}
+    # peak memory and training state (weights, gradients, AdamW, EMAs) of rank 0
     m = re.findall(r"Number of trainable parameters: ([\d.]+)M of ([\d.]+)M", text)
     if m:
         found["trainable_params"], found["total_params"] = (round(float(v) * 1e6) for v in m[-1])
@@ -137,6 +138,8 @@ def train_log_figures(log_path: Path, batch_size: int) -> dict[str, Any]:
     peaks = re.findall(r"Peak memory: (\d+) MB", text)
     if peaks:
         found["peak_mb"] = int(peaks[-1])
+    state = re.findall(r"training state ([\d.]+) MB", text)
+    found["state_mb"] = float(state[-1]) if state else None
     return found
 
 
@@ -147,6 +150,18 @@ def way_words(st: DictConfig, way: str, preset: str) -> list[str]:
         raise ConfigError(f"{WAYS_HELP}; {way!r} is not a list")
     last = PRESETS[preset].fused_depth - 1
     return [str(w).replace("{last_fused_block}", str(last)) for w in words]
+
+
+def selected_ways(st: DictConfig) -> list[str]:
+    """bench.finetune.only_ways (null: every way of bench.finetune.ways, in order)."""
+    names = [str(w) for w in st.ways]
+    only = st.get("only_ways")
+    if only is None:
+        return names
+    unknown = [str(w) for w in only if str(w) not in names]
+    if unknown:
+        raise ConfigError(f"bench.finetune.only_ways: {unknown} are not ways of bench.finetune.ways ({names})")
+    return [str(w) for w in only]
 
 
 def _recipe_words(cfg: DictConfig, batch_size: int, lr: float, warmup: int) -> list[str]:
@@ -270,8 +285,7 @@ def run_finetune(cfg: DictConfig, root: Path) -> dict[str, Any]:
         before = {**_evaluate(cfg, root, "pretrained", base, data, ref, split, logs), "train_seconds": round(seconds, 1)}
         atomic_write_text(before_path, json.dumps(before, indent=1) + "\n")
     ways: dict[str, Any] = {}
-    for way in st.ways:
-        way = str(way)
+    for way in selected_ways(st):
         folder = root / "ways" / way
         lb.check_run_folder(folder, way_settings(cfg, way), f"finetune way {way}")
         done = folder / "result.json"

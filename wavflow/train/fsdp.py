@@ -17,7 +17,7 @@ first (`unshard_root`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,6 +68,25 @@ def shard_model(model: nn.Module, info: DistInfo, fsdp_cfg: Any) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, ignored_params=ignored)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(model, name)
+
+
+def local_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes this rank holds of `tensors` (a shard's own part only); non-tensors count 0."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            t = t.to_local() if isinstance(t, DTensor) else t
+            total += t.numel() * t.element_size()
+    return total
+
+
+def training_state_mb(model: nn.Module, optimizer: torch.optim.Optimizer, shadows: Iterable[torch.Tensor]) -> float:
+    """What this rank holds per parameter: weights, gradients, AdamW moments and EMA copies (MB)."""
+    params = list(model.parameters())
+    moments = [v for st in optimizer.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return (local_bytes(params) + local_bytes(p.grad for p in params) + local_bytes(moments)
+            + local_bytes(shadows)) / 2**20
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ from wavflow.train.optim_step import OptimizerStep
 from wavflow.train.optimizer import build_optimizer
 from wavflow.train.resume import RunFolder, weights_in_sync
 from wavflow.train.run_dir import release_run_locks
-from wavflow.train.fsdp import is_sharded
+from wavflow.train.fsdp import is_sharded, training_state_mb
 from wavflow.train.samples import write_epoch_samples
 from wavflow.train.signals import StopSignals
 from wavflow.train.step_log import peak_memory_mb, StepLog
@@ -237,8 +237,11 @@ class Trainer:
                 total = int(time.time() - start)
                 self.logger.info("Training completed. Total time: %s", str(timedelta(seconds=total)))
             if self.is_main:
-                self.logger.info("Peak memory: %.0f MB (%s)", peak_memory_mb(self.device),
-                                 "CUDA, allocated by torch" if self.device.type == "cuda" else "resident set, rank 0")
+                self.logger.info("Peak memory: %.0f MB (%s); training state %.1f MB on rank 0 (weights, gradients, "
+                                 "AdamW, EMAs; training.strategy=%s)", peak_memory_mb(self.device),
+                                 "CUDA, allocated by torch" if self.device.type == "cuda" else "resident set, rank 0",
+                                 training_state_mb(self.model, self.optimizer, [*self.ema1.shadow, *self.ema2.shadow]),
+                                 self.tr.get("strategy", "ddp"))
             if self.run_failures.count and self.is_main:
                 self.logger.warning(
                     "%d row read(s) failed in this run, within data.max_failed_fraction=%g per epoch: %s",

@@ -1,5 +1,5 @@
 """Training data at scale: start-up and steady read rate of the training rows for a large CSV of
-cached features (TRAINING.md "Sharded training and memory", docs/benchmarks.md).
+cached features (TRAINING.md, "Sharded training (FSDP) and memory": Large data sets).
 
     python scripts/bench/data_scale.py [--rows 100000] [--distinct 256] [--duration 8] [--workers 0,2]
         [--batches 40] [--out DIR] [--json OUT]

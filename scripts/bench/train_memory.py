@@ -1,5 +1,5 @@
 """Peak training memory per model preset x strategy x gradient checkpointing, so a user can pick a
-setting for their machine before launching (TRAINING.md "Sharded training").
+setting for their machine before launching (TRAINING.md, "Sharded training (FSDP) and memory").
 
     python scripts/bench/train_memory.py --demo DEMO_OUT [--presets tiny_16k,small_16k] [--nproc 2]
         [--steps 12] [--checkpointing false,true] [--json OUT]

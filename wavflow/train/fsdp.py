@@ -1,6 +1,6 @@
 """`training.strategy=fsdp`: PyTorch's own FSDP2 (`torch.distributed.fsdp.fully_shard`) over the
-process group, one shard group per transformer block plus the root (TRAINING.md "Sharded
-training").
+process group, one shard group per transformer block plus the root (TRAINING.md "Sharded training
+(FSDP) and memory").
 
 Everything is loaded first on the whole network (a resume, `training.init_from`, an initial
 load: the same code as DDP, so any checkpoint starts any strategy at any world size); then

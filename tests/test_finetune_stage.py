@@ -171,7 +171,7 @@ def _run(out: Path, cache: Path, ways: str) -> subprocess.CompletedProcess:
 def test_finetune_stage_pretrains_without_the_class_and_fine_tunes_each_way(tmp_path: Path, wavflow_cache_dir: Path):
     out = tmp_path / "bench"
     ways = "bench.finetune.ways={full: [], last_block: ['training.trainable=[fused_blocks.{last_fused_block}.*]'], " \
-           "lora: [training.lora.rank=4]}"
+           "lora: ['training.lora.rank=4']}"
     proc = _run(out, wavflow_cache_dir, ways)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "finetune: targets met by" in proc.stdout

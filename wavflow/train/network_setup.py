@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from wavflow.distributed import DistInfo
-from wavflow.features.report import identity_tag
 from wavflow.errors import ConfigError
+from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.presets import PRESETS
 from wavflow.speed import SpeedOptions, set_attention_impl, set_conv_impl
@@ -76,7 +76,7 @@ def wrap_for_data_parallel(model: nn.Module, info: DistInfo, tr: DictConfig | No
                            logger: logging.Logger | None = None) -> nn.Module:
     """training.strategy over the process group (the network itself on one process): DDP, or
     FSDP2 sharding the network in place (wavflow/train/fsdp.py; the caller then reshards the
-    optimizer and EMAs with shard_training_state). Rotary tables are buffers every rank builds
+    optimizer and EMAs with TrainState.shard_optimizer_and_emas). Rotary tables are buffers every rank builds
     alike, so they are not broadcast."""
     strategy = str(tr.get("strategy", "ddp")) if tr is not None else "ddp"
     if not info.is_distributed:

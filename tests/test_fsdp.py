@@ -124,3 +124,21 @@ def test_lora_and_frozen_layers_fine_tune_under_fsdp(tmp_path: Path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any(k.startswith("lora.") for k in safe_torch_load(merged)["model"])
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_policy_trains_in_bf16_and_keeps_fp32_weights(tmp_path: Path):
+    """training.fsdp.param_dtype=bfloat16 / reduce_dtype=float32: the step computes with bf16 weights
+    (its update differs from fp32's, its loss only by rounding), the shards and checkpoints stay fp32."""
+    csv = make_dataset(tmp_path)
+    fp32 = _train(tmp_path, csv, 2, "fp32", training__strategy="fsdp", training__epochs=1)
+    assert fp32.returncode == 0, fp32.stderr[-4000:]
+    bf16 = _train(tmp_path, csv, 2, "bf16", training__strategy="fsdp", training__epochs=1,
+                  training__fsdp__param_dtype="bfloat16", training__fsdp__reduce_dtype="float32")
+    assert bf16.returncode == 0, bf16.stderr[-4000:]
+    out = tmp_path / "out"
+    a, b = (_losses((out / e / "training.log").read_text()) for e in ("fp32", "bf16"))
+    assert len(a) == len(b) >= 1 and b == pytest.approx(a, rel=5e-2)
+    ckpt, ref = (safe_torch_load(out / e / "checkpoint_latest.pth")["model"] for e in ("bf16", "fp32"))
+    assert all(v.dtype == torch.float32 for v in ckpt.values())
+    assert max(float((ckpt[k] - ref[k]).abs().max()) for k in ref) > 0  # bf16 gradients: another update

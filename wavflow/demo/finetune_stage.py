@@ -238,12 +238,15 @@ def _finetune_cfg(cfg: DictConfig) -> DictConfig:
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
-    """What the stage's data and pre-training are made with (a folder of other settings is refused)."""
+    """What the stage's data, pre-training and the pre-trained model's scores are made with (a
+    folder of other settings is refused)."""
     b, st = cfg.bench, cfg.bench.finetune
-    keys = ("n", "holdout_frac", "no_caption_frac", "no_video_frac", "new_class", "pretrain_steps")
+    keys = ("n", "holdout_frac", "no_caption_frac", "no_video_frac", "new_class", "pretrain_steps",
+            "old_eval_clips_per_class", "eval_cfg")
     return {"model": str(cfg.model.name), "dataset": str(b.dataset), "seed": int(b.seed),
             "duration": float(cfg.data.audio_duration), **{k: OmegaConf.select(st, k) for k in keys},
-            **{k: b[k] for k in ("lr", "warmup_steps", "time_mean", "time_scale", "batch_size", "precision")}}
+            **{k: b[k] for k in ("lr", "warmup_steps", "time_mean", "time_scale", "batch_size", "precision")},
+            "sampling_steps": int(cfg.sampling.num_steps)}
 
 
 def way_settings(cfg: DictConfig, way: str) -> dict[str, Any]:

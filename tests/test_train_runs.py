@@ -3,6 +3,7 @@ mixed VT2A/T2A/V2A data, initial weights, SIGTERM."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -338,3 +339,41 @@ def test_resume_of_a_cuda_run_on_cpu_restores_what_applies_and_says_what_not(tmp
 
     g = torch.Generator()
     assert restore_rng(cpu_state, g) == [] and torch.equal(torch.get_rng_state(), cpu_state["torch"])
+
+
+def _epoch_ids(loader) -> list[list[str]]:
+    return [list(batch["id"]) for batch in loader]
+
+
+def test_persistent_workers_serve_every_epoch_and_read_the_same_batches(tmp_path):
+    csv = make_dataset(tmp_path, modes=("vt2a", "t2a", "v2a") * 3)
+    common = dict(training__num_workers=2, training__batch_size=2)
+    fresh = Trainer(make_config(tmp_path / "a", csv, training__persistent_workers=False, **common))
+    kept = Trainer(make_config(tmp_path / "b", csv, training__persistent_workers=True, **common))
+    workers = None
+    for epoch, consumed in ((0, 0), (1, 0), (2, 4), (3, 0)):  # (2, 4): a run resumed 4 rows into epoch 3
+        for trainer in (fresh, kept):
+            trainer.progress.samples_in_epoch = consumed
+        loader = kept.epoch_loader_of(epoch)
+        ids = _epoch_ids(loader)
+        assert ids == _epoch_ids(fresh.epoch_loader_of(epoch)), epoch
+        assert len(ids) == (math.ceil((9 - consumed) / 2)), epoch
+        assert loader._iterator is not None, "the workers were shut down at the end of the epoch"
+        pids = [w.pid for w in loader._iterator._workers]
+        assert workers is None or pids == workers, "persistent workers were restarted"
+        workers = pids
+    assert loader is kept.epoch_loader_of(4)
+    assert fresh.epoch_loader_of(4) is not fresh.epoch_loader_of(4)  # without: one loader per epoch
+    fresh_order = [sum(_epoch_ids(fresh.epoch_loader_of(e)), []) for e in (4, 5)]
+    assert fresh_order[0] != fresh_order[1]  # the epochs are shuffled apart, not one order repeated
+    assert [sum(_epoch_ids(kept.epoch_loader_of(e)), []) for e in (4, 5)] == fresh_order
+
+
+def test_persistent_workers_train_bit_identical_to_fresh_ones(tmp_path):
+    csv = make_dataset(tmp_path, modes=("vt2a", "t2a", "v2a") * 2)
+    runs = [run_training(make_config(tmp_path / name, csv, training__num_workers=2, training__epochs=3,
+                                     training__persistent_workers=flag, training__label_drop_prob=0.5))
+            for name, flag in (("a", False), ("b", True))]
+    a, b = (safe_torch_load(r.exp_dir / "checkpoint_latest.pth") for r in runs)
+    for key in ("model", "model_ema1", "optimizer", "global_step"):
+        _assert_same_tree(a[key], b[key], key)

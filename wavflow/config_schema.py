@@ -141,6 +141,7 @@ class Training:
     batch_size: int = MISSING
     grad_accum_steps: int = MISSING
     num_workers: int = MISSING
+    persistent_workers: bool = MISSING
     repeat_factor: int = MISSING
     lr: Optional[float] = MISSING  # null: blr * effective_batch / 256
     blr: float = MISSING

@@ -60,6 +60,25 @@ class RestOfEpochSampler(Sampler):
         return math.ceil(rest / self.world_size)
 
 
+class LiveEpochOrder(Sampler):
+    """The order of whichever epoch it was last pointed at (`point_at`): one sampler for a
+    DataLoader whose workers persist across epochs. Its indices are drawn in the main process
+    when an epoch starts, so pointing it at the next epoch (or at the rest of a resumed one) is
+    all a reused DataLoader needs; it yields what RestOfEpochSampler would."""
+
+    def __init__(self, n: int, *, rank: int, world_size: int, seed: int = 0) -> None:
+        self.current = RestOfEpochSampler(n, epoch=0, consumed=0, rank=rank, world_size=world_size, seed=seed)
+
+    def point_at(self, epoch: int, consumed: int) -> None:
+        self.current.epoch, self.current.consumed = epoch, consumed
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.current)
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+
 def _seed_worker(base_seed: int, worker_id: int) -> None:
     seed = (base_seed + worker_id) % 2**32
     random.seed(seed)
@@ -68,9 +87,12 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
 
 
 def epoch_loader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_size: int, num_workers: int,
-                 seed: int, rank: int, epoch: int, pin_memory: bool) -> DataLoader:
+                 seed: int, rank: int, epoch: int, pin_memory: bool, persistent_workers: bool = False) -> DataLoader:
     """The DataLoader of one epoch: its workers and its shuffling generator are seeded from
-    (seed, rank, epoch), so a resumed run draws what an uninterrupted one would."""
+    (seed, rank, epoch), so a resumed run draws what an uninterrupted one would.
+    `persistent_workers` (with workers): the workers outlive the epoch and keep the seeds of the
+    epoch they started in; the training rows are read without randomness, so the batches are
+    the same."""
     base_seed = (seed * 1_000 + rank * 100_003 + epoch * 7) % 2**62
     return DataLoader(
         dataset,
@@ -82,6 +104,7 @@ def epoch_loader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_si
         generator=torch.Generator().manual_seed(base_seed),
         pin_memory=pin_memory,
         drop_last=False,
+        persistent_workers=bool(persistent_workers and num_workers),
     )
 
 

@@ -44,6 +44,7 @@ from wavflow.train.config_checks import check_training_config, cpu_reference_pre
 from wavflow.train.dataset import TrainDataset, warn_if_audio_short
 from wavflow.train.ema import ParamEMA
 from wavflow.train.epoch_data import (
+    LiveEpochOrder,
     RestOfEpochSampler,
     epoch_loader,
     gather_failures,
@@ -104,6 +105,7 @@ class Trainer:
         self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                           drop_last=False, seed=0)
+        self._persistent_loader: DataLoader | None = None  # training.persistent_workers: built at the first epoch
 
         self.model = build_training_network(cfg, rows, resuming=resuming, device=self.device, speed=self.speed,
                                             logger=self.logger)
@@ -178,13 +180,24 @@ class Trainer:
 
     def epoch_loader_of(self, epoch: int, sampler: Sampler | Sequence[int] | None = None) -> DataLoader:
         """The DataLoader of `epoch` (workers, seeds, collate as training uses them); `sampler`
-        replaces the epoch's order (scripts/bench/bench_model.py reads a longer stream)."""
+        replaces the epoch's order (scripts/bench/bench_model.py reads a longer stream). With
+        workers and training.persistent_workers, one DataLoader (and its worker processes)
+        serves every epoch, pointed at the epoch's order."""
         self.sampler.set_epoch(epoch)
+        workers = int(self.tr.num_workers)
+        settings = dict(batch_size=int(self.tr.batch_size), num_workers=workers, seed=self.seed, rank=self.rank,
+                        pin_memory=self.device.type == "cuda")
+        if sampler is None and workers and bool(self.tr.get("persistent_workers", False)):
+            if self._persistent_loader is None:
+                order = LiveEpochOrder(len(self.dataset), rank=self.rank, world_size=self.world_size,
+                                       seed=self.sampler.seed)
+                self._persistent_loader = epoch_loader(self.dataset, order, epoch=epoch, persistent_workers=True,
+                                                       **settings)
+            self._persistent_loader.sampler.point_at(epoch, self.progress.samples_in_epoch)
+            return self._persistent_loader
         if sampler is None:
             sampler = self._rest_of_epoch(epoch) if self.progress.samples_in_epoch else self.sampler
-        return epoch_loader(self.dataset, sampler, batch_size=int(self.tr.batch_size),
-                            num_workers=int(self.tr.num_workers), seed=self.seed, rank=self.rank, epoch=epoch,
-                            pin_memory=self.device.type == "cuda")
+        return epoch_loader(self.dataset, sampler, epoch=epoch, **settings)
 
     def num_batches(self) -> int:
         return math.ceil(len(self.sampler) / int(self.tr.batch_size))

@@ -1,7 +1,7 @@
 """Long-form generation with a demo model: sync, class, seams, speed and memory (docs/long_form.md).
 
     python scripts/bench/long_form.py --demo DEMO_OUT [--clips 8] [--overlap 0.25] [--steps 25]
-        [--cfg 1.5] [--seeds 4] [--lengths 10 60] [--json OUT]
+        [--cfg 1.5] [--seeds 4] [--lengths 10 60] [--precision auto|fp32|bf16] [--json OUT]
 
 Quality: the held-out V2A clips of a finished demo (DEMO_OUT, `bash scripts/launch/demo.sh`)
 are joined into one long video (and their real audio into one long wav), generated in windows
@@ -47,6 +47,12 @@ def checkpoint_of(demo: Path) -> Path:
     if not found:
         raise SystemExit(f"no train/*/checkpoint_latest.pth in {demo}: run the demo first")
     return found[0]
+
+
+def load_generator(args: argparse.Namespace) -> WavFlowGenerator:
+    """The demo's model on the CPU, at --precision (inference.precision: encoders and sampler)."""
+    return WavFlowGenerator.from_checkpoint(checkpoint_of(args.demo), device="cpu",
+                                           overrides=[f"inference.precision={args.precision}"])
 
 
 def quality(args: argparse.Namespace, gen: WavFlowGenerator) -> dict:
@@ -105,7 +111,7 @@ def speed_child(args: argparse.Namespace) -> None:
     n = int(round(args.child_length))
     paths = [info.root / clips[i % len(clips)].video_path for i in range(n)]
     video = join_videos(paths, args.demo / "long_form" / f"speed_{n}s.mp4", int(info.fps))
-    gen = WavFlowGenerator.from_checkpoint(checkpoint_of(args.demo), device="cpu")
+    gen = load_generator(args)
     gen.encoders(need_video=True)  # loading the encoders is start-up, not generation
     t0 = time.perf_counter()
     wave, _ = gen.generate(video=str(video), cfg=args.cfg, steps=args.steps, seed=0, window_overlap_sec=args.overlap)
@@ -125,6 +131,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--lengths", type=float, nargs="*", default=[10, 60])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="inference.precision; bf16 pays off only on CPUs with native bf16 (AVX512-BF16, AMX)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child-length", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -132,12 +140,12 @@ def main() -> None:
     if args.child_length is not None:
         speed_child(args)
         return
-    gen = WavFlowGenerator.from_checkpoint(checkpoint_of(args.demo), device="cpu")
+    gen = load_generator(args)
     result = {"quality": quality(args, gen), "speed": []}
     print(json.dumps(result["quality"], indent=1), flush=True)
     for length in args.lengths:
         cmd = [sys.executable, __file__, "--demo", str(args.demo), "--steps", str(args.steps), "--cfg", str(args.cfg),
-               "--child-length", str(length)] + (["--overlap", str(args.overlap)] if args.overlap is not None else [])
+               "--precision", args.precision, "--child-length", str(length)] + (["--overlap", str(args.overlap)] if args.overlap is not None else [])
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         result["speed"].append(json.loads(line))
         print(line, flush=True)

@@ -553,7 +553,8 @@ def test_bad_pth_reason_is_one_short_line(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_training_dataset_reads_fingerprinted_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The extra str key is ignored by the trainer's loader (the contract's three tensors are read)."""
-    from wavflow.train.dataset import FeatureShapes, TrainRow, find_feature_problems, load_features
+    from wavflow.train.dataset import FeatureShapes, TrainRow, load_features
+    from wavflow.train.feature_checks import find_feature_problems
 
     ds = write_dataset(tmp_path, videos=False, n=2)
     monkeypatch.setattr(extract, "build_encoders", lambda *a, **k: FakeEncoders(need_video=False))

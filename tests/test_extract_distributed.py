@@ -42,7 +42,8 @@ def torchrun_extract(cwd: Path, cache_dir: Path, args: list[str]) -> subprocess.
 
 def check_training_dataset_accepts(csv_path: Path, mode: str) -> None:
     """The trainer's own CSV reader, feature check and Dataset take the merged CSV as is."""
-    from wavflow.train.dataset import FeatureShapes, TrainDataset, find_feature_problems, read_train_csvs, select_rows
+    from wavflow.train.dataset import FeatureShapes, TrainDataset, read_train_csvs, select_rows
+    from wavflow.train.feature_checks import find_feature_problems
     from wavflow.train.empty_string import load_empty_string_feat
 
     data = load_config(f"extract_{mode}.yaml", [*SHORT, "data.audio_duration=2.0"], validate=False).data

@@ -8,7 +8,8 @@ Writes `--distinct` feature files and wavs of real 8 s shapes (CLIP 64 x 1024, S
 768, text 77 x 1024, 16 kHz audio; about 1.1 MB + 256 KB each) and a CSV of `--rows` rows that
 cycle through them under ids of their own, then measures what a training process does with it:
 start-up (`prepare_rows`: reading the CSV, checking ids, flags and files, and with
-`data.validate_features=true` opening every feature file) and the steady rate of the training
+`data.validate_features=true` opening every feature file; then a restart, which opens only the
+files changed since they passed) and the steady rate of the training
 loader as the trainer builds it per epoch (rows per second over `--batches` batches of 16 after
 the first, and the first batch's time, per number of workers). The distinct files repeat, so the page cache holds them after the
 first pass: the figures are the loader's own cost, not a disk's. Not a test: run it on an idle
@@ -37,6 +38,7 @@ from wavflow.distributed import DistInfo  # noqa: E402
 from wavflow.shapes import video_seq_lens  # noqa: E402
 from wavflow.train.dataset import TrainDataset  # noqa: E402
 from wavflow.train.epoch_data import epoch_loader, prepare_rows  # noqa: E402
+from wavflow.train.feature_checks import CHECKS_NAME  # noqa: E402
 
 SR = 16000
 
@@ -76,17 +78,20 @@ def main() -> None:
         print(f"wrote {a.rows:,d} rows over {a.distinct} feature files in {time.perf_counter() - t0:.1f} s", flush=True)
         info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
         result: dict = {"rows": a.rows, "distinct_files": a.distinct, "duration": a.duration}
-        for validate in (False, True):
+        record = root / CHECKS_NAME  # a run folder's record of the feature files that passed
+        record.unlink(missing_ok=True)
+        for validate, start in ((False, "first"), (True, "first"), (True, "restart")):
             cfg = load_config(ROOT / "configs/train.yaml", [
                 f"data.train_csv={csv}", f"data.data_root={root}", f"data.audio_duration={a.duration}",
                 f"data.clip_seq_len={shapes['clip_seq_len']}", f"data.sync_seq_len={shapes['sync_seq_len']}",
                 "model.name=medium_16k", f"data.validate_features={str(validate).lower()}"], job="train")
             t0 = time.perf_counter()
-            rows = prepare_rows(cfg.data, info)
+            rows = prepare_rows(cfg.data, info, record)
             seconds = time.perf_counter() - t0
-            result[f"startup_s_validate_{str(validate).lower()}"] = round(seconds, 2)
-            print(f"start-up, data.validate_features={str(validate).lower():5s}: {seconds:.1f} s for {len(rows):,d} rows",
-                  flush=True)
+            key = f"startup_s_validate_{str(validate).lower()}" + ("_restart" if start == "restart" else "")
+            result[key] = round(seconds, 2)
+            print(f"start-up ({start}), data.validate_features={str(validate).lower():5s}: {seconds:.1f} s for "
+                  f"{len(rows):,d} rows", flush=True)
         dataset = TrainDataset(rows, cfg.data)
         for workers in (int(w) for w in a.workers.split(",")):
             loader = epoch_loader(dataset, list(range(len(dataset))), batch_size=16, num_workers=workers, seed=0,

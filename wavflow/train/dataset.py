@@ -19,7 +19,6 @@ from typing import Any, Mapping, Sequence
 import soundfile as sf
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from wavflow.audio import load_audio_tokens
 from wavflow.errors import CheckpointError, FeatureError, ManifestError
@@ -144,17 +143,6 @@ def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tenso
     if problems:
         raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}): {'; '.join(problems)}")
     return out
-
-
-def find_feature_problems(rows: Sequence[TrainRow], shapes: FeatureShapes, show_progress: bool) -> dict[int, str]:
-    """{position in rows: reason} for rows whose feature file is unreadable or mis-shaped."""
-    problems: dict[int, str] = {}
-    for pos in tqdm(range(len(rows)), desc="check features", disable=not show_progress, leave=False):
-        try:
-            load_features(rows[pos], shapes)
-        except FeatureError as exc:
-            problems[pos] = str(exc)
-    return problems
 
 
 _SHAPE_PROBLEM = re.compile(r"(clip|sync|text)_features has shape \((\d+), (\d+)\), expected \((\d+), (\d+)\)")

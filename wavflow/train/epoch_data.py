@@ -4,9 +4,11 @@ checkpoint stopped it, and the DataLoader built the same way every epoch."""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import random
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,10 +24,12 @@ from wavflow.train.dataset import (
     TrainRow,
     collate_train,
     csv_list,
-    find_feature_problems,
     read_train_csvs,
     select_rows,
 )
+from wavflow.train.feature_checks import check_feature_files, PassedFiles
+
+log = logging.getLogger("wavflow.train")
 
 
 class RestOfEpochSampler(Sampler):
@@ -108,24 +112,36 @@ def epoch_loader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_si
     )
 
 
-def prepare_rows(data: DictConfig, info: DistInfo) -> list[TrainRow]:
+def prepare_rows(data: DictConfig, info: DistInfo, checks_path: Optional[Path] = None) -> list[TrainRow]:
     """The rows this run trains on: every training CSV read and checked (feature files checked
     split over the ranks, the verdicts shared), bad rows skipped or fatal per data.on_bad_row
-    within data.max_failed_fraction. The same list on every rank."""
+    within data.max_failed_fraction. The same list on every rank. `checks_path` (the run
+    folder's feature_checks.json): feature files that passed there and have not changed since
+    are not read again, and rank 0 records this start's passes there."""
     rows, reports = read_train_csvs(csv_list(data.train_csv), data.data_root)
     problems: dict[int, str] = {}
     if bool(data.validate_features):
         shapes = FeatureShapes.from_data_config(data)
+        known = PassedFiles.load(checks_path, shapes)
         mine = list(range(info.rank, len(rows), info.world_size))
-        local = find_feature_problems([rows[i] for i in mine], shapes, show_progress=info.is_main)
-        found = {mine[pos]: reason for pos, reason in local.items()}
+        local, passed, skipped = check_feature_files([rows[i] for i in mine], shapes, known,
+                                                     show_progress=info.is_main)
+        part = ({mine[pos]: reason for pos, reason in local.items()}, passed, skipped)
+        parts: list[Any] = [part]
         if info.is_distributed:
-            gathered: list[Any] = [None] * info.world_size
-            dist.all_gather_object(gathered, found)
-            for part in gathered:
-                problems.update(part)
-        else:
-            problems = found
+            parts = [None] * info.world_size
+            dist.all_gather_object(parts, part)
+        record = PassedFiles(shapes)
+        for found, stamps, _ in parts:
+            problems.update(found)
+            record.stamps.update(stamps)
+        if info.is_main:
+            reused = sum(part[2] for part in parts)
+            if reused:
+                log.info("data.validate_features: %d of %d feature files unchanged since they passed (%s), not read "
+                         "again", reused, len(rows), checks_path)
+            if checks_path is not None:
+                record.save(checks_path)
     return select_rows(rows, reports, problems, str(data.on_bad_row), max_failed_fraction(data.max_failed_fraction))
 
 

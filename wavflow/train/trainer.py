@@ -43,6 +43,7 @@ from wavflow.train.checkpointing import LATEST_NAME, epoch_checkpoint_name
 from wavflow.train.config_checks import check_training_config, cpu_reference_preset_warning
 from wavflow.train.dataset import TrainDataset, warn_if_audio_short
 from wavflow.train.ema import ParamEMA
+from wavflow.train.feature_checks import CHECKS_NAME
 from wavflow.train.epoch_data import (
     LiveEpochOrder,
     RestOfEpochSampler,
@@ -99,7 +100,7 @@ class Trainer:
         self.latest_path = folder.latest_path
         resuming = folder.agree_on_start(bool(tr.resume))
 
-        rows = prepare_rows(self.cfg.data, self.info)
+        rows = prepare_rows(self.cfg.data, self.info, self.exp_dir / CHECKS_NAME)
         if self.is_main:
             warn_if_audio_short(rows, float(cfg.data.audio_duration))
         self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))

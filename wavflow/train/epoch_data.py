@@ -136,10 +136,10 @@ def prepare_rows(data: DictConfig, info: DistInfo, checks_path: Optional[Path] =
             problems.update(found)
             record.stamps.update(stamps)
         if info.is_main:
-            reused = sum(part[2] for part in parts)
+            reused = sum(skipped_on_rank for _, _, skipped_on_rank in parts)
             if reused:
-                log.info("data.validate_features: %d of %d feature files unchanged since they passed (%s), not read "
-                         "again", reused, len(rows), checks_path)
+                log.info("data.validate_features: the feature files of %d of %d rows are unchanged since they passed "
+                         "(%s) and were not read again", reused, len(rows), checks_path)
             if checks_path is not None:
                 record.save(checks_path)
     return select_rows(rows, reports, problems, str(data.on_bad_row), max_failed_fraction(data.max_failed_fraction))

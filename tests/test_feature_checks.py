@@ -84,6 +84,11 @@ def test_other_shapes_or_flags_or_no_record_read_every_file(tmp_path, reads):
         prepare_rows(make_config(tmp_path, csv, data__on_bad_row="error").data, ONE_PROCESS, record)
     assert reads == ["t2a_1.pth"]  # the only row whose verdict does not hold for its flags
     reads.clear()
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps({**saved, "files": {k: 7 for k in saved["files"]}}))  # malformed entries
+    prepare_rows(make_config(tmp_path, csv, data__max_failed_fraction=0.5).data, ONE_PROCESS, record)
+    assert len(reads) == 3  # every file read again, no crash
+    reads.clear()
     record.write_text("{not json")  # an unreadable record: warned about, every file checked
     prepare_rows(make_config(tmp_path, csv, data__max_failed_fraction=0.5).data, ONE_PROCESS, record)
     assert len(reads) == 3

@@ -70,7 +70,8 @@ class PassedFiles:
             return cls(shapes)
         if not valid or saved.get("shapes") != _shapes_key(shapes):
             return cls(shapes)
-        return cls(shapes, {str(k): list(v) for k, v in saved["files"].items()})
+        # an entry that is not [size, mtime] never matches a stamp: its file is read again
+        return cls(shapes, {str(k): v for k, v in saved["files"].items() if isinstance(v, list)})
 
     def unchanged(self, row: TrainRow, stamp: Optional[Stamp]) -> bool:
         return stamp is not None and self.stamps.get(row_key(row)) == stamp

@@ -568,3 +568,32 @@ def test_training_dataset_reads_fingerprinted_files(tmp_path: Path, monkeypatch:
     feats = load_features(rows[0], shapes)
     assert set(feats) == {"clip_features", "sync_features", "text_features"}
     torch.testing.assert_close(feats["text_features"], torch.full((77, 1024), float(len("a dog barks, twice"))))
+
+
+def test_output_packed_dir_packs_the_extracted_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """output.packed_dir: the merged CSV's features go into shards, with a CSV the trainer reads."""
+    from wavflow.features.packed import KEY_COLUMN
+    from wavflow.train.dataset import FeatureShapes, TrainRow, load_features
+    from wavflow.train.feature_checks import find_feature_problems
+
+    ds = write_dataset(tmp_path, videos=False, n=3)
+    monkeypatch.setattr(extract, "build_encoders", lambda *a, **k: FakeEncoders(need_video=False))
+    packed_dir = tmp_path / "packed"
+    result = extract.run_extraction(config(tmp_path, ds, "t2a", f"output.packed_dir={packed_dir}",
+                                           "output.shard_rows=2"))
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["packed_csv"] == str(packed_dir / "train.csv")
+    per_row, packed = read_out_csv(result.csv_path), read_out_csv(packed_dir / "train.csv")
+    assert packed["id"].tolist() == per_row["id"].tolist() == packed[KEY_COLUMN].tolist()
+    assert sorted(p.name for p in packed_dir.glob("*.safetensors")) == ["train_00000.safetensors", "train_00001.safetensors"]
+    assert (packed_dir / "empty_string.pt").is_file() and (packed_dir / "feature_stats.pt").is_file()
+    shapes = FeatureShapes(clip=(16, 1024), sync=(40, 768), text=(77, 1024))
+
+    def rows(df: Any) -> list[TrainRow]:
+        return [TrainRow(r.id, Path(r.audio_path), Path(r.features_path), False, r.text_exist == "1", 0, i,
+                         getattr(r, KEY_COLUMN, "")) for i, r in enumerate(df.itertuples())]
+
+    assert find_feature_problems(rows(packed), shapes, show_progress=False) == {}
+    for a, b in zip(rows(per_row), rows(packed)):
+        assert b.packed and not a.packed
+        torch.testing.assert_close(load_features(a, shapes), load_features(b, shapes), rtol=0, atol=0)

@@ -282,6 +282,8 @@ class ExtractData(DataBase):
 class ExtractOutput:
     pth_dir: str = MISSING
     csv_path: str = MISSING
+    packed_dir: Optional[str] = MISSING
+    shard_rows: int = MISSING
 
 
 @dataclass

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from wavflow.errors import CheckpointError, ManifestError, RowsFailedError, WavFlowError
 from wavflow.exit_codes import JobArgumentParser, run_job
+from wavflow.features.packed import KEY_COLUMN, read_row_features, ShardReader
 from wavflow.io_utils import atomic_torch_save, safe_torch_load
 from wavflow.manifest import read_manifest
 
@@ -253,7 +254,8 @@ def analyse_csv(csv_path: Path, *, meta: pd.DataFrame | None = None, max_rows: i
     """Read every feature file of a training CSV once: statistics over all rows, the report over
     at most `max_rows` rows (a seeded random subset)."""
     # read_manifest: a file that is not a CSV, or lacks the columns, is a ManifestError naming it
-    df = read_manifest(csv_path, ("id", "features_path"))
+    df = read_manifest(csv_path, ("id", "features_path"), optional=(KEY_COLUMN,))
+    shards = ShardReader()  # rows of a packed CSV (wavflow.features.packed)
     extra = meta if meta is not None else df
     labels = dict(zip(extra["id"], extra["label"])) if "label" in extra.columns else None
     onsets = {i: _parse_onsets(o) for i, o in zip(extra["id"], extra["onsets"])} if "onsets" in extra.columns else None
@@ -267,12 +269,9 @@ def analyse_csv(csv_path: Path, *, meta: pd.DataFrame | None = None, max_rows: i
         if not path.is_absolute() and data_root is not None:
             path = data_root / path
         try:
-            feats = safe_torch_load(path, what="features file")
+            feats = read_row_features(path, str(getattr(row, KEY_COLUMN)).strip(), shards, str(row.id))
         except WavFlowError as exc:
             unreadable.append((str(row.id), str(exc)))
-            continue
-        if not isinstance(feats, Mapping):
-            unreadable.append((str(row.id), f"features file {path} holds a {type(feats).__name__}, not a dict"))
             continue
         video = _flag(getattr(row, "video_exist", "1"))
         text = _flag(getattr(row, "text_exist", "1"))

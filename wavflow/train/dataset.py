@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from wavflow.audio import load_audio_tokens
-from wavflow.errors import CheckpointError, FeatureError, ManifestError
-from wavflow.io_utils import safe_torch_load
+from wavflow.errors import FeatureError, ManifestError
+from wavflow.features.packed import KEY_COLUMN, read_row_features, ShardReader
 from wavflow.manifest import (
     check_files,
     check_flags,
@@ -51,6 +51,11 @@ class TrainRow:
     text_exist: bool
     csv_index: int  # which CSV of data.train_csv
     row_index: int  # DataFrame index within that CSV (line = index + 2)
+    features_key: str = ""  # the row's name in the shard features_path names; "": a per-row .pth
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.features_key)
 
 
 def csv_list(train_csv: Any) -> list[str]:
@@ -74,7 +79,7 @@ def read_train_csvs(
     reports: list[ManifestReport] = []
     first_seen: dict[str, tuple[Path, int]] = {}
     for csv_index, path in enumerate(csv_paths):
-        df = read_manifest(path, REQUIRED_COLUMNS)
+        df = read_manifest(path, REQUIRED_COLUMNS, optional=(KEY_COLUMN,))
         for col in FLAG_COLUMNS:  # docs/method.md §4: an absent flag column means "present"
             if col not in df.columns:
                 df[col] = "1"
@@ -95,6 +100,7 @@ def read_train_csvs(
                     text_exist=bool(parse_flag(row["text_exist"])),
                     csv_index=csv_index,
                     row_index=int(idx),
+                    features_key=row[KEY_COLUMN].strip(),
                 )
             )
         reports.append(report)
@@ -114,17 +120,13 @@ def _check_tensor(feats: Mapping[str, Any], key: str, want: tuple[int, int]) -> 
     return None
 
 
-def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tensor]:
-    """The three condition tensors of a row; zeros for absent modalities (even if stored).
+def load_features(row: TrainRow, shapes: FeatureShapes, shards: ShardReader | None = None) -> dict[str, torch.Tensor]:
+    """The three condition tensors of a row, from its own file or its shard; zeros for absent
+    modalities (even if stored).
 
     FeatureError naming the file when it cannot be read or a needed tensor is wrong.
     """
-    try:  # the project's one-line safe loader: never PyTorch's multi-line advice text
-        feats = safe_torch_load(row.features_path, what=f"features file (id {row.sample_id!r})")
-    except CheckpointError as exc:
-        raise FeatureError(str(exc)) from exc
-    if not isinstance(feats, Mapping):
-        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}) does not hold a dict")
+    feats = read_row_features(row.features_path, row.features_key, shards or ShardReader(), row.sample_id)
     out: dict[str, torch.Tensor] = {}
     problems: list[str] = []  # all of them, so a shape hint can name every key to change
     for key, stream, exists in (
@@ -141,7 +143,8 @@ def load_features(row: TrainRow, shapes: FeatureShapes) -> dict[str, torch.Tenso
             continue
         out[key] = feats[key].float()
     if problems:
-        raise FeatureError(f"features file {row.features_path} (id {row.sample_id!r}): {'; '.join(problems)}")
+        where = f"feature shard {row.features_path} row" if row.packed else f"features file {row.features_path}"
+        raise FeatureError(f"{where} (id {row.sample_id!r}): {'; '.join(problems)}")
     return out
 
 
@@ -291,6 +294,7 @@ class TrainDataset(Dataset):
         self.audio_scale = float(data_cfg.audio_scale)
         self.num_tokens = latent_seq_len(self.sample_rate, self.duration, self.audio_dim)
         self._warned_ids: set[str] = set()  # read failures repeat every epoch/repeat: warn once per id
+        self._shards = ShardReader()  # packed rows: the shards open in this process
 
     def __len__(self) -> int:
         return len(self.rows) * self.repeat_factor
@@ -303,7 +307,7 @@ class TrainDataset(Dataset):
             )
             if tuple(tokens.shape) != (self.num_tokens, self.audio_dim):
                 raise FeatureError(f"audio tokens have shape {tuple(tokens.shape)}, expected {(self.num_tokens, self.audio_dim)}")
-            feats = load_features(row, self.shapes)
+            feats = load_features(row, self.shapes, self._shards)
         except Exception as exc:  # one bad file must never stop a rank; the trainer counts it
             if row.sample_id not in self._warned_ids:
                 self._warned_ids.add(row.sample_id)

@@ -2,6 +2,10 @@
 files that passed remembered in the run folder, so that a resumed or restarted run re-reads only
 the files that changed since (TRAINING.md, "Large data sets").
 
+Rows of a packed store (a `features_key`) are checked from their shard's header, which lists
+every tensor's dtype and shape: one read per shard, at every start, never recorded; the packer
+stored only finite float tensors, and the values are checked again when read.
+
 A file counts as unchanged when its size and modification time (ns) equal those it had when it
 passed, under the same expected shapes and the same modality flags of its row. Files that failed
 are never remembered: they are checked, and reported, at every start.
@@ -19,6 +23,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from wavflow.errors import FeatureError
+from wavflow.features.packed import FEATURE_KEYS, read_index, tensor_name, tensor_problem, TensorInfo
 from wavflow.io_utils import atomic_write_text
 from wavflow.shapes import FeatureShapes
 from wavflow.train.dataset import TrainRow, load_features
@@ -88,8 +93,14 @@ def check_feature_files(rows: Sequence[TrainRow], shapes: FeatureShapes, known: 
     problems: dict[int, str] = {}
     passed: dict[str, Stamp] = {}
     skipped = 0
+    indexes: dict[Path, dict[str, TensorInfo] | str] = {}  # each shard's header, or why it cannot be read
     for pos in tqdm(range(len(rows)), desc="check features", disable=not show_progress, leave=False):
         row = rows[pos]
+        if row.packed:
+            problem = packed_row_problem(row, shapes, indexes)
+            if problem:
+                problems[pos] = problem
+            continue
         stamp = file_stamp(row.features_path)  # taken first: a file changed while it is read is read again next time
         if known.unchanged(row, stamp):
             skipped += 1
@@ -102,6 +113,28 @@ def check_feature_files(rows: Sequence[TrainRow], shapes: FeatureShapes, known: 
         if stamp is not None:
             passed[row_key(row)] = stamp
     return problems, passed, skipped
+
+
+def packed_row_problem(row: TrainRow, shapes: FeatureShapes,
+                       indexes: dict[Path, dict[str, TensorInfo] | str]) -> Optional[str]:
+    """What is wrong with a packed row's needed tensors, from its shard's header (read once)."""
+    if row.features_path not in indexes:
+        try:
+            indexes[row.features_path] = read_index(row.features_path)
+        except FeatureError as exc:
+            indexes[row.features_path] = str(exc)
+    index = indexes[row.features_path]
+    if isinstance(index, str):
+        return index
+    if not any(tensor_name(row.features_key, key) in index for key in FEATURE_KEYS):
+        return f"feature shard {row.features_path} holds no row {row.features_key!r} (features_key of id {row.sample_id!r})"
+    needed = [("clip_features", shapes.clip, row.video_exist), ("sync_features", shapes.sync, row.video_exist),
+              ("text_features", shapes.text, row.text_exist)]
+    found = [p for key, want, exists in needed if exists
+             and (p := tensor_problem(index, row.features_key, key, want)) is not None]
+    if found:
+        return f"feature shard {row.features_path} row (id {row.sample_id!r}): {'; '.join(found)}"
+    return None
 
 
 def find_feature_problems(rows: Sequence[TrainRow], shapes: FeatureShapes, show_progress: bool) -> dict[int, str]:

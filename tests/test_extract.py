@@ -594,6 +594,11 @@ def test_output_packed_dir_packs_the_extracted_rows(tmp_path: Path, monkeypatch:
                          getattr(r, KEY_COLUMN, "")) for i, r in enumerate(df.itertuples())]
 
     assert find_feature_problems(rows(packed), shapes, show_progress=False) == {}
+    # a packed_dir whose packed CSV would replace the merged CSV is refused before any work
+    with pytest.raises(ConfigError, match="output.packed_dir=.* would put the packed CSV over output.csv_path"):
+        ExtractSettings.from_config(config(tmp_path, ds, "t2a", f"output.packed_dir={tmp_path / 'out'}"))
+    with pytest.raises(ConfigError, match="output.shard_rows"):
+        ExtractSettings.from_config(config(tmp_path, ds, "t2a", f"output.packed_dir={packed_dir}", "output.shard_rows=0"))
     for a, b in zip(rows(per_row), rows(packed)):
         assert b.packed and not a.packed
         torch.testing.assert_close(load_features(a, shapes), load_features(b, shapes), rtol=0, atol=0)

@@ -144,3 +144,5 @@ def test_packing_resumes_rewrites_changed_shards_and_refuses_bad_rows(tmp_path, 
     csv.write_text("\n".join(lines + [lines[1]]) + "\n")  # an id twice
     with pytest.raises(ManifestError, match="vt2a_0.*more than once"):
         pack_csv(csv, out, show_progress=False)
+    with pytest.raises(ManifestError, match="would overwrite it"):  # the input CSV is never replaced
+        pack_csv(csv, csv.parent, show_progress=False)

@@ -357,16 +357,14 @@ def _report_and_stats(cfg: DictConfig, settings: ExtractSettings, paths: OutputP
     return report
 
 
-def _pack(cfg: DictConfig, paths: OutputPaths, logger: logging.Logger) -> str | None:
+def _pack(settings: ExtractSettings, paths: OutputPaths, logger: logging.Logger) -> str | None:
     """Rank 0, after the report: the merged CSV's features packed into shards when
     output.packed_dir is set (wavflow/features/packed.py); the packed CSV's path."""
-    packed_dir = OmegaConf.select(cfg, "output.packed_dir", default=None)
-    if not packed_dir:
+    if settings.packed_dir is None:
         return None
     from wavflow.features.packed import pack_csv
 
-    result = pack_csv(paths.csv_path, Path(str(packed_dir)).expanduser(),
-                      shard_rows=int(OmegaConf.select(cfg, "output.shard_rows", default=256)), show_progress=False)
+    result = pack_csv(paths.csv_path, settings.packed_dir, shard_rows=settings.shard_rows, show_progress=False)
     logger.info("packed %d rows into %d shard(s) (%d written): train with data.train_csv=%s",
                 result.rows, result.shards, result.written, result.csv_path)
     return str(result.csv_path)
@@ -418,7 +416,7 @@ def run_extraction(cfg: DictConfig) -> ExtractResult:
                 "seconds": round(time.time() - started, 3),
             }
             summary["feature_report"] = _report_and_stats(cfg, settings, paths, logger) if merged.rows else None
-            summary["packed_csv"] = _pack(cfg, paths, logger) if merged.rows else None
+            summary["packed_csv"] = _pack(settings, paths, logger) if merged.rows else None
             write_summary(paths, summary)
             logger.info(
                 "Summary: done=%d skipped=%d failed=%d -> %d CSV rows in %s; errors in %s",

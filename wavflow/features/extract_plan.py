@@ -107,6 +107,8 @@ class ExtractSettings:
     sync_dim: int
     text_dim: int
     encoders_identity: str = ""  # JSON of ENCODER_IDENTITY_KEYS, part of every row fingerprint
+    packed_dir: Path | None = None  # output.packed_dir: pack the merged CSV's rows there (features/packed.py)
+    shard_rows: int = 256  # output.shard_rows
 
     @property
     def needs_video(self) -> bool:
@@ -163,6 +165,8 @@ class ExtractSettings:
                 {k: _plain(OmegaConf.select(cfg, f"encoders.{k}", default=None)) for k in ENCODER_IDENTITY_KEYS},
                 sort_keys=True,
             ),
+            packed_dir=_path(cfg, "output.packed_dir") if _key(cfg, "output.packed_dir") not in (None, "") else None,
+            shard_rows=_positive_int(cfg, "output.shard_rows") if _key(cfg, "output.packed_dir") not in (None, "") else 256,
         )
         if settings.output_csv.suffix.lower() != ".csv":
             raise ConfigError(f"output.csv_path must end in .csv, got {settings.output_csv}")
@@ -181,6 +185,11 @@ class ExtractSettings:
             "the summary": paths.summary_json,
             "empty_string.pt": self.empty_string_path,
         }
+        if self.packed_dir is not None:
+            written["the packed CSV (output.packed_dir)"] = self.packed_dir / paths.csv_path.name
+            if _real(self.packed_dir / paths.csv_path.name) == _real(paths.csv_path):
+                raise ConfigError(f"output.packed_dir={self.packed_dir} would put the packed CSV over output.csv_path="
+                                  f"{paths.csv_path}: set output.packed_dir to another folder")
         for what, path in written.items():
             if _real(path) == target:
                 raise ConfigError(

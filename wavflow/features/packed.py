@@ -195,6 +195,9 @@ def pack_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, data_ro
     if shard_rows < 1:
         raise ManifestError(f"shard_rows must be >= 1, got {shard_rows}")
     csv_path, out_dir = Path(csv_path), Path(out_dir).absolute()
+    if (out_dir / f"{csv_path.stem}.csv").resolve() == csv_path.resolve():
+        raise ManifestError(f"packing {csv_path} into {out_dir} would overwrite it with the packed CSV: "
+                            "choose another output folder")
     df = read_manifest(csv_path, ("id", "audio_path", "features_path"), optional=(KEY_COLUMN,))
     if df.empty:
         raise ManifestError(f"training CSV {csv_path} has no rows to pack")
@@ -206,8 +209,8 @@ def pack_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, data_ro
     for n, (src, key) in enumerate(zip(sources, df[KEY_COLUMN])):
         if not src.is_file():
             raise ManifestError(f"training CSV {csv_path} line {n + 2} (id {ids[n]!r}): features_path not found: {src}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = csv_path.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
     reader = ShardReader()
     shards, written = [], 0
     starts = range(0, len(ids), shard_rows)

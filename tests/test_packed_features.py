@@ -19,7 +19,7 @@ from wavflow.distributed import DistInfo
 from wavflow.errors import FeatureError, ManifestError, RowsFailedError
 from wavflow.features.packed import (KEY_COLUMN, main as pack_main, pack_csv, read_index, ShardReader,
                                      tensor_name)
-from wavflow.features.report import analyse_csv
+from wavflow.features.report import analyse_csv, FeatureStats, STATS_FILENAME
 from wavflow.io_utils import safe_torch_load
 from wavflow.train.dataset import TrainDataset
 from wavflow.train.epoch_data import prepare_rows
@@ -146,3 +146,43 @@ def test_packing_resumes_rewrites_changed_shards_and_refuses_bad_rows(tmp_path, 
         pack_csv(csv, out, show_progress=False)
     with pytest.raises(ManifestError, match="would overwrite it"):  # the input CSV is never replaced
         pack_csv(csv, csv.parent, show_progress=False)
+
+
+def test_a_packing_that_stops_leaves_no_packed_csv_and_other_csvs_shards_are_kept(tmp_path):
+    csv = make_dataset(tmp_path, modes=MODES)
+    out = tmp_path / "packed"
+    pack_csv(csv, out, shard_rows=4, show_progress=False)
+    unrelated = out / "train_00099.safetensors"  # not from this CSV: never removed or overwritten
+    save_file({"x": torch.zeros(2)}, unrelated)
+    feats = torch.load(tmp_path / "features" / "t2a_4.pth", weights_only=True)
+    torch.save({**feats, "text_features": feats["text_features"] * float("nan")}, tmp_path / "features" / "t2a_4.pth")
+    with pytest.raises(FeatureError, match="t2a_4"):
+        pack_csv(csv, out, shard_rows=2, show_progress=False)  # shard 0 rewritten, shard 2 refused
+    assert not (out / "train.csv").exists()  # no CSV left pointing at the rewritten shards
+    torch.save(feats, tmp_path / "features" / "t2a_4.pth")
+    assert pack_csv(csv, out, shard_rows=2, show_progress=False).shards == 3
+    assert unrelated.is_file() and sorted(p.name for p in out.glob("*.safetensors")) == [
+        "train_00000.safetensors", "train_00001.safetensors", "train_00002.safetensors", "train_00099.safetensors"]
+
+    packed = out / "train.csv"  # an already packed CSV is refused, so no shard is read while rewritten
+    with pytest.raises(ManifestError, match="already packed"):
+        pack_csv(packed, tmp_path / "again", show_progress=False)
+    other = make_dataset(tmp_path / "other", modes=("vt2a",))  # another CSV named train.csv: refused
+    with pytest.raises(ManifestError, match="holds shards of another CSV named train.csv"):
+        pack_csv(other, out, show_progress=False)
+
+
+def test_rows_from_several_folders_pool_their_feature_statistics(tmp_path):
+    lines = ["id,audio_path,features_path,video_exist,text_exist"]
+    for part in ("a", "b"):
+        csv = make_dataset(tmp_path / part, modes=MODES[:3] if part == "a" else MODES[3:])
+        analyse_csv(csv, progress=False)[1].save(tmp_path / part / "features" / STATS_FILENAME)
+        lines += [f"{part}_{line}" for line in csv.read_text().splitlines()[1:]]
+    both = tmp_path / "both.csv"
+    both.write_text("\n".join(lines) + "\n")
+    pack_csv(both, tmp_path / "packed", show_progress=False)
+    pooled = FeatureStats.load(tmp_path / "packed" / STATS_FILENAME)
+    assert pooled.rows == analyse_csv(both, progress=False)[1].rows  # every row of both folders counted
+    (tmp_path / "b" / "features" / STATS_FILENAME).unlink()  # a folder without statistics: none written
+    pack_csv(both, tmp_path / "packed", show_progress=False)
+    assert not (tmp_path / "packed" / STATS_FILENAME).exists()

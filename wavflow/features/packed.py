@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import shutil
 import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -34,14 +33,13 @@ from tqdm import tqdm
 
 from wavflow.errors import CheckpointError, FeatureError, ManifestError
 from wavflow.exit_codes import JobArgumentParser, run_job
-from wavflow.io_utils import atomic_write_csv, check_safe_id, safe_torch_load
+from wavflow.io_utils import atomic_write_bytes, atomic_write_csv, check_safe_id, safe_torch_load
 from wavflow.manifest import read_manifest, resolve_path
 
 FEATURE_KEYS = ("clip_features", "sync_features", "text_features")
 KEY_COLUMN = "features_key"  # the row's name inside its shard; empty: a per-row .pth
 FORMAT = "wavflow-packed-features/1"
 SHARD_SUFFIX = ".safetensors"
-BESIDE_FILES = ("empty_string.pt", "feature_stats.pt")  # what training looks for beside the features
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
@@ -104,7 +102,8 @@ def read_row_features(path: Path, features_key: str, reader: "ShardReader", samp
 class ShardReader:
     """Reads packed rows, keeping the last few shards open (memory-mapped) in this process.
 
-    Open handles are not carried into DataLoader workers: each process opens its own."""
+    Pickled (DataLoader workers started by spawn), it carries no handles; forked workers share
+    the parent's read-only maps."""
 
     def __init__(self, max_open: int = 8) -> None:
         self.max_open = max_open
@@ -143,7 +142,11 @@ def _atomic_save_shard(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except (ValueError, RuntimeError, OSError) as exc:  # safetensors' own text spans lines
+            raise FeatureError(f"feature shard {path} could not be written ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())})") from exc
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -152,14 +155,15 @@ def _atomic_save_shard(tensors: dict[str, torch.Tensor], metadata: dict[str, str
         raise
 
 
-def _source_stamp(path: Path) -> list[int]:
+def _source_stamp(path: Path) -> list[Any]:
+    """What a kept shard must have been packed from: the file (resolved), its size and mtime."""
     st = os.stat(path)
-    return [int(st.st_size), int(st.st_mtime_ns)]
+    return [str(path.resolve()), int(st.st_size), int(st.st_mtime_ns)]
 
 
 def _row_tensors(feats: Mapping[str, Any], path: Path, sample_id: str) -> dict[str, torch.Tensor]:
-    """The condition tensors of a row, checked: float and finite (what a shard holds is then
-    known good, and its start-up check reads only the header)."""
+    """The condition tensors of a row, checked: float and finite, at least one (what a shard holds
+    is then known good, and its start-up check reads only the header)."""
     out: dict[str, torch.Tensor] = {}
     for key in FEATURE_KEYS:
         value = feats.get(key)
@@ -170,6 +174,8 @@ def _row_tensors(feats: Mapping[str, Any], path: Path, sample_id: str) -> dict[s
         if not bool(torch.isfinite(value).all()):
             raise FeatureError(f"features file {path} (id {sample_id!r}): {key} holds non-finite values")
         out[key] = value.detach().contiguous()
+    if not out:
+        raise FeatureError(f"features file {path} (id {sample_id!r}) holds none of {', '.join(FEATURE_KEYS)}")
     return out
 
 
@@ -185,17 +191,25 @@ def shard_path(out_dir: Path, stem: str, number: int) -> Path:
     return out_dir / f"{stem}_{number:05d}{SHARD_SUFFIX}"
 
 
+def _own_shards(out_dir: Path, stem: str, csv_key: str) -> list[Path]:
+    """The shards in `out_dir` packed from the CSV `csv_key` (by their metadata)."""
+    return [p for p in sorted(out_dir.glob(f"{stem}_*{SHARD_SUFFIX}"))
+            if p.stem[len(stem) + 1:].isdigit() and read_metadata(p).get("csv") == csv_key]
+
+
 def pack_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, data_root: str | None = None,
              shard_rows: int = 256, show_progress: bool = True) -> PackResult:
     """Pack the per-row features of a training CSV into shards under `out_dir`, and write the
     packed CSV `out_dir/<csv stem>.csv` (absolute paths, the input's other columns kept).
 
-    Resumable: a shard whose header lists the same rows from unchanged sources is kept. Rows that
-    are already packed (a `features_key`) are copied from their shard."""
+    Resumable: a shard whose metadata lists the same rows from the same, unchanged files is kept.
+    The packed CSV is removed first and written last, so a packing that stops leaves none that
+    points at shards being rewritten."""
     if shard_rows < 1:
         raise ManifestError(f"shard_rows must be >= 1, got {shard_rows}")
     csv_path, out_dir = Path(csv_path), Path(out_dir).absolute()
-    if (out_dir / f"{csv_path.stem}.csv").resolve() == csv_path.resolve():
+    stem, out_csv = csv_path.stem, out_dir / f"{csv_path.stem}.csv"
+    if out_csv.resolve() == csv_path.resolve():
         raise ManifestError(f"packing {csv_path} into {out_dir} would overwrite it with the packed CSV: "
                             "choose another output folder")
     df = read_manifest(csv_path, ("id", "audio_path", "features_path"), optional=(KEY_COLUMN,))
@@ -205,53 +219,71 @@ def pack_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, data_ro
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         raise ManifestError(f"training CSV {csv_path}: id {dupes[0]!r} appears more than once; a shard names rows by id")
+    packed_rows = [n for n, key in enumerate(df[KEY_COLUMN]) if str(key).strip()]
+    if packed_rows:
+        n = packed_rows[0]
+        raise ManifestError(f"training CSV {csv_path} line {n + 2} (id {ids[n]!r}) is already packed (features_key): "
+                            "pack the per-row CSV the shards were made from")
     sources = [resolve_path(p, data_root) for p in df["features_path"]]
-    for n, (src, key) in enumerate(zip(sources, df[KEY_COLUMN])):
+    for n, src in enumerate(sources):
         if not src.is_file():
             raise ManifestError(f"training CSV {csv_path} line {n + 2} (id {ids[n]!r}): features_path not found: {src}")
-    stem = csv_path.stem
+    csv_key = str(csv_path.resolve())
     out_dir.mkdir(parents=True, exist_ok=True)
-    reader = ShardReader()
+    for other in out_dir.glob(f"{stem}_*{SHARD_SUFFIX}"):  # never overwrite another CSV's shards
+        owner = read_metadata(other).get("csv")
+        if other.stem[len(stem) + 1:].isdigit() and owner not in (None, csv_key):
+            raise ManifestError(f"{out_dir} holds shards of another CSV named {csv_path.name} ({owner}): "
+                                "pack into another folder")
+    out_csv.unlink(missing_ok=True)  # rewritten last: until then no CSV points at these shards
     shards, written = [], 0
-    starts = range(0, len(ids), shard_rows)
-    for number, start in enumerate(tqdm(starts, desc="pack shards", disable=not show_progress)):
+    for number, start in enumerate(tqdm(range(0, len(ids), shard_rows), desc="pack shards",
+                                        disable=not show_progress)):
         part = range(start, min(start + shard_rows, len(ids)))
         path = shard_path(out_dir, stem, number)
-        stamps = [_source_stamp(sources[i]) for i in part]
-        metadata = {"format": FORMAT, "rows": json.dumps([ids[i] for i in part]), "sources": json.dumps(stamps)}
+        metadata = {"format": FORMAT, "csv": csv_key, "rows": json.dumps([ids[i] for i in part]),
+                    "sources": json.dumps([_source_stamp(sources[i]) for i in part])}
         shards.append(path)
         if path.is_file() and read_metadata(path) == metadata:
             continue  # finished by an earlier run, from the same files
         tensors: dict[str, torch.Tensor] = {}
         for i in part:
-            feats = _row_tensors(read_row_features(sources[i], str(df[KEY_COLUMN].iloc[i]).strip(), reader, ids[i]),
-                                 sources[i], ids[i])
-            tensors.update({tensor_name(ids[i], k): v for k, v in feats.items()})
+            feats = read_row_features(sources[i], "", ShardReader(), ids[i])
+            tensors.update({tensor_name(ids[i], k): v for k, v in _row_tensors(feats, sources[i], ids[i]).items()})
         _atomic_save_shard(tensors, metadata, path)
         written += 1
-    for stale in out_dir.glob(f"{stem}_*{SHARD_SUFFIX}"):  # a shorter CSV than last time
-        if stale not in shards and stale.stem[len(stem) + 1:].isdigit():
-            stale.unlink()
-    _copy_beside_files([s for s, k in zip(sources, df[KEY_COLUMN]) if not str(k).strip()] or sources, out_dir)
+    _write_beside_files(sources, out_dir)
     packed = df.copy()
     packed["audio_path"] = [str(resolve_path(p, data_root)) for p in df["audio_path"]]
     packed["features_path"] = [str(shards[n // shard_rows]) for n in range(len(ids))]
     packed[KEY_COLUMN] = ids
-    out_csv = out_dir / f"{stem}.csv"
     atomic_write_csv(packed, out_csv)
+    for stale in _own_shards(out_dir, stem, csv_key):  # left from a longer CSV, or more rows per shard
+        if stale not in shards:
+            stale.unlink()
     return PackResult(out_csv, len(ids), len(shards), written)
 
 
-def _copy_beside_files(sources: Sequence[Path], out_dir: Path) -> None:
-    """The empty-caption feature and feature statistics of the first row's folder, where the
-    trainer looks for them (beside the features it reads)."""
-    folder = sources[0].parent
-    for name in BESIDE_FILES:
-        src = folder / name
-        if src.is_file() and src.resolve() != (out_dir / name).resolve():
-            tmp = out_dir / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, out_dir / name)
+def _write_beside_files(sources: Sequence[Path], out_dir: Path) -> None:
+    """What the trainer looks for beside the features it reads: the first row's folder's
+    empty-caption feature (as for per-row files), and the feature statistics of every source
+    folder pooled (as data.feature_norm pools them over folders). A file the sources lack is
+    removed from `out_dir`, never left from an earlier packing."""
+    from wavflow.features.report import FeatureStats, STATS_FILENAME  # lazy: report imports this module
+
+    empty = sources[0].parent / "empty_string.pt"
+    if empty.is_file():
+        if empty.resolve() != (out_dir / empty.name).resolve():
+            atomic_write_bytes(out_dir / empty.name, empty.read_bytes())
+    else:
+        (out_dir / empty.name).unlink(missing_ok=True)
+    folders = sorted({s.parent for s in sources})
+    stats = [f / STATS_FILENAME for f in folders]
+    if all(p.is_file() for p in stats):
+        FeatureStats.merge([FeatureStats.load(p) for p in stats], where=f"feature statistics of {len(folders)} "
+                           "folder(s)").save(out_dir / STATS_FILENAME)
+    else:
+        (out_dir / STATS_FILENAME).unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

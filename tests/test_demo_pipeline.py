@@ -116,6 +116,24 @@ def test_demo_runs_end_to_end(tmp_path: Path, wavflow_cache_dir: Path):
         corr = float(np.dot(mine, theirs) / (np.linalg.norm(mine) * np.linalg.norm(theirs)))
         assert corr > 0.999, (clip_id, corr)
 
+    # the spectral probe: band shares of the generated clips, and of the network's x̂ on the same
+    # real clips (there beside the training target, amplitude-lifted: a click's clamped peaks differ)
+    bands = {}
+    for name, args in (("generated", ["--generated", str(out / "predict")]),
+                       ("x_hat", ["--checkpoint", str(run), "--times", "0.9"])):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts/bench/spectral_bands.py"), "--data",
+                               str(out / "data"), *args, "--json", str(tmp_path / f"{name}.json")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        bands[name] = json.loads((tmp_path / (f"{name}.json" if name == "generated" else "x_hat_t0.9.json")).read_text())
+    labels = {c["label"] for c in metrics["per_clip"]}
+    assert bands["generated"].keys() == bands["x_hat"].keys() == labels
+    for label in labels:
+        for which in ("generated", "x_hat"):
+            assert bands[which][label]["generated"] != bands[which][label]["real"]
+            assert sum(bands[which][label]["real"]) == pytest.approx(1.0, abs=0.1)
+            assert bands[which][label]["n"] == sum(c["label"] == label for c in metrics["per_clip"])
+
 
 def test_every_base_key_the_demo_forwards_reaches_each_launcher_as_set():
     """A key of the demo's config that a stage reads (feature normalisation, flow-matching

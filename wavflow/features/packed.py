@@ -85,11 +85,11 @@ def tensor_problem(index: Mapping[str, TensorInfo], features_key: str, feature: 
     return None
 
 
-def read_row_features(path: Path, features_key: str, reader: "ShardReader", sample_id: str) -> Mapping[str, Any]:
+def read_row_features(path: Path, features_key: str, reader: "ShardReader | None", sample_id: str) -> Mapping[str, Any]:
     """The stored tensors of one row: its shard's (features_key set) or its own file's dict.
     FeatureError naming the file and id when it cannot be read."""
     if features_key:
-        return reader.read(path, features_key, FEATURE_KEYS)
+        return (reader or ShardReader()).read(path, features_key, FEATURE_KEYS)
     try:  # the project's one-line safe loader: never PyTorch's multi-line advice text
         feats = safe_torch_load(path, what=f"features file (id {sample_id!r})")
     except CheckpointError as exc:
@@ -248,7 +248,7 @@ def pack_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, data_ro
             continue  # finished by an earlier run, from the same files
         tensors: dict[str, torch.Tensor] = {}
         for i in part:
-            feats = read_row_features(sources[i], "", ShardReader(), ids[i])
+            feats = read_row_features(sources[i], "", None, ids[i])  # per-row files only (packed rows refused)
             tensors.update({tensor_name(ids[i], k): v for k, v in _row_tensors(feats, sources[i], ids[i]).items()})
         _atomic_save_shard(tensors, metadata, path)
         written += 1

@@ -126,7 +126,7 @@ def load_features(row: TrainRow, shapes: FeatureShapes, shards: ShardReader | No
 
     FeatureError naming the file when it cannot be read or a needed tensor is wrong.
     """
-    feats = read_row_features(row.features_path, row.features_key, shards or ShardReader(), row.sample_id)
+    feats = read_row_features(row.features_path, row.features_key, shards, row.sample_id)
     out: dict[str, torch.Tensor] = {}
     problems: list[str] = []  # all of them, so a shape hint can name every key to change
     for key, stream, exists in (

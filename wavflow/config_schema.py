@@ -32,6 +32,7 @@ def _node(cls: type) -> Any:
 @dataclass
 class ModelBase:
     name: str = MISSING
+    spectral_skip: bool = False  # training only: loaded weights say whether they have it
 
 
 @dataclass

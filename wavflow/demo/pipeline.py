@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # A key a user sets on the command line must reach the stage that uses it, never be dropped.
 SHARED_KEYS = (
     "model.name",
+    "model.spectral_skip",
     "data.target_sample_rate",
     "data.audio_duration",
     "data.clip_seq_len",

@@ -23,6 +23,7 @@ from wavflow.io_utils import safe_torch_load
 from wavflow.model.cond_norm import migrate_empty_tokens, state_has_cond_norm
 from wavflow.model.network import NON_PERSISTENT_BUFFERS
 from wavflow.model.presets import PRESETS
+from wavflow.model.spectral_skip import state_has_spectral_skip
 
 _log = logging.getLogger("wavflow.checkpoint")
 
@@ -107,6 +108,8 @@ def _mismatch_hint(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
         mine = getattr(model, field, None)
         if mine is not None and mine != arch[field]:
             hint += f" It was built for {field}={arch[field]} (this model: {mine}); set data.{field} to match."
+    if getattr(model, "spectral_skip", None) is not None and not state_has_spectral_skip(sd):
+        hint += " The weights were trained without the spectral skip: set model.spectral_skip=false."
     return hint
 
 
@@ -120,6 +123,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     if state_has_cond_norm(sd) and getattr(model, "cond_norm", False) is None:
         # weights trained with feature normalisation carry its statistics (cond_norm.py)
         model.attach_condition_norm()
+    if state_has_spectral_skip(sd) and getattr(model, "spectral_skip", False) is None:
+        model.attach_spectral_skip()  # weights trained with the Wiener skip carry it (spectral_skip.py)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]

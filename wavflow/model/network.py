@@ -21,6 +21,7 @@ from wavflow.model.layers import (
     TimestepEmbedder,
     compute_rope_rotations,
 )
+from wavflow.model.spectral_skip import SpectralSkip
 from wavflow.model.presets import CONDITION_FIELDS, DEFAULT_CONDITION_SHAPES, PRESETS, ModelPreset
 from wavflow.shapes import SYNC_TOKENS_PER_SEGMENT, latent_seq_len as derive_latent_seq_len
 
@@ -116,6 +117,8 @@ class WavFlowNet(nn.Module):
         self.initialize_weights()
         # Optional feature normalisation (cond_norm.py); None keeps the reference layout.
         self.cond_norm: Optional[ConditionNorm] = None
+        # Optional per-frequency Wiener skip (spectral_skip.py); None keeps the reference layout.
+        self.spectral_skip: Optional[SpectralSkip] = None
 
     def attach_condition_norm(self) -> ConditionNorm:
         """Add the (identity until set) condition normalisation; its keys come last."""
@@ -123,6 +126,13 @@ class WavFlowNet(nn.Module):
             device = self.empty_clip_feat.device
             self.cond_norm = ConditionNorm(self.clip_dim, self.sync_dim, self.text_dim).to(device)
         return self.cond_norm
+
+    def attach_spectral_skip(self) -> SpectralSkip:
+        """Add the per-frequency Wiener skip (it starts keeping x_t only near t = 1)."""
+        if self.spectral_skip is None:
+            device = self.empty_clip_feat.device
+            self.spectral_skip = SpectralSkip(self.hidden_dim, self.latent_dim).to(device)
+        return self.spectral_skip
 
     # ----------------------------------------------------------------------------- set-up
     def initialize_weights(self) -> None:
@@ -255,7 +265,10 @@ class WavFlowNet(nn.Module):
         for i, fb in enumerate(self.fused_blocks, start=len(self.joint_blocks)):
             latent = self._run(i, fb, latent, extended_c, self.latent_rot)
         # Quirk #55 (kept for checkpoint compatibility): the final layer sees global_c.
-        return self.final_layer(latent, global_c)
+        out = self.final_layer(latent, global_c)
+        if self.spectral_skip is not None:
+            out = out + self.spectral_skip(x, latent, t)
+        return out
 
     def forward(
         self, x: torch.Tensor, clip_f: torch.Tensor, sync_f: torch.Tensor, text_f: torch.Tensor, t: torch.Tensor

@@ -45,6 +45,9 @@ def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resumin
             norm_stats.streams, identity_tag(norm_stats.encoder_identity),
             rms=OmegaConf.to_container(cfg.data.feature_norm_rms))
         # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
+    if bool(OmegaConf.select(cfg, "model.spectral_skip", default=False)):
+        model.attach_spectral_skip()  # before the optimizer and EMAs, like the normalisation
+        logger.info("Spectral skip: on (model.spectral_skip; per-frequency Wiener skip, docs/method.md §2.14)")
     model.train()
     set_conv_impl(model, speed.conv_impl)
     set_attention_impl(model, speed.attention_backend)

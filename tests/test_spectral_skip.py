@@ -1,0 +1,145 @@
+"""The per-frequency Wiener skip (wavflow/model/spectral_skip.py, docs/method.md §2.14).
+
+Formulas against their definitions, the reference layout untouched without it, checkpoints that
+carry it, and a learning check: a tiny network trained briefly on a tone over a white background
+must generate that background at its level (without the skip it loses it: the demo's missing
+noise floor, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wavflow.errors import CheckpointError
+from wavflow.model import build_model
+from wavflow.model.checkpoint import load_weights
+from wavflow.model.flow import cfg_denoiser, euler_sample
+from wavflow.model.spectral_skip import INIT_LOG_POWER, dct_matrix, state_has_spectral_skip, wiener_gain
+from wavflow.train.step import draw_step_noise, fill_missing_modalities, flow_matching_loss
+
+SR, N = 16000, 20  # 0.25 s of 200-sample patches
+SHAPES = dict(clip_seq_len=8, sync_seq_len=16, text_seq_len=77, clip_dim=1024, sync_dim=768, text_dim=1024)
+
+
+def _tiny(skip: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("tiny_16k", latent_seq_len=N, **SHAPES)
+    if skip:
+        model.attach_spectral_skip()
+    return model
+
+
+def _inputs(b: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, N, 200, generator=g), torch.randn(b, 8, 1024, generator=g),
+            torch.randn(b, 16, 768, generator=g), torch.randn(b, 77, 1024, generator=g))
+
+
+def test_dct_matrix_is_the_orthonormal_dct_ii():
+    d = dct_matrix(200).double()
+    assert torch.allclose(d @ d.T, torch.eye(200, dtype=torch.float64), atol=1e-6)
+    n = torch.arange(200, dtype=torch.float64)
+    for k in (0, 1, 37, 199):  # row k is sqrt(2/n) cos(pi k (n + 1/2) / N), row 0 scaled by 1/sqrt(2)
+        want = torch.cos(math.pi * k * (n + 0.5) / 200) * math.sqrt(2 / 200) / (math.sqrt(2) if k == 0 else 1)
+        assert torch.allclose(d[k], want, atol=1e-6)
+
+
+def test_wiener_gain_is_the_posterior_mean_gain():
+    t = torch.tensor([0.0, 0.3, 0.9, 0.99, 1.0])
+    s = torch.tensor([-5.0, 0.0, 2.0])
+    got = wiener_gain(t, s.expand(5, 1, 3))
+    var = s.exp().double()
+    tt = t.double().view(-1, 1, 1)
+    want = tt * var / (tt * tt * var + (1 - tt) ** 2)  # E[x | t x + (1 - t) e] = gain * x_t, x ~ N(0, var)
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    assert got[0].abs().max() == 0 and torch.allclose(got[-1], torch.ones(1, 3))
+    assert torch.isfinite(wiener_gain(t, torch.tensor([-1e4, 1e4]).expand(5, 1, 2))).all()
+
+
+def test_network_adds_the_skip_term_to_the_reference_output():
+    base, skip = _tiny(False), _tiny(True)
+    assert base.state_dict().keys() == {k: v for k, v in skip.state_dict().items()
+                                        if not k.startswith("spectral_skip.")}.keys()
+    assert sorted(k for k in skip.state_dict() if k.startswith("spectral_skip.")) == [
+        "spectral_skip.log_power.bias", "spectral_skip.log_power.weight"]
+    for p in base.parameters():  # away from the zero-initialised output layers
+        torch.nn.init.normal_(p, std=0.02)
+    skip.load_state_dict({**skip.state_dict(), **base.state_dict()})
+    x, clip, sync, text = _inputs(3)
+    t = torch.tensor([0.2, 0.9, 1.0])
+    with torch.no_grad():
+        diff = skip(x, clip, sync, text, t) - base(x, clip, sync, text, t)
+    d = dct_matrix(200)
+    gain = wiener_gain(t, torch.full((3, N, 200), INIT_LOG_POWER))  # zero weight: s is the bias
+    assert torch.allclose(diff, ((x @ d.T) * gain) @ d, atol=1e-5)
+    # at t = 1 the skip passes x_t whole: with a log-power the projection makes large, F + x_t
+    with torch.no_grad():
+        skip.spectral_skip.log_power.bias.fill_(20.0)
+        passed = skip(x, clip, sync, text, torch.ones(3)) - base(x, clip, sync, text, torch.ones(3))
+    assert torch.allclose(passed, x, atol=1e-5)
+
+
+def test_weights_with_the_skip_attach_it_and_weights_without_name_the_key():
+    sd = _tiny(True).state_dict()
+    assert state_has_spectral_skip(sd)
+    plain = _tiny(False)
+    load_weights(plain, sd, source="skip weights")  # as prediction builds it: attached on load
+    assert plain.spectral_skip is not None
+    assert torch.equal(plain.spectral_skip.log_power.bias, sd["spectral_skip.log_power.bias"])
+    with pytest.raises(CheckpointError, match="model.spectral_skip=false"):
+        load_weights(_tiny(True), _tiny(False).state_dict(), source="old weights")
+
+
+def _hf_rms(x: torch.Tensor) -> torch.Tensor:
+    """RMS of each clip's content above 4 kHz (the tone below has none)."""
+    spec = torch.fft.rfft(x.reshape(x.shape[0], -1), dim=-1)
+    spec[:, torch.fft.rfftfreq(N * 200, 1 / SR) < 4000] = 0
+    return torch.fft.irfft(spec, n=N * 200).pow(2).mean(-1).sqrt()
+
+
+def _train_tone_over_background(model: torch.nn.Module, background: float, steps: int) -> torch.Tensor:
+    """An 80 Hz tone (RMS 1) over white noise of RMS `background`, no conditions (as the
+    trainer's step functions see rows without video or caption); returns the tone's patches."""
+    g = torch.Generator().manual_seed(1)
+    tone = (torch.sin(2 * math.pi * 80 * torch.arange(N * 200) / SR) * math.sqrt(2)).reshape(N, 200)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    absent = torch.zeros(8, dtype=torch.bool)
+    model.train()
+    for _ in range(steps):
+        x1 = tone + background * torch.randn(8, N, 200, generator=g)
+        clip, sync, text = fill_missing_modalities(model, torch.zeros(8, 8, 1024), torch.zeros(8, 16, 768),
+                                                   torch.zeros(8, 77, 1024), absent, absent)
+        noise = draw_step_noise(g, x1, mean=-1.0, scale=1.6, noise_scale=1.0)
+        out = flow_matching_loss(model, x1, clip, sync, text, noise, prediction_type="x", loss_type="v",
+                                 noise_shift=1.0, min_sigma=0.0)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return tone
+
+
+@pytest.mark.slow
+def test_a_white_background_is_generated_at_its_level():
+    """Measured +1.5 dB; without the skip (the forward pass dropping it) -8.8 dB (docs/testing.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _tiny(True)
+        background = 0.1  # -20 dB under the tone; white, so its content above 4 kHz has RMS 0.1 * sqrt(1/2)
+        tone = _train_tone_over_background(model, background, steps=300)
+        model.eval()
+        with torch.no_grad():
+            empty = model.get_empty_conditions(4)
+            x0 = torch.randn(4, N, 200, generator=torch.Generator().manual_seed(7))
+            out = euler_sample(cfg_denoiser(model, empty, model.get_empty_conditions(4), 1.0), x0, num_steps=25)
+    finally:
+        torch.set_num_threads(threads)
+    level_db = 20 * torch.log10(_hf_rms(out) / (background * math.sqrt(0.5)))
+    tone_error = float((out - tone).pow(2).mean().sqrt())
+    print(f"background above 4 kHz: {level_db.tolist()} dB against the data's; tone RMS error {tone_error:.3f}")
+    assert tone_error < 0.25
+    assert level_db.abs().max() < 3.0

@@ -343,3 +343,22 @@ def test_evaluate_files_writes_json_and_table(dataset, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(ManifestError, match="clip id"):
         evaluate(empty, dataset.root, progress=False)
+
+
+def test_match_level_scales_each_clip_to_its_real_clips_rms(dataset, tmp_path):
+    """--match-level (a diagnostic): clips 20 dB too quiet score the real level."""
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    holdout = dataset.split("holdout")
+    for clip in holdout:
+        wave, sr = sf.read(dataset.root / clip.audio_path, dtype="float32")
+        sf.write(gen / f"{clip.id}.wav", 0.1 * wave, sr, subtype="FLOAT")
+    plain, _ = evaluate(gen, dataset.root, progress=False)
+    matched, table = evaluate(gen, dataset.root, progress=False, match_level=True)
+    assert not plain["match_level"] and matched["match_level"] and "--match-level" in table
+    for mode in MODES:
+        assert matched["groups"][mode]["level_diff_db"] == pytest.approx(0.0, abs=1e-3), mode
+        assert plain["groups"][mode]["level_diff_db"] == pytest.approx(-20.0, abs=1e-3), mode
+    main(["--generated", str(gen), "--reference", str(dataset.root), "--out", str(tmp_path / "cli"),
+          "--match-level"])
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["match_level"] is True

@@ -273,7 +273,7 @@ def _collect_generated(generated_dir: Path) -> dict[str, Path]:
 def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Path | None = None,
              *, tolerance_ms: float = 100.0, seed: int = 0, progress: bool = True,
              long_wav: str | Path | None = None, window_sec: float | None = None,
-             overlap_sec: float | None = None) -> tuple[dict[str, Any], str]:
+             overlap_sec: float | None = None, match_level: bool = False) -> tuple[dict[str, Any], str]:
     """Score `<id>.wav` files of `generated_dir` against the data set at `reference`.
 
     Files whose stem is not a clip id of the data set are listed under `ignored_files`;
@@ -281,6 +281,9 @@ def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Pa
     audio (wavflow.demo.long_clip), made in windows of `window_sec` overlapping by
     `overlap_sec` (None: the default half window), scored under `long_form`. Writes metrics.json
     and metrics.txt to `out_dir` when given; returns (metrics dict, readable table).
+    `match_level` (a diagnostic) first scales every generated clip to the RMS of its real clip:
+    the figures a model would get if it knew each clip's level, which amplitude lifting removes
+    from its training targets (docs/benchmarks.md, "The demo").
     """
     generated_dir = Path(generated_dir)
     info = load_dataset_info(reference)
@@ -294,7 +297,10 @@ def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Pa
     ref = fit_reference(info, progress=progress)
     waves = {i: load_audio(p, info.sample_rate).numpy()
              for i, p in tqdm(matched.items(), desc="generated clips", disable=not progress)}
+    if match_level:
+        waves = {i: _scaled_to_real_rms(w, info, i) for i, w in waves.items()}
     metrics = evaluate_waves(waves, ref, tolerance_ms=tolerance_ms, seed=seed)
+    metrics["match_level"] = bool(match_level)
     metrics["generated_dir"] = str(generated_dir)
     metrics["reference"] = str(info.events_path)
     metrics["ignored_files"] = sorted(str(p.name) for i, p in files.items() if i not in clip_ids)
@@ -310,6 +316,12 @@ def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Pa
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         atomic_write_text(out / "metrics.txt", table)
     return metrics, table
+
+
+def _scaled_to_real_rms(wave: np.ndarray, info: DatasetInfo, clip_id: str) -> np.ndarray:
+    real = load_audio(info.root / info.by_id()[clip_id].audio_path, info.sample_rate).numpy()
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return wave * (float(np.sqrt(np.mean(np.square(real, dtype=np.float64)))) / rms) if rms > 0 else wave
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +365,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         "WavFlow demo metrics (per mode, never pooled)",
         f"  generated: {metrics.get('generated_dir', '(in memory)')}",
         f"  reference: {metrics.get('reference', '(in memory)')}",
+        *(["  --match-level: each generated clip scaled to its real clip's RMS (a diagnostic)"]
+          if metrics.get("match_level") else []),
         f"  {metrics['num_classes']} classes, chance accuracy {metrics['chance_accuracy']:.3f}; "
         f"onsets detected within {metrics['tolerance_ms']:.0f} ms; Fréchet vs real train clips",
         "",
@@ -402,10 +416,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tolerance-ms", type=float, default=100.0,
                         help="an onset counts as detected within this error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the white-noise baseline")
+    parser.add_argument("--match-level", action="store_true",
+                        help="diagnostic: scale each generated clip to its real clip's RMS before scoring")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # log-mels of short clips: extra threads only add overhead
     _, table = evaluate(args.generated, args.reference, args.out,
-                        tolerance_ms=args.tolerance_ms, seed=args.seed)
+                        tolerance_ms=args.tolerance_ms, seed=args.seed, match_level=args.match_level)
     print(table, end="")
 
 

@@ -9,27 +9,17 @@ noise floor, docs/benchmarks.md).
 from __future__ import annotations
 
 import math
-import re
 
-import pandas as pd
 import pytest
-import soundfile as sf
 import torch
-from omegaconf import OmegaConf
 
-from wavflow.audio import load_audio_tokens
-from tests.test_train_common import DURATION as TRAIN_DURATION
-from tests.test_train_common import SR as TRAIN_SR
 from tests.test_train_common import make_config, make_dataset
 from wavflow.errors import CheckpointError
 from wavflow.io_utils import safe_torch_load
 from wavflow.model import build_model
 from wavflow.model.checkpoint import load_weights
 from wavflow.model.flow import cfg_denoiser, euler_sample
-from wavflow.model.spectral_skip import (
-    INIT_LOG_POWER, dct_matrix, initial_log_power, state_has_spectral_skip, wiener_gain)
-from wavflow.train.dataset import TrainRow
-from wavflow.train.network_setup import measure_log_power
+from wavflow.model.spectral_skip import INIT_LOG_POWER, dct_matrix, state_has_spectral_skip, wiener_gain
 from wavflow.train.step import draw_step_noise, fill_missing_modalities, flow_matching_loss
 from wavflow.train.trainer import run_training
 
@@ -158,43 +148,7 @@ def test_a_white_background_is_generated_at_its_level():
     assert level_db.abs().max() < 3.0
 
 
-def test_initial_log_power_is_the_mean_log_power_per_frequency():
-    g = torch.Generator().manual_seed(5)
-    sigma = 0.3
-    white = sigma * torch.randn(4000, 200, generator=g, dtype=torch.float64)
-    s = initial_log_power([white[:1500], white[1500:], torch.zeros(7, 200)])  # all-zero padding left out
-    # E[log c^2] for c ~ N(0, sigma^2) is log(sigma^2) + digamma(1/2) + log 2 = log(sigma^2) - 1.2704
-    assert s.shape == (200,) and abs(float(s.mean()) - (math.log(sigma**2) - 1.2704)) < 0.02
-    assert float((s - s.mean()).abs().max()) < 0.2  # white: every frequency alike
-    smooth = torch.cumsum(white, dim=1) / 10  # a random walk: power falls with frequency
-    s2 = initial_log_power([smooth])
-    assert float(s2[:10].mean()) > float(s2[-50:].mean()) + 5
-    assert initial_log_power([]) is None and initial_log_power([torch.zeros(3, 200)]) is None
-    skip = _tiny(True).spectral_skip
-    skip.set_initial_log_power(s)
-    assert torch.equal(skip.log_power.bias, s)
-    with pytest.raises(ValueError, match="shape"):
-        skip.set_initial_log_power(s[:10])
-
-
-def test_training_starts_the_skip_at_the_training_audios_log_power(tmp_path):
-    rng = torch.Generator().manual_seed(2)
-    rows = []
-    for i in range(3):
-        path = tmp_path / f"clip{i}.wav"
-        sf.write(path, (0.1 * torch.randn(SR, generator=rng)).numpy(), SR)
-        rows.append(TrainRow(f"clip{i}", path, tmp_path / "f.pth", True, True, 0, i))
-    rows.append(TrainRow("broken", tmp_path / "missing.wav", tmp_path / "f.pth", True, True, 0, 3))
-    cfg = OmegaConf.create({"data": {"target_sample_rate": SR, "audio_duration": 1.0, "audio_dim": 200,
-                                     "audio_scale": 3.0}})
-    log_power, used = measure_log_power(cfg, rows)
-    assert used == 3  # the unreadable clip is left out
-    want = initial_log_power([load_audio_tokens(r.audio_path, SR, 1.0) for r in rows[:3]])
-    assert torch.allclose(log_power, want)
-    assert measure_log_power(cfg, rows[3:]) == (None, 0)
-
-
-def test_a_run_with_the_skip_starts_it_from_its_audio_and_resumes_bit_identically(tmp_path):
+def test_a_run_with_the_skip_trains_it_and_resumes_bit_identically(tmp_path):
     csv = make_dataset(tmp_path)
     common = dict(model__spectral_skip=True, training__epochs=2)
     full = run_training(make_config(tmp_path / "a", csv, **common))
@@ -202,18 +156,12 @@ def test_a_run_with_the_skip_starts_it_from_its_audio_and_resumes_bit_identicall
     rest = run_training(make_config(tmp_path / "b", csv, **common))
     a = safe_torch_load(full.exp_dir / "checkpoint_latest.pth")
     b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
-    assert part.global_step == 3 and rest.global_step == a["global_step"]
+    assert part.global_step == 3 and rest.global_step == a["global_step"] == 4
     for entry in ("model", "model_ema1"):
         assert {"spectral_skip.log_power.weight", "spectral_skip.log_power.bias"} <= set(a[entry])
         for k in a[entry]:
             assert torch.equal(a[entry][k], b[entry][k]), (entry, k)
-    log = (full.exp_dir / "training.log").read_text()
-    median = float(re.search(r"log-power per frequency from 4 training clips \(median (-?[\d.]+)", log)[1])
-    paths = pd.read_csv(csv)["audio_path"]
-    want = initial_log_power([load_audio_tokens(p, TRAIN_SR, TRAIN_DURATION) for p in paths])
-    assert median == pytest.approx(float(want.median()), abs=0.006)
-    # 4 AdamW steps move each bias element by at most ~4 lr: it still shows where it started
-    bias = a["model"]["spectral_skip.log_power.bias"]
-    assert (bias - want).abs().max() < 0.01 and (want - INIT_LOG_POWER).abs().mean() > 1.0
-    resumed = (rest.exp_dir / "training.log").read_text().split("Resumed from")[0].rsplit("Spectral skip", 1)[-1]
-    assert "from the checkpoint" in resumed
+    assert a["model"]["spectral_skip.log_power.weight"].abs().max() > 0  # it trained
+    assert "Spectral skip: on" in (full.exp_dir / "training.log").read_text()
+    plain = run_training(make_config(tmp_path / "c", csv, training__epochs=1))
+    assert not any(k.startswith("spectral_skip.") for k in safe_torch_load(plain.exp_dir / "checkpoint_latest.pth")["model"])

@@ -12,11 +12,8 @@ the network estimates for that frequency of that token from its last hidden stat
 Gaussian signal of variance e^s seen as x_t = t·x + (1 - t)·noise, w·x_t is exactly E[x | x_t]
 (the Wiener gain), so the network states how much of each band each token holds and the skip
 keeps that much of x_t, near zero early in the flow and all of it at t = 1. The projection starts
-at zero weight and, as its bias, the training audio's typical log-power per frequency
-(`initial_log_power`: the mean over tokens of log c_k², a geometric mean, so quiet tokens count
-as much as loud ones); without audio, INIT_LOG_POWER. The skip then starts keeping each band about
-as much as the data holds it: little of a band the data lacks (the upper bands of low-passed room
-tone), and only close to t = 1 (at s = -5, w = 0.39 at t = 0.9 and 0.013 at t = 0.5).
+at zero weight and bias INIT_LOG_POWER: the skip then keeps a band only close to t = 1 (w = 0.39 at
+t = 0.9, 0.013 at t = 0.5) and the network starts almost as without it.
 
 It is attached like the condition normalisation (cond_norm.py): networks without it (the
 reference presets and checkpoints) keep the reference state-dict layout and numerics exactly;
@@ -26,17 +23,14 @@ weights that carry `spectral_skip.*` tensors attach it when loaded.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 PREFIX = "spectral_skip."
-# Initial log-power per frequency without audio to measure: e^-5 ≈ 0.0067 of the lifted tokens'
-# unit power (σ ≈ 0.08).
+# Initial log-power per frequency: e^-5 ≈ 0.0067 of the lifted tokens' unit power (σ ≈ 0.08).
 INIT_LOG_POWER = -5.0
-# Floor of c_k² in initial_log_power (log 1e-10 ≈ -23: a band the data never holds stays closed).
-POWER_FLOOR = 1e-10
 # e^(-s) is formed in fp32 with s kept inside ±LOG_POWER_LIMIT: no overflow, w stays in [0, 1/t].
 LOG_POWER_LIMIT = 30.0
 
@@ -65,32 +59,11 @@ class SpectralSkip(nn.Module):
         nn.init.constant_(self.log_power.bias, INIT_LOG_POWER)
         self.register_buffer("dct", dct_matrix(patch), persistent=False)
 
-    @torch.no_grad()
-    def set_initial_log_power(self, log_power: Tensor) -> None:
-        """Start the log-power estimate at `log_power` (P,) for every token (see initial_log_power)."""
-        if tuple(log_power.shape) != tuple(self.log_power.bias.shape):
-            raise ValueError(f"initial log-power has shape {tuple(log_power.shape)}, the skip needs "
-                             f"{tuple(self.log_power.bias.shape)}")
-        self.log_power.bias.copy_(log_power.to(self.log_power.bias))
-
     def forward(self, x: Tensor, latent: Tensor, t: Tensor) -> Tensor:
         """The skip term for patches x (B, N, P) given the last hidden states latent (B, N, dim)."""
         gain = wiener_gain(t, self.log_power(self.norm(latent)))
         dct = self.dct.to(torch.float32)
         return ((x.float() @ dct.T) * gain) @ dct
-
-
-def initial_log_power(tokens: Sequence[Tensor]) -> Optional[Tensor]:
-    """Per DCT frequency, the mean over the tokens (N_i, P) of log(c_k² + POWER_FLOOR), c = D x:
-    the training audio's typical log-power. All-zero tokens (padding) are left out; None when no
-    token is left."""
-    rows = [t.reshape(-1, t.shape[-1]).double() for t in tokens]
-    rows = [r[r.abs().amax(dim=1) > 0] for r in rows]
-    if not rows or sum(r.shape[0] for r in rows) == 0:
-        return None
-    x = torch.cat(rows)
-    coeffs = x @ dct_matrix(x.shape[1]).double().T
-    return torch.log(coeffs.square() + POWER_FLOOR).mean(dim=0).float()
 
 
 def state_has_spectral_skip(state_dict: Mapping[str, Tensor]) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,20 +14,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from wavflow.distributed import DistInfo
-from wavflow.audio import load_audio_tokens
-from wavflow.errors import ConfigError, WavFlowError
+from wavflow.errors import ConfigError
 from wavflow.features.report import identity_tag
 from wavflow.model import build_model_from_config
 from wavflow.model.presets import PRESETS
-from wavflow.model.spectral_skip import INIT_LOG_POWER, initial_log_power
 from wavflow.speed import SpeedOptions, set_attention_impl, set_conv_impl
 from wavflow.train.dataset import TrainRow
 from wavflow.train.empty_string import resolve_empty_string_feat
 from wavflow.train.feature_norm import resolve_feature_norm
 from wavflow.train.fsdp import shard_model
-
-# Training clips the spectral skip's initial log-power is measured on (a few seconds of reading).
-LOG_POWER_CLIPS = 64
 
 
 def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resuming: bool, device: torch.device,
@@ -51,38 +46,12 @@ def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resumin
             rms=OmegaConf.to_container(cfg.data.feature_norm_rms))
         # the empty clip/sync tokens start at zero: at the streams' means (cond_norm.py)
     if bool(OmegaConf.select(cfg, "model.spectral_skip", default=False)):
-        skip = model.attach_spectral_skip()  # before the optimizer and EMAs, like the normalisation
-        why = "from the checkpoint"
-        if not resuming:  # a resumed checkpoint carries its own
-            log_power, used = measure_log_power(cfg, rows)
-            if log_power is None:
-                why = f"no training audio readable: every frequency at {INIT_LOG_POWER}"
-            else:
-                skip.set_initial_log_power(log_power)
-                why = (f"initial log-power per frequency from {used} training clips "
-                       f"(median {float(log_power.median()):.2f}, range {float(log_power.min()):.2f} to "
-                       f"{float(log_power.max()):.2f})")
-        logger.info("Spectral skip: on (model.spectral_skip, docs/method.md §2.14); %s", why)
+        model.attach_spectral_skip()  # before the optimizer and EMAs, like the normalisation
+        logger.info("Spectral skip: on (model.spectral_skip; per-frequency Wiener skip, docs/method.md §2.14)")
     model.train()
     set_conv_impl(model, speed.conv_impl)
     set_attention_impl(model, speed.attention_backend)
     return model
-
-
-def measure_log_power(cfg: DictConfig, rows: Sequence[TrainRow]) -> tuple[Optional[torch.Tensor], int]:
-    """The spectral skip's initial log-power (spectral_skip.initial_log_power) from up to
-    LOG_POWER_CLIPS training clips spread evenly over the rows, as training lifts them; a clip
-    that cannot be read is left out (the data loader reports it when it meets it)."""
-    data = cfg.data
-    step = max(1, len(rows) // LOG_POWER_CLIPS)
-    tokens = []
-    for row in list(rows)[::step][:LOG_POWER_CLIPS]:
-        try:
-            tokens.append(load_audio_tokens(row.audio_path, int(data.target_sample_rate), float(data.audio_duration),
-                                            int(data.audio_dim), float(data.audio_scale)))
-        except WavFlowError:
-            continue
-    return initial_log_power(tokens), len(tokens)
 
 
 def checkpointed_blocks(setting: Any, depth: int) -> list[int]:

@@ -298,7 +298,9 @@ def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Pa
     waves = {i: load_audio(p, info.sample_rate).numpy()
              for i, p in tqdm(matched.items(), desc="generated clips", disable=not progress)}
     if match_level:
-        waves = {i: _scaled_to_real_rms(w, info, i) for i, w in waves.items()}
+        by_id = info.by_id()
+        waves = {i: _scaled_to_rms_of(w, info.root / by_id[i].audio_path, info.sample_rate)
+                 for i, w in waves.items()}
     metrics = evaluate_waves(waves, ref, tolerance_ms=tolerance_ms, seed=seed)
     metrics["match_level"] = bool(match_level)
     metrics["generated_dir"] = str(generated_dir)
@@ -318,8 +320,9 @@ def evaluate(generated_dir: str | Path, reference: str | Path, out_dir: str | Pa
     return metrics, table
 
 
-def _scaled_to_real_rms(wave: np.ndarray, info: DatasetInfo, clip_id: str) -> np.ndarray:
-    real = load_audio(info.root / info.by_id()[clip_id].audio_path, info.sample_rate).numpy()
+def _scaled_to_rms_of(wave: np.ndarray, real_path: Path, sample_rate: int) -> np.ndarray:
+    """`wave` scaled to the RMS of the audio file at `real_path` (a silent wave is left as it is)."""
+    real = load_audio(real_path, sample_rate).numpy()
     rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
     return wave * (float(np.sqrt(np.mean(np.square(real, dtype=np.float64)))) / rms) if rms > 0 else wave
 

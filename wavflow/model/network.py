@@ -21,8 +21,8 @@ from wavflow.model.layers import (
     TimestepEmbedder,
     compute_rope_rotations,
 )
-from wavflow.model.spectral_skip import SpectralSkip
 from wavflow.model.presets import CONDITION_FIELDS, DEFAULT_CONDITION_SHAPES, PRESETS, ModelPreset
+from wavflow.model.spectral_skip import SpectralSkip
 from wavflow.shapes import SYNC_TOKENS_PER_SEGMENT, latent_seq_len as derive_latent_seq_len
 
 NON_PERSISTENT_BUFFERS = ("latent_rot", "clip_rot", "t_embed.freqs")

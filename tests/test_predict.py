@@ -198,7 +198,7 @@ def test_explicit_keys_are_the_ones_the_user_set(tmp_path):
     assert explicit_keys(load_config("infer.yaml")) == frozenset()
     # A group choice sets its values; tiny_16k's condition lengths follow data.audio_duration.
     assert explicit_keys(load_config("infer.yaml", ["model=tiny_16k"])) == {
-        "model.name", "model.spectral_skip", "data.target_sample_rate"}
+        "model.name", "model.spectral_skip", "model.level_head", "data.target_sample_rate"}
     both = explicit_keys(load_config("infer.yaml", ["model=tiny_16k", "inference.duration_sec=2"]))  # a reference key
     assert {"data.audio_duration", "data.clip_seq_len", "data.sync_seq_len"} <= both
     assert {"data.audio_duration", "data.clip_seq_len"} <= explicit_keys(load_config("infer.yaml", ["model=medium_16k"]))

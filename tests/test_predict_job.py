@@ -78,10 +78,12 @@ def test_launcher_four_row_kinds_wavs_mp4s_summary(tmp_path, wavflow_cache_dir):
     assert "unconditional sample" in proc.stderr
 
     summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
-    assert list(summary.columns) == ["id", "status", "seconds", "model_calls", "duration_s", "windows", "wav_path", "mp4_path", "reason"]
+    assert list(summary.columns) == ["id", "status", "seconds", "model_calls", "duration_s", "windows", "loudness_lufs",
+                                     "wav_path", "mp4_path", "reason"]
     assert summary["id"].tolist() == ["vt", "t", "v", "row_00003"]
     assert summary["status"].tolist() == ["ok"] * 4 and (summary["seconds"] > 0).all()
     assert (summary["model_calls"] == 2).all() and "model call(s)" in proc.stderr  # Euler, 2 steps
+    assert (summary["loudness_lufs"] == -23.0).all()  # output.loudness_target_lufs, the default
     for name in ["vt", "t", "v", "row_00003"]:
         data, sr = sf.read(out / f"{name}.wav", dtype="float32")
         assert sr == SR and data.shape == (round(SR * 1.0),) and np.isfinite(data).all() and np.abs(data).max() > 0

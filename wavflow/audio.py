@@ -235,7 +235,15 @@ def load_audio_tokens(
     all-zero target, which teaches the model nothing useful for a "sound" caption and is
     almost always a broken file; the data set treats the error like any unreadable sample.
     """
-    wave = load_audio(path, sample_rate)
+    return lift_to_tokens(load_audio(path, sample_rate), path, sample_rate, duration, audio_dim, audio_scale)
+
+
+def lift_to_tokens(
+    wave: Tensor, path: str | os.PathLike, sample_rate: int, duration: float, audio_dim: int = 200,
+    audio_scale: float = 3.0,
+) -> Tensor:
+    """`load_audio_tokens` after the read: a mono (T,) wave at `sample_rate` to x1 (N, audio_dim);
+    `path` names the file in the error for silence."""
     rms = torch.sqrt(torch.mean(wave.double() ** 2))
     if not rms > SILENCE_RMS:
         raise AudioError(f"audio file {path} is silent (RMS {float(rms):.3g} <= {SILENCE_RMS:g})")

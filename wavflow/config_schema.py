@@ -33,6 +33,7 @@ def _node(cls: type) -> Any:
 class ModelBase:
     name: str = MISSING
     spectral_skip: bool = False  # training only: loaded weights say whether they have it
+    level_head: bool = False  # training only: loaded weights say whether they have it
 
 
 @dataclass
@@ -243,6 +244,7 @@ class InferOutput:
     output_dir: str = MISSING
     loudness_norm: bool = MISSING
     loudness_target_lufs: float = MISSING
+    loudness_from_model: bool = False
     mux_video: bool = MISSING
     overwrite: bool = MISSING
 
@@ -325,7 +327,7 @@ class DemoTrain:
 class DemoPredict:
     cfg: float = MISSING
     use_ema: bool = MISSING
-    loudness_target_lufs: Any = MISSING  # 'data', a number (LUFS) or null
+    loudness_target_lufs: Any = MISSING  # 'model', 'data', a number (LUFS) or null
 
 
 @dataclass

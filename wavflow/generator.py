@@ -337,6 +337,25 @@ class WavFlowGenerator:
         text = [f.text.to(self.device) if f.text is not None else m.empty_string_sequence(1)[0] for f in items]
         return torch.stack(clip), torch.stack(sync), torch.stack(text)
 
+    def require_level_head(self, why: str) -> None:
+        """ConfigError naming `why` unless the loaded weights carry the loudness head."""
+        if getattr(self.model, "level_head", None) is None:
+            where = self.checkpoint.path if self.checkpoint is not None else "the loaded network"
+            raise ConfigError(f"{why} needs weights trained with the loudness head (model.level_head=true); "
+                              f"{where} has none (docs/method.md §2.15)")
+
+    @torch.inference_mode()
+    def predict_loudness(self, items: Sequence[ConditionFeatures]) -> list[float]:
+        """The loudness head's LUFS for each item's conditions (docs/method.md §2.15)."""
+        self.require_level_head("a loudness predicted from the conditions")
+        clip, sync, text = self.stack_conditions(items)
+        return [float(v) for v in self.model.predict_loudness(clip, sync, text).cpu()]
+
+    def predict_clip_loudness(self, windows: Sequence[ConditionFeatures]) -> float:
+        """One loudness for a clip made in windows: the power mean of its windows' predictions."""
+        lufs = torch.tensor(self.predict_loudness(windows), dtype=torch.float64)
+        return float(10.0 * torch.log10(torch.mean(10.0 ** (lufs / 10.0))))
+
     def sampling_settings(
         self,
         *,
@@ -459,7 +478,7 @@ class WavFlowGenerator:
         *,
         features_path: str | os.PathLike | None = None,
         cfg_interval: Optional[Sequence[float]] = None,
-        loudness_lufs: Optional[float] = None,
+        loudness_lufs: Optional[float] | str = None,
         trim: bool = True,
         long_form: Optional[str] = None,
         window_overlap_sec: Optional[float] | str = "config",
@@ -467,7 +486,8 @@ class WavFlowGenerator:
         """One clip -> (waveform (T,) float32 CPU, sample_rate).
 
         video / text None use the learned empty tokens (both None: an unconditional sample).
-        `loudness_lufs` (e.g. -23.0) applies the pyloudnorm gain of the CSV job.
+        `loudness_lufs` (e.g. -23.0) applies the pyloudnorm gain of the CSV job; `"model"`: to the
+        loudness the network's loudness head predicts for these conditions (docs/method.md §2.15).
 
         Length: `duration` seconds, else the whole video, else the trained duration. A clip
         longer than the trained duration is made in overlapping windows (docs/long_form.md)
@@ -475,6 +495,8 @@ class WavFlowGenerator:
         longer `duration` stretches the positional tables). `long_form` and
         `window_overlap_sec` default to inference.long_form / inference.window_overlap_sec.
         """
+        if isinstance(loudness_lufs, str) and loudness_lufs != "model":
+            raise ConfigError(f"loudness_lufs must be a number (LUFS), 'model' or None, got {loudness_lufs!r}")
         mode = check_long_form_mode(long_form if long_form is not None else self.long_form_setting("long_form"))
         overlap = self.long_form_setting("window_overlap_sec") if window_overlap_sec == "config" else window_overlap_sec
         length = self.clip_length(video, duration, mode)
@@ -482,11 +504,15 @@ class WavFlowGenerator:
             plan = clip_plan(self, length, overlap)
             txt = self.encode_row(text=text, features_path=features_path).text if text is not None else None
             item = LongFormItem(plan=plan, windows=encode_windows(self, plan, video=video, text=txt), seed=seed)
+            if loudness_lufs == "model":
+                loudness_lufs = self.predict_clip_loudness(item.windows)
             wave = generate_long(self, [item], cfg=cfg, steps=steps, method=method, cfg_interval=cfg_interval)[0]
         else:
             if duration is not None:
                 self.set_duration(duration)
             features = self.encode_row(video=video, text=text, features_path=features_path)
+            if loudness_lufs == "model":
+                loudness_lufs = self.predict_loudness([features])[0]
             wave = self.generate_batch([features], [seed], cfg=cfg, steps=steps, method=method,
                                        cfg_interval=cfg_interval, trim=trim)[0]
         if loudness_lufs is not None:

@@ -39,6 +39,8 @@ class InferRow:
     status: str = ""
     seconds: float = 0.0
     model_calls: int = 0  # network calls of the sampler for this row's batch
+    predicted_lufs: Optional[float] = None  # the loudness head's prediction (output.loudness_from_model)
+    loudness_lufs: Optional[float] = None  # the loudness the clip was written at; None: left as generated
     wav_path: str = ""
     mp4_path: str = ""
     reason: str = ""

@@ -54,7 +54,8 @@ from wavflow.video import mux_audio
 
 log = logging.getLogger("wavflow.predict")
 
-SUMMARY_COLUMNS = ("id", "status", "seconds", "model_calls", "duration_s", "windows", "wav_path", "mp4_path", "reason")
+SUMMARY_COLUMNS = ("id", "status", "seconds", "model_calls", "duration_s", "windows", "loudness_lufs", "wav_path",
+                   "mp4_path", "reason")
 CLASH_SUFFIX = "_wavflow"  # output stem suffix when <name>.wav/.mp4 would overwrite an input
 NO_VIDEO_FILE_REASON = "no video file (video features from features_path): mp4 not written"
 _GPU_LIST = re.compile(r"\d+(,\d+)*")
@@ -107,6 +108,11 @@ def assign_output_stems(rows: Sequence[InferRow], out_dir: Path, inputs: set) ->
 # ----------------------------------------------------------------------------- config
 
 
+def loudness_from_model(cfg: DictConfig) -> bool:
+    """output.loudness_from_model: each clip at the loudness its conditions predict (docs/method.md §2.15)."""
+    return bool(cfg.output.get("loudness_from_model", False))
+
+
 def check_infer_config(cfg: DictConfig) -> None:
     """Job-level checks (ConfigError naming the key)."""
 
@@ -132,6 +138,9 @@ def check_infer_config(cfg: DictConfig) -> None:
     target = cfg.output.loudness_target_lufs
     if not (isinstance(target, (int, float)) and math.isfinite(target) and target < 0):
         raise ConfigError(f"output.loudness_target_lufs must be a negative number (LUFS), got {target!r}")
+    if loudness_from_model(cfg) and not cfg.output.loudness_norm:
+        raise ConfigError("output.loudness_from_model=true sets each clip's loudness target, which "
+                          "output.loudness_norm=false turns off: set output.loudness_norm=true")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -173,9 +182,12 @@ def write_outputs(gen, row: InferRow, wave, out_dir: Path, cfg: DictConfig) -> N
     """Loudness-normalise (after trimming), write <name>.wav and, with a video, <name>.mp4."""
     wav_path, mp4_path = _output_paths(out_dir, row, bool(cfg.output.mux_video))
     if cfg.output.loudness_norm:
-        wave, lufs = loudness_normalize(wave, gen.sample_rate, float(cfg.output.loudness_target_lufs))
+        target = row.predicted_lufs if row.predicted_lufs is not None else float(cfg.output.loudness_target_lufs)
+        wave, lufs = loudness_normalize(wave, gen.sample_rate, target)
         if not (math.isfinite(lufs) and lufs > -70):
             log.info("row %s: output is silent or too short (%.1f LUFS); loudness left unchanged", row.name, lufs)
+        else:
+            row.loudness_lufs = target
     write_wav(wav_path, wave, gen.sample_rate)
     row.wav_path = str(wav_path)
     if mp4_path is not None:
@@ -226,6 +238,8 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
                 generator = WavFlowGenerator.from_checkpoint(
                     cfg.model.ckpt_path, config=cfg, use_ema=bool(cfg.model.use_ema), device=str(cfg.inference.device)
                 )
+            if loudness_from_model(cfg):
+                generator.require_level_head("output.loudness_from_model=true")
             _run_batches(generator, pending, cfg, out_dir, row_seed)
     finally:
         summary = pd.DataFrame(
@@ -237,6 +251,7 @@ def run(cfg: DictConfig, generator=None) -> RunResult:
                     "model_calls": r.model_calls,
                     "duration_s": r.duration if r.duration is not None else "",
                     "windows": r.windows if r.status == STATUS_OK else "",
+                    "loudness_lufs": round(r.loudness_lufs, 2) if r.loudness_lufs is not None else "",
                     "wav_path": r.wav_path,
                     "mp4_path": r.mp4_path,
                     "reason": r.reason or ("" if r.status else "not processed (the job stopped early)"),
@@ -281,6 +296,9 @@ def _run_batches(gen, pending: list[InferRow], cfg: DictConfig, out_dir: Path, r
             row.seconds += time.perf_counter() - t0
         if not chunk:
             continue
+        if loudness_from_model(cfg):
+            for row, lufs in zip(chunk, gen.predict_loudness(feats)):
+                row.predicted_lufs = lufs
         _sample_and_write(gen, chunk, lambda: gen.generate_batch(feats, [row_seed(seed, r.name) for r in chunk]),
                           f"with {cfg.sampling.method}", out_dir, cfg, bar)
     bar.close()
@@ -370,6 +388,8 @@ def _run_long_rows(gen, long_rows: list[tuple[InferRow, Any]], cfg: DictConfig, 
             continue
         for row, item in zip(chunk, items):
             row.windows, row.duration = item.plan.count, item.plan.total_samples / gen.sample_rate
+            if loudness_from_model(cfg):
+                row.predicted_lufs = gen.predict_clip_loudness(item.windows)
         how = "in windows (" + "; ".join(it.plan.describe() for it in items) + ")"
         _sample_and_write(gen, chunk, lambda: generate_long(gen, items), how, out_dir, cfg, bar)
     bar.close()

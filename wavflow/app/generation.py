@@ -36,7 +36,7 @@ from wavflow.io_utils import atomic_write_bytes, atomic_write_text
 from wavflow.long_form.plan import check_long_form_mode, resolve_overlap, wants_windows
 from wavflow.long_form.sampler import clip_plan, encode_windows, generate_long, LongFormItem
 from wavflow.model.flow import SAMPLING_METHODS
-from wavflow.predict import write_outputs
+from wavflow.predict import loudness_from_model, write_outputs
 from wavflow.shapes import target_num_samples, video_seq_lens
 from wavflow.video import video_duration
 
@@ -194,6 +194,8 @@ class Studio:
             raise ConfigError("model.ckpt_path is required: the checkpoint the page generates from")
         gen = WavFlowGenerator.from_checkpoint(cfg.model.ckpt_path, config=cfg, use_ema=bool(cfg.model.use_ema),
                                                device=str(cfg.inference.device))
+        if loudness_from_model(cfg):
+            gen.require_level_head("output.loudness_from_model=true")
         return cls(cfg, gen)
 
     def generator(self, use_ema: bool) -> WavFlowGenerator:
@@ -237,35 +239,41 @@ class Studio:
             gen = self.generator(request.use_ema)
             folder = self.out_root / f"{uuid.uuid4().hex[:12]}_{request.mode}"
             folder.mkdir(parents=True, exist_ok=False)
+            row = InferRow(index=0, name=ROW_ID, video=request.video, caption=request.caption, features_path=None,
+                           wants_video=request.video is not None)
             try:
-                wave = self._sample(gen, request, on_step)
+                wave, row.predicted_lufs = self._sample(gen, request, on_step)
             except WavFlowError as exc:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise RequestError(str(exc).splitlines()[0]) from exc
-            row = InferRow(index=0, name=ROW_ID, video=request.video, caption=request.caption, features_path=None,
-                           wants_video=request.video is not None)
             write_outputs(gen, row, wave, folder, self.cfg)
         wav = Path(row.wav_path)
         spectrogram = write_spectrogram(wav, folder / "spectrogram.png", gen.sample_rate, title=request.mode)
-        settings = settings_record(request, gen.cfg, gen, trained_duration=self.trained_duration)
+        settings = settings_record(request, gen.cfg, gen, trained_duration=self.trained_duration,
+                                   loudness_lufs=row.loudness_lufs)
         atomic_write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
         return Result(mode=request.mode, folder=folder, wav=wav, mp4=Path(row.mp4_path) if row.mp4_path else None,
                       spectrogram=spectrogram, settings=settings)
 
-    def _sample(self, gen: WavFlowGenerator, request: Request, on_step: Optional[Callable[[int], None]]) -> Any:
-        """One clip, as predict makes the same row: in windows past the trained length."""
+    def _sample(self, gen: WavFlowGenerator, request: Request,
+                on_step: Optional[Callable[[int], None]]) -> tuple[Any, Optional[float]]:
+        """One clip, as predict makes the same row (in windows past the trained length), and the
+        loudness head's prediction for it when output.loudness_from_model asks for one."""
         sampling = dict(cfg=request.cfg, steps=request.steps, method=request.method,
                         cfg_interval=list(request.cfg_interval) if request.cfg_interval else None)
         seed = row_seed(request.seed, ROW_ID)
+        from_model = loudness_from_model(self.cfg)
         gen.set_duration(self.trained_duration)
         if not wants_windows(request.long_form, target_num_samples(gen.sample_rate, request.duration), gen.num_samples):
             gen.set_duration(request.duration)
             features = gen.encode_row(video=request.video, text=request.caption)
-            return gen.generate_batch([features], [seed], on_step=on_step, **sampling)[0]
+            lufs = gen.predict_loudness([features])[0] if from_model else None
+            return gen.generate_batch([features], [seed], on_step=on_step, **sampling)[0], lufs
         plan = clip_plan(gen, request.duration, request.window_overlap_sec)
         text = gen.encode_row(text=request.caption).text if request.caption is not None else None
         item = LongFormItem(plan=plan, windows=encode_windows(gen, plan, video=request.video, text=text), seed=seed)
-        return generate_long(gen, [item], on_step=on_step, **sampling)[0]
+        lufs = gen.predict_clip_loudness(item.windows) if from_model else None
+        return generate_long(gen, [item], on_step=on_step, **sampling)[0], lufs
 
 
 def _min_video_duration() -> float:
@@ -320,7 +328,7 @@ def write_spectrogram(wav: Path, out_png: Path, sample_rate: int, *, title: str)
 
 
 def settings_record(request: Request, cfg: DictConfig, gen: WavFlowGenerator, *,
-                    trained_duration: float) -> dict[str, Any]:
+                    trained_duration: float, loudness_lufs: Optional[float] = None) -> dict[str, Any]:
     """What was used, and how to make the same clip with predict.sh (a one-row CSV + overrides)."""
     # video_path: the uploaded file's name (the upload itself is deleted after the request)
     row = {"id": ROW_ID, "video_path": request.video.name if request.video else "",
@@ -337,6 +345,8 @@ def settings_record(request: Request, cfg: DictConfig, gen: WavFlowGenerator, *,
         format_override("sampling.method", request.method),
         format_override("sampling.num_steps", request.steps),
     ]
+    if loudness_from_model(cfg):
+        overrides.append("output.loudness_from_model=true")
     windows = wants_windows(request.long_form, target_num_samples(gen.sample_rate, request.duration),
                             target_num_samples(gen.sample_rate, trained_duration))
     overrides += [format_override("inference.long_form", request.long_form),
@@ -364,7 +374,7 @@ def settings_record(request: Request, cfg: DictConfig, gen: WavFlowGenerator, *,
         "window_overlap_sec": request.window_overlap_sec,
         "windows": clip_plan(gen, request.duration, request.window_overlap_sec).count if windows else 1,
         "sample_rate": gen.sample_rate,
-        "loudness_lufs": float(cfg.output.loudness_target_lufs) if cfg.output.loudness_norm else None,
+        "loudness_lufs": loudness_lufs,
         "csv": buf.getvalue(),
         "command": "bash scripts/launch/predict.sh --config configs/infer.yaml " + " ".join(overrides),
     }

@@ -99,10 +99,15 @@ def predict_stage(cfg: DictConfig, stage: str, csv_path: Path, data_root: Path, 
         f"model.use_ema={str(use_ema).lower()}", f"inference.cfg={stage_eval_cfg(cfg, stage)}",
         f"sampling.num_steps={cfg.sampling.num_steps}", f"output.output_dir={out}",
         "output.mux_video=false", "output.overwrite=true", "inference.batch_size=8",
-        # at the data's median loudness, as the demo writes them (level figures compare)
-        *(loudness_overrides("data", data_root) if (data_root / "events.json").is_file()
+        # at the loudness the model predicts, else the data's median, as the demo writes them (level figures compare)
+        *(loudness_overrides(benchmark_loudness(cfg), data_root) if (data_root / "events.json").is_file()
           else ["output.loudness_norm=true"])]
     return run_stage(f"predict_{tag}", "predict", replace_words(words, extra), 1, logs)
+
+
+def benchmark_loudness(cfg: DictConfig) -> str:
+    """`model` when the benchmark's networks carry the loudness head (model.level_head), else `data`."""
+    return "model" if bool(OmegaConf.select(cfg, "model.level_head", default=False)) else "data"
 
 
 def replace_words(words: Sequence[str], extra: Sequence[str]) -> list[str]:

@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_KEYS = (
     "model.name",
     "model.spectral_skip",
+    "model.level_head",
     "data.target_sample_rate",
     "data.audio_duration",
     "data.clip_seq_len",
@@ -359,17 +360,20 @@ def data_loudness_lufs(data_dir: Path, split: str = "train") -> float:
 
 
 def loudness_overrides(target: object, data_dir: Path) -> list[str]:
-    """Predict overrides for `demo.predict.loudness_target_lufs`: `data` (the training clips'
-    median loudness), a number (LUFS), or null (no loudness normalisation)."""
+    """Predict overrides for `demo.predict.loudness_target_lufs`: `model` (each clip at the
+    loudness the network's loudness head predicts, docs/method.md §2.15), `data` (the training
+    clips' median loudness), a number (LUFS), or null (no loudness normalisation)."""
     if target is None:
         return ["output.loudness_norm=false"]
+    if str(target) == "model":
+        return ["output.loudness_norm=true", "output.loudness_from_model=true"]
     if str(target) == "data":
         lufs = data_loudness_lufs(data_dir)
     else:
         try:
             lufs = float(target)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise ConfigError(f"demo.predict.loudness_target_lufs must be 'data', a number (LUFS) or null, "
+            raise ConfigError(f"demo.predict.loudness_target_lufs must be 'model', 'data', a number (LUFS) or null, "
                               f"got {target!r}") from None
     return ["output.loudness_norm=true", f"output.loudness_target_lufs={lufs:.2f}"]
 

@@ -23,6 +23,7 @@ from wavflow.io_utils import safe_torch_load
 from wavflow.model.cond_norm import migrate_empty_tokens, state_has_cond_norm
 from wavflow.model.network import NON_PERSISTENT_BUFFERS
 from wavflow.model.presets import PRESETS
+from wavflow.model.level_head import state_has_level_head
 from wavflow.model.spectral_skip import state_has_spectral_skip
 
 _log = logging.getLogger("wavflow.checkpoint")
@@ -110,6 +111,8 @@ def _mismatch_hint(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
             hint += f" It was built for {field}={arch[field]} (this model: {mine}); set data.{field} to match."
     if getattr(model, "spectral_skip", None) is not None and not state_has_spectral_skip(sd):
         hint += " The weights were trained without the spectral skip: set model.spectral_skip=false."
+    if getattr(model, "level_head", None) is not None and not state_has_level_head(sd):
+        hint += " The weights were trained without the loudness head: set model.level_head=false."
     return hint
 
 
@@ -125,6 +128,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         model.attach_condition_norm()
     if state_has_spectral_skip(sd) and getattr(model, "spectral_skip", False) is None:
         model.attach_spectral_skip()  # weights trained with the Wiener skip carry it (spectral_skip.py)
+    if state_has_level_head(sd) and getattr(model, "level_head", False) is None:
+        model.attach_level_head()  # weights trained with the loudness head carry it (level_head.py)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]

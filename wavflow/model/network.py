@@ -21,6 +21,7 @@ from wavflow.model.layers import (
     TimestepEmbedder,
     compute_rope_rotations,
 )
+from wavflow.model.level_head import LevelHead
 from wavflow.model.presets import CONDITION_FIELDS, DEFAULT_CONDITION_SHAPES, PRESETS, ModelPreset
 from wavflow.model.spectral_skip import SpectralSkip
 from wavflow.shapes import SYNC_TOKENS_PER_SEGMENT, latent_seq_len as derive_latent_seq_len
@@ -119,6 +120,8 @@ class WavFlowNet(nn.Module):
         self.cond_norm: Optional[ConditionNorm] = None
         # Optional per-frequency Wiener skip (spectral_skip.py); None keeps the reference layout.
         self.spectral_skip: Optional[SpectralSkip] = None
+        # Optional loudness head (level_head.py); None keeps the reference layout.
+        self.level_head: Optional[LevelHead] = None
 
     def attach_condition_norm(self) -> ConditionNorm:
         """Add the (identity until set) condition normalisation; its keys come last."""
@@ -133,6 +136,13 @@ class WavFlowNet(nn.Module):
             device = self.empty_clip_feat.device
             self.spectral_skip = SpectralSkip(self.hidden_dim, self.latent_dim).to(device)
         return self.spectral_skip
+
+    def attach_level_head(self) -> LevelHead:
+        """Add the loudness head (it starts predicting level_head.LEVEL_OFFSET_LUFS for every clip)."""
+        if self.level_head is None:
+            device = self.empty_clip_feat.device
+            self.level_head = LevelHead(self.clip_dim, self.sync_dim, self.text_dim).to(device)
+        return self.level_head
 
     # ----------------------------------------------------------------------------- set-up
     def initialize_weights(self) -> None:
@@ -241,6 +251,16 @@ class WavFlowNet(nn.Module):
         if negative_text_features is None:
             text_f, text_c = text_f.expand(bs, -1, -1), text_c.expand(bs, -1)
         return Conditions(clip_f, sync_f, text_f, clip_c, text_c)
+
+    def predict_loudness(self, clip_f: torch.Tensor, sync_f: torch.Tensor, text_f: torch.Tensor) -> torch.Tensor:
+        """The loudness head's LUFS (B,) for raw condition sequences, missing modalities already
+        filled with the empty tokens (docs/method.md §2.15)."""
+        if self.level_head is None:
+            raise ValueError("this network has no loudness head (model.level_head)")
+        self._check_conditions(clip_f, sync_f, text_f)
+        if self.cond_norm is not None:  # the streams as the flow network sees them
+            clip_f, sync_f, text_f = self.cond_norm(clip_f, sync_f, text_f)
+        return self.level_head(clip_f, sync_f, text_f)
 
     # ---------------------------------------------------------------------------- network
     def _run(self, index: int, fn: Any, *args: Any) -> Any:

@@ -10,6 +10,7 @@ fail later, at read time, become None and are dropped (and counted) by `collate_
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from wavflow.audio import load_audio_tokens
+from wavflow.audio import integrated_loudness, lift_to_tokens, load_audio
 from wavflow.errors import FeatureError, ManifestError
 from wavflow.features.packed import KEY_COLUMN, read_row_features, ShardReader
 from wavflow.manifest import (
@@ -280,13 +281,19 @@ FAILED_KEY = "failed_row"  # the one key of an item whose row could not be read:
 
 class TrainDataset(Dataset):
     """Items `{id, audio_tokens (N, audio_dim), clip_features, sync_features, text_features,
-    video_exist, text_exist}`, or `{failed_row: (id, reason)}` when the row cannot be read."""
+    video_exist, text_exist}`, or `{failed_row: (id, reason)}` when the row cannot be read.
+    With `measure_loudness` (the loudness head's target, docs/method.md §2.15) items also hold
+    `loudness_lufs`: the BS.1770 loudness of the whole file before the lifting (nan when the
+    file is shorter than one 0.4 s gating block)."""
 
-    def __init__(self, rows: Sequence[TrainRow], data_cfg: Any, repeat_factor: int = 1) -> None:
+    def __init__(self, rows: Sequence[TrainRow], data_cfg: Any, repeat_factor: int = 1,
+                 measure_loudness: bool = False) -> None:
         if repeat_factor < 1:
             raise ManifestError(f"training.repeat_factor must be >= 1, got {repeat_factor}")
         self.rows = list(rows)
         self.repeat_factor = int(repeat_factor)
+        self.measure_loudness = bool(measure_loudness)
+        self._warned_loudness = False
         self.shapes = FeatureShapes.from_data_config(data_cfg)
         self.sample_rate = int(data_cfg.target_sample_rate)
         self.duration = float(data_cfg.audio_duration)
@@ -302,9 +309,15 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         row = self.rows[index % len(self.rows)]
         try:
-            tokens = load_audio_tokens(
-                row.audio_path, self.sample_rate, self.duration, audio_dim=self.audio_dim, audio_scale=self.audio_scale
-            )
+            wave = load_audio(row.audio_path, self.sample_rate)
+            loudness = integrated_loudness(wave, self.sample_rate) if self.measure_loudness else None
+            if loudness is not None and not math.isfinite(loudness) and not self._warned_loudness:
+                self._warned_loudness = True
+                log.warning("id %r (%s): no measurable loudness (shorter than one 0.4 s BS.1770 block): rows like "
+                            "it give the loudness head (model.level_head) no target; not repeated",
+                            row.sample_id, row.audio_path)
+            tokens = lift_to_tokens(wave, row.audio_path, self.sample_rate, self.duration, audio_dim=self.audio_dim,
+                                    audio_scale=self.audio_scale)
             if tuple(tokens.shape) != (self.num_tokens, self.audio_dim):
                 raise FeatureError(f"audio tokens have shape {tuple(tokens.shape)}, expected {(self.num_tokens, self.audio_dim)}")
             feats = load_features(row, self.shapes, self._shards)
@@ -316,13 +329,16 @@ class TrainDataset(Dataset):
                     row.sample_id, row.audio_path, exc,
                 )
             return {FAILED_KEY: (row.sample_id, f"{type(exc).__name__}: {exc}")}
-        return {
+        item = {
             "id": row.sample_id,
             "audio_tokens": tokens.float(),
             **feats,
             "video_exist": torch.tensor(row.video_exist),
             "text_exist": torch.tensor(row.text_exist),
         }
+        if loudness is not None:
+            item["loudness_lufs"] = torch.tensor(loudness, dtype=torch.float32)
+        return item
 
 
 def collate_train(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

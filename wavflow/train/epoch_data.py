@@ -169,4 +169,5 @@ def placeholder_batch(dataset: TrainDataset) -> dict[str, Any]:
         "text_features": torch.zeros(1, *shapes.text),
         "video_exist": torch.zeros(1, dtype=torch.bool),
         "text_exist": torch.zeros(1, dtype=torch.bool),
+        **({"loudness_lufs": torch.full((1,), float("nan"))} if dataset.measure_loudness else {}),
     }

@@ -105,6 +105,26 @@ def check_feature_norm(weights: Mapping[str, torch.Tensor], model: nn.Module, *,
             )
 
 
+# The network's optional parts (docs/method.md §2.14-2.15) and the config key that adds each.
+OPTIONAL_PARTS = (("spectral_skip", "model.spectral_skip"), ("level_head", "model.level_head"))
+
+
+def with_added_parts(weights: Mapping[str, torch.Tensor], model: nn.Module, *, source: str) -> dict[str, torch.Tensor]:
+    """`weights` for a new run: an optional part this run adds that the weights lack starts as
+    built (so a loudness head can be trained onto a model trained without one); a part the
+    weights carry that this run lacks is a CheckpointError naming the key that adds it."""
+    own, out = model.state_dict(), dict(weights)
+    for part, key in OPTIONAL_PARTS:
+        prefix = part + "."
+        in_weights, in_run = any(k.startswith(prefix) for k in weights), getattr(model, part, None) is not None
+        if in_weights and not in_run:
+            raise CheckpointError(f"training.init_from {source} carries {prefix}* weights, which this run's network "
+                                  f"lacks: set {key}=true")
+        if in_run and not in_weights:
+            out.update({k: v for k, v in own.items() if k.startswith(prefix)})
+    return out
+
+
 def trainable_patterns(value: Any) -> Optional[list[str]]:
     """training.trainable as a plain list (None: everything trains)."""
     if value is None:

@@ -48,6 +48,9 @@ def build_training_network(cfg: DictConfig, rows: Sequence[TrainRow], *, resumin
     if bool(OmegaConf.select(cfg, "model.spectral_skip", default=False)):
         model.attach_spectral_skip()  # before the optimizer and EMAs, like the normalisation
         logger.info("Spectral skip: on (model.spectral_skip; per-frequency Wiener skip, docs/method.md §2.14)")
+    if bool(OmegaConf.select(cfg, "model.level_head", default=False)):
+        model.attach_level_head()
+        logger.info("Loudness head: on (model.level_head; each clip's loudness from its conditions, docs/method.md §2.15)")
     model.train()
     set_conv_impl(model, speed.conv_impl)
     set_attention_impl(model, speed.attention_backend)

@@ -16,6 +16,7 @@ from torch import nn
 
 from wavflow.distributed import all_reduce_sum
 from wavflow.errors import RuntimeFailure
+from wavflow.model.level_head import level_loss
 from wavflow.train.config_checks import drop_probs
 from wavflow.train.fsdp import full_tensor, is_sharded, set_gradient_sync, unshard_root
 from wavflow.train.lr_schedule import apply_lr, lr_at
@@ -44,6 +45,7 @@ class OptimizerStep:
         self.autocast_factory = autocast_factory
         self.placeholder_batch = placeholder_batch
         self.nonfinite_in_a_row = 0  # optimiser steps skipped for a non-finite gradient norm
+        self.level_losses: list[float] = []  # the loudness head's loss of each real micro-batch of a step
 
     def draw_noise(self, x1: torch.Tensor) -> StepNoise:
         s = self.sampling
@@ -67,12 +69,20 @@ class OptimizerStep:
             )
             noise = self.draw_noise(x1)
             clip_f, sync_f, text_f, _, _ = apply_label_drop(model, clip_f, sync_f, text_f, noise, *drop_probs(self.tr))
+            # docs/method.md §2.15, beside the flow loss; before the forward, while FSDP has the root's weights whole
+            level = (level_loss(model.predict_loudness(clip_f, sync_f, text_f), batch["loudness_lufs"])
+                     if getattr(model, "level_head", None) is not None else None)
             out = flow_matching_loss(
                 self.forward_model, x1, clip_f, sync_f, text_f, noise,
                 prediction_type=str(s.prediction_type), loss_type=str(self.tr.loss_type),
                 noise_shift=float(s.noise_shift), min_sigma=float(s.min_sigma),
             )
-        loss = out.loss if real else out.loss * 0.0
+        loss = out.loss
+        if level is not None:
+            loss = loss + level
+            if real:
+                self.level_losses.append(float(level.detach()))
+        loss = loss if real else loss * 0.0
         return loss, out.per_sample, out.t_s, (x1.shape[0] if real else 0)
 
     def learning_rate(self, lr_epoch: float) -> float:
@@ -93,6 +103,7 @@ class OptimizerStep:
         state.optimizer.zero_grad(set_to_none=True)
         k = len(micro_batches)
         losses, per_samples, times, rows = [], [], [], 0
+        self.level_losses = []
         sharded = is_sharded(state.model)
         for i, batch in enumerate(micro_batches):
             inner = state.info.is_distributed and i < k - 1
@@ -102,7 +113,7 @@ class OptimizerStep:
                 loss, per, t_s, n = self.micro_step(batch)
                 (loss / k).backward()
             if n:
-                losses.append(float(loss.detach()))
+                losses.append(float(per.float().mean()))  # the flow loss (the loudness head's is logged apart)
                 per_samples.append(per.float().cpu())
                 times.append(t_s.float().cpu())
                 rows += n
@@ -121,9 +132,16 @@ class OptimizerStep:
                  times: list[torch.Tensor]) -> dict[str, Any]:
         """Clip, step the optimiser and the EMAs (gradients are in place, some rank had rows)."""
         state = self.state
-        params = [p for p in state.model.parameters() if p.requires_grad]
+        head = getattr(state.model, "level_head", None)
+        head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
+        head_ids = {id(p) for p in head_params}
+        params = [p for p in state.model.parameters() if p.requires_grad and id(p) not in head_ids]
         max_norm = float(self.tr.clip_grad_norm)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        limit = max_norm if max_norm > 0 else float("inf")
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, limit))
+        if head_params:  # clipped on its own: the loudness head's gradients never scale the flow network's
+            head_norm = full_tensor(torch.nn.utils.clip_grad_norm_(head_params, limit))
+            grad_norm = torch.where(torch.isfinite(head_norm), grad_norm, head_norm)
         if int(self.tr.max_nonfinite_steps) > 0 and not bool(torch.isfinite(grad_norm)):
             return self._skip_nonfinite_step(lr, float(grad_norm), losses)
         self.nonfinite_in_a_row = 0
@@ -140,6 +158,7 @@ class OptimizerStep:
             "rows": rows,
             "per_sample": torch.cat(per_samples) if per_samples else torch.zeros(0),
             "t_s": torch.cat(times) if times else torch.zeros(0),
+            **({"level_loss": sum(self.level_losses) / len(self.level_losses)} if self.level_losses else {}),
         }
 
     def _skip_nonfinite_step(self, lr: float, grad_norm: float, losses: list[float]) -> dict[str, Any]:

@@ -54,6 +54,10 @@ class StepLog:
             "train/loss": stats["loss"], "train/lr": stats["lr"],
             "train/grad_norm": stats["grad_norm"], "train/samples_per_sec": throughput,
         }
+        if "level_loss" in stats:  # the loudness head (model.level_head): RMS error in dB = 10 * sqrt(loss)
+            self.logger.info("  LevelLoss: %.4f (loudness RMS error %.1f dB)", stats["level_loss"],
+                             10.0 * stats["level_loss"] ** 0.5)
+            scalars["train/level_loss"] = stats["level_loss"]
         for b in range(T_BUCKETS):
             if self.bucket_count[b] > 0:
                 scalars[f"train/loss_t{b / T_BUCKETS:.2f}-{(b + 1) / T_BUCKETS:.2f}"] = float(

@@ -32,7 +32,8 @@ from wavflow.train.checkpointing import (
 )
 from wavflow.train.ema import ParamEMA
 from wavflow.train.fsdp import full_optimizer_state_dict, is_sharded, reshard_optimizer, shard_shadows
-from wavflow.train.finetune import InitRecord, check_feature_norm, check_pinned_hash, file_sha256, initial_weights
+from wavflow.train.finetune import (InitRecord, check_feature_norm, check_pinned_hash, file_sha256, initial_weights,
+                                    with_added_parts)
 from wavflow.train.lora import ADAPTER_FORMAT, adapter_state
 from wavflow.train.resume import RunFolder, restore_rank_rng, restore_weights, weights_digest
 
@@ -179,6 +180,7 @@ class TrainState:
                                          use_ema=bool(tr.get("init_from_ema", False)), source=str(path))
         check_feature_norm(weights, self.model, source=str(path), feature_norm_setting=self.cfg.data.feature_norm)
         weights = {**adapter_state(self.model.state_dict()), **weights}  # new adapters start as built (B = 0)
+        weights = with_added_parts(weights, self.model, source=str(path))
         load_weights(self.model, weights, source=f"training.init_from {path}")
         self.ema1.reset_to(self.model)
         self.ema2.reset_to(self.model)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
@@ -103,7 +103,8 @@ class Trainer:
         rows = prepare_rows(self.cfg.data, self.info, self.exp_dir / CHECKS_NAME)
         if self.is_main:
             warn_if_audio_short(rows, float(cfg.data.audio_duration))
-        self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor))
+        self.dataset = TrainDataset(rows, cfg.data, repeat_factor=int(tr.repeat_factor),
+                                    measure_loudness=bool(OmegaConf.select(cfg, "model.level_head", default=False)))
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                           drop_last=False, seed=0)
         self._persistent_loader: DataLoader | None = None  # training.persistent_workers: built at the first epoch

@@ -109,6 +109,9 @@ def test_json_mapping_and_plus_on_a_schema_key():
     cfg = load_config("evaluate.yaml", ["+architectures.synchformer=" + json.dumps(arch)], validate=False)
     assert OmegaConf.to_container(cfg.architectures.synchformer) == arch and cfg.architectures.imagebind is None
     assert load_config("train.yaml", ["+training.lr=2e-4"], validate=False).training.lr == pytest.approx(2e-4)
+    # a mapping's keys are not fixed: +key adds one, as the unknown-key error says to
+    bench = load_config("bench_learning.yaml", ["+bench.finetune.ways.full_slow=['training.lr=1.0e-4']"])
+    assert list(bench.bench.finetune.ways.full_slow) == ["training.lr=1.0e-4"] and "full" in bench.bench.finetune.ways
     with pytest.raises(ConfigError, match="architectures.imagebind' expects a mapping"):
         load_config("evaluate.yaml", ["architectures.imagebind=[1,2]"], validate=False)
 

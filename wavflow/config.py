@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from wavflow import config_reference as reference
-from wavflow.config_schema import ANY_CHECKS, JOBS, STR_OR_LIST, field_type
+from wavflow.config_schema import ANY_CHECKS, JOBS, STR_OR_LIST, field_type, is_dict_entry
 from wavflow.errors import ConfigError
 from wavflow.config_values import validate_config
 from wavflow.io_utils import atomic_write_text
@@ -185,7 +185,7 @@ def prepare_override(job: str, item: str) -> str | None:
     if "." not in key and key in GROUPS and not prefix:
         return f"{key}={text}"  # a config group choice: model=large_44k
     declared = field_type(JOBS[job], key)
-    if prefix == "+" and declared is not None:
+    if prefix == "+" and declared is not None and not is_dict_entry(JOBS[job], key):
         prefix = ""  # every schema key is present: +key=value on one of them sets it (as before Hydra)
     as_string = declared is str or (key in STR_OR_LIST and not text.lstrip().startswith("["))
     if as_string and text != "null" and not _is_quoted(text):

@@ -540,6 +540,21 @@ def field_type(schema: type, key: str) -> Any:
     return node
 
 
+def is_dict_entry(schema: type, key: str) -> bool:
+    """Whether dotted `key` lies inside a Dict[str, V] field of `schema` (its keys are not fixed)."""
+    node: Any = schema
+    for part in key.split("."):
+        if typing.get_origin(node) is dict:
+            return True
+        if not dataclasses.is_dataclass(node):
+            return False
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = _unwrap_optional(hints[part])
+    return False
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]

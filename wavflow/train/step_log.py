@@ -45,18 +45,19 @@ class StepLog:
         """One log line and the scalars, then start the next interval."""
         now = time.time()
         throughput = self.rows / max(now - self.last_log, 1e-9)
+        # the loudness head (model.level_head): its loss is in (10 dB)², so its RMS error is 10 * sqrt(loss) dB
+        level = (f" LevelLoss: {stats['level_loss']:.4f} ({10.0 * stats['level_loss'] ** 0.5:.1f} dB)"
+                 if "level_loss" in stats else "")
         self.logger.info(
-            "Epoch [%d/%d] Step [%d/%d] GlobalStep %d Loss: %.4f LR: %.2e GradNorm: %.4f Throughput: %.1f samples/s",
+            "Epoch [%d/%d] Step [%d/%d] GlobalStep %d Loss: %.4f LR: %.2e GradNorm: %.4f Throughput: %.1f samples/s%s",
             epoch + 1, self.epochs, step, self.num_batches, global_step,
-            stats["loss"], stats["lr"], stats["grad_norm"], throughput,
+            stats["loss"], stats["lr"], stats["grad_norm"], throughput, level,
         )
         scalars = {
             "train/loss": stats["loss"], "train/lr": stats["lr"],
             "train/grad_norm": stats["grad_norm"], "train/samples_per_sec": throughput,
         }
-        if "level_loss" in stats:  # the loudness head (model.level_head): RMS error in dB = 10 * sqrt(loss)
-            self.logger.info("  LevelLoss: %.4f (loudness RMS error %.1f dB)", stats["level_loss"],
-                             10.0 * stats["level_loss"] ** 0.5)
+        if "level_loss" in stats:
             scalars["train/level_loss"] = stats["level_loss"]
         for b in range(T_BUCKETS):
             if self.bucket_count[b] > 0:

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.test_predict import TINY_OVERRIDES, tiny_cfg
-from tests.test_train_common import SR, make_config, make_dataset
+from tests.test_train_common import SR, make_config, make_dataset, run_resumed_twice
 from wavflow.audio import integrated_loudness
 from wavflow.config import load_config
 from wavflow.generator import WavFlowGenerator
@@ -156,19 +156,11 @@ def _loud_and_soft_dataset(tmp_path):
 def test_a_run_with_the_head_trains_it_resumes_bit_identically_and_leaves_the_flow_network_alone(tmp_path):
     csv = _loud_and_soft_dataset(tmp_path)
     clipped = dict(training__epochs=2, training__clip_grad_norm=0.1)  # every step clipped
-    common = dict(model__level_head=True, **clipped)
-    full = run_training(make_config(tmp_path / "a", csv, **common))
-    part = run_training(make_config(tmp_path / "b", csv, training__max_steps=3, **common))
-    rest = run_training(make_config(tmp_path / "b", csv, **common))
-    a = safe_torch_load(full.exp_dir / "checkpoint_latest.pth")
-    b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
-    assert part.global_step == 3 and rest.global_step == a["global_step"] == 4
+    run, a, _ = run_resumed_twice(tmp_path, csv, model__level_head=True, **clipped)
     for entry in ("model", "model_ema1"):
         assert {"level_head.experts.0.0.weight", "level_head.experts.2.2.bias"} <= set(a[entry])
-        for k in a[entry]:
-            assert torch.equal(a[entry][k], b[entry][k]), (entry, k)
     assert a["model"]["level_head.experts.2.2.bias"].abs().max() > 0  # it trained on the measured targets
-    text = (full.exp_dir / "training.log").read_text()
+    text = (run / "training.log").read_text()
     assert "Loudness head: on" in text and "LevelLoss:" in text
     plain = safe_torch_load(run_training(make_config(tmp_path / "c", csv, **clipped)).exp_dir / "checkpoint_latest.pth")
     for entry in ("model", "model_ema1"):  # the head is clipped on its own and reads detached inputs
@@ -259,3 +251,22 @@ def test_a_new_run_may_add_the_head_to_weights_without_one_but_not_drop_it(tmp_p
     with_head = added.exp_dir / "checkpoint_latest.pth"
     with pytest.raises(CheckpointError, match="carries level_head.* weights.*set model.level_head=true"):
         run_training(make_config(tmp_path / "dropped", csv, training__epochs=1, training__init_from=str(with_head)))
+
+
+@pytest.mark.slow
+def test_the_head_trains_alike_under_ddp_and_fsdp_on_two_ranks(tmp_path):
+    from tests.test_fsdp import _losses, _train
+
+    csv = _loud_and_soft_dataset(tmp_path)
+    common = dict(model__level_head=True, training__epochs=2, training__batch_size=1)
+    runs = {s: _train(tmp_path, csv, 2, s, training__strategy=s, **common) for s in ("ddp", "fsdp")}
+    for strategy, proc in runs.items():
+        assert proc.returncode == 0, (strategy, proc.stderr[-4000:])
+    logs = {s: (tmp_path / "out" / s / "training.log").read_text() for s in runs}
+    assert all("Weights identical on all 2 rank(s)" in text and "LevelLoss:" in text for text in logs.values())
+    assert _losses(logs["fsdp"]) == pytest.approx(_losses(logs["ddp"]), rel=1e-4)
+    a, b = (safe_torch_load(tmp_path / "out" / s / "checkpoint_latest.pth")["model"] for s in runs)
+    head = [k for k in a if k.startswith("level_head.")]
+    assert head and a["level_head.experts.2.2.bias"].abs().max() > 0
+    for k in head:  # the head's gradient is reduced over the ranks under both strategies
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from tests.test_train_common import make_config, make_dataset
+from tests.test_train_common import make_config, make_dataset, run_resumed_twice
 from wavflow.errors import CheckpointError
 from wavflow.io_utils import safe_torch_load
 from wavflow.model import build_model
@@ -150,18 +150,10 @@ def test_a_white_background_is_generated_at_its_level():
 
 def test_a_run_with_the_skip_trains_it_and_resumes_bit_identically(tmp_path):
     csv = make_dataset(tmp_path)
-    common = dict(model__spectral_skip=True, training__epochs=2)
-    full = run_training(make_config(tmp_path / "a", csv, **common))
-    part = run_training(make_config(tmp_path / "b", csv, training__max_steps=3, **common))
-    rest = run_training(make_config(tmp_path / "b", csv, **common))
-    a = safe_torch_load(full.exp_dir / "checkpoint_latest.pth")
-    b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
-    assert part.global_step == 3 and rest.global_step == a["global_step"] == 4
+    run, a, _ = run_resumed_twice(tmp_path, csv, model__spectral_skip=True, training__epochs=2)
     for entry in ("model", "model_ema1"):
         assert {"spectral_skip.log_power.weight", "spectral_skip.log_power.bias"} <= set(a[entry])
-        for k in a[entry]:
-            assert torch.equal(a[entry][k], b[entry][k]), (entry, k)
     assert a["model"]["spectral_skip.log_power.weight"].abs().max() > 0  # it trained
-    assert "Spectral skip: on" in (full.exp_dir / "training.log").read_text()
+    assert "Spectral skip: on" in (run / "training.log").read_text()
     plain = run_training(make_config(tmp_path / "c", csv, training__epochs=1))
     assert not any(k.startswith("spectral_skip.") for k in safe_torch_load(plain.exp_dir / "checkpoint_latest.pth")["model"])

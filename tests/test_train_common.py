@@ -11,6 +11,8 @@ import soundfile as sf
 import torch
 
 from wavflow.config import load_config
+from wavflow.io_utils import safe_torch_load
+from wavflow.train.trainer import run_training
 
 SR = 16000
 DURATION = 0.2  # 3200 samples -> N = 16 patches
@@ -94,3 +96,20 @@ def overrides(root: Path, csv: Path | str | list, **extra: object) -> list[str]:
 
 def make_config(root: Path, csv: Path | str | list, **extra: object):
     return load_config("train.yaml", overrides(root, csv, **extra))
+
+
+def run_resumed_twice(root: Path, csv: Path, **common: object) -> tuple[Path, dict, dict]:
+    """A 4-step run in one go (root/a) and the same run stopped after 3 steps and resumed
+    (root/b); returns (the first run's folder, its checkpoint, the resumed run's checkpoint) after
+    checking the step counts and that both checkpoints' weights and EMA-1 are bit-identical."""
+    full = run_training(make_config(root / "a", csv, **common))
+    part = run_training(make_config(root / "b", csv, training__max_steps=3, **common))
+    rest = run_training(make_config(root / "b", csv, **common))
+    a = safe_torch_load(full.exp_dir / "checkpoint_latest.pth")
+    b = safe_torch_load(rest.exp_dir / "checkpoint_latest.pth")
+    assert part.global_step == 3 and rest.global_step == a["global_step"] == 4
+    for entry in ("model", "model_ema1"):
+        assert set(a[entry]) == set(b[entry])
+        for k in a[entry]:
+            assert torch.equal(a[entry][k], b[entry][k]), (entry, k)
+    return full.exp_dir, a, b

@@ -524,35 +524,32 @@ JOBS: dict[str, type] = {
 STR_OR_LIST = frozenset({"data.train_csv"})
 
 
-def field_type(schema: type, key: str) -> Any:
-    """The declared type of dotted `key` in `schema` (Optional unwrapped), or None if undeclared."""
+def _resolve(schema: type, key: str) -> tuple[Any, bool]:
+    """(the declared type of dotted `key` in `schema`, Optional unwrapped, or None if undeclared;
+    whether the path passes through a Dict[str, V] field, whose keys are not fixed)."""
     node: Any = schema
+    in_dict = False
     for part in key.split("."):
         if typing.get_origin(node) is dict:  # Dict[str, V]: any key, of value type V
-            node = _unwrap_optional(typing.get_args(node)[1])
+            node, in_dict = _unwrap_optional(typing.get_args(node)[1]), True
             continue
         if not dataclasses.is_dataclass(node):
-            return None
+            return None, in_dict
         hints = typing.get_type_hints(node)
         if part not in hints:
-            return None
+            return None, in_dict
         node = _unwrap_optional(hints[part])
-    return node
+    return node, in_dict
+
+
+def field_type(schema: type, key: str) -> Any:
+    """The declared type of dotted `key` in `schema` (Optional unwrapped), or None if undeclared."""
+    return _resolve(schema, key)[0]
 
 
 def is_dict_entry(schema: type, key: str) -> bool:
     """Whether dotted `key` lies inside a Dict[str, V] field of `schema` (its keys are not fixed)."""
-    node: Any = schema
-    for part in key.split("."):
-        if typing.get_origin(node) is dict:
-            return True
-        if not dataclasses.is_dataclass(node):
-            return False
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            return False
-        node = _unwrap_optional(hints[part])
-    return False
+    return _resolve(schema, key)[1]
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -52,8 +52,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, info: DistInfo, fsdp_cfg: Any) -> None:
-    """fully_shard every transformer block, then the root (its own parameters: projections,
-    embeddings, empty tokens, output layer), over all ranks."""
+    """fully_shard every transformer block and the loudness head, then the root (its own
+    parameters: projections, embeddings, empty tokens, output layer), over all ranks."""
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     param, reduce = fsdp_cfg.get("param_dtype"), fsdp_cfg.get("reduce_dtype")
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[str(param)] if param else None,
@@ -61,6 +61,9 @@ def shard_model(model: nn.Module, info: DistInfo, fsdp_cfg: Any) -> None:
     reshard = bool(fsdp_cfg.get("reshard_after_forward", True))
     for block in [*model.joint_blocks, *model.fused_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    head = getattr(model, "level_head", None)
+    if head is not None:  # its own unit: it runs outside the network's forward, and FSDP must gather
+        fully_shard(head, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)  # it again for backward
     # The feature statistics stay whole on every rank: frozen, a few KB, and their float64 tag
     # cannot share a gather buffer with float32 weights (FSDP2 crashed in backward with it).
     norm = getattr(model, "cond_norm", None)

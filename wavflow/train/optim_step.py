@@ -69,14 +69,15 @@ class OptimizerStep:
             )
             noise = self.draw_noise(x1)
             clip_f, sync_f, text_f, _, _ = apply_label_drop(model, clip_f, sync_f, text_f, noise, *drop_probs(self.tr))
-            # docs/method.md §2.15, beside the flow loss; before the forward, while FSDP has the root's weights whole
-            level = (level_loss(model.predict_loudness(clip_f, sync_f, text_f), batch["loudness_lufs"])
-                     if getattr(model, "level_head", None) is not None else None)
             out = flow_matching_loss(
                 self.forward_model, x1, clip_f, sync_f, text_f, noise,
                 prediction_type=str(s.prediction_type), loss_type=str(self.tr.loss_type),
                 noise_shift=float(s.noise_shift), min_sigma=float(s.min_sigma),
             )
+            # docs/method.md §2.15, beside the flow loss. After the forward: under FSDP the head is its
+            # own unit, and the root must run (and initialise) first.
+            level = (level_loss(model.predict_loudness(clip_f, sync_f, text_f), batch["loudness_lufs"])
+                     if getattr(model, "level_head", None) is not None else None)
         loss = out.loss
         if level is not None:
             loss = loss + level

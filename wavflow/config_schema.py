@@ -153,6 +153,7 @@ class Training:
     steps: List[int] = MISSING
     gamma: float = MISSING
     weight_decay: float = MISSING
+    spectral_skip_lr_scale: float = MISSING
     clip_grad_norm: float = MISSING
     max_nonfinite_steps: int = MISSING
     loss_type: str = MISSING

@@ -24,7 +24,7 @@ from wavflow.model.cond_norm import migrate_empty_tokens, state_has_cond_norm
 from wavflow.model.network import NON_PERSISTENT_BUFFERS
 from wavflow.model.presets import PRESETS
 from wavflow.model.level_head import state_has_level_head
-from wavflow.model.spectral_skip import state_has_spectral_skip
+from wavflow.model.spectral_skip import state_has_spectral_skip, state_is_lapped
 
 _log = logging.getLogger("wavflow.checkpoint")
 
@@ -111,6 +111,9 @@ def _mismatch_hint(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
             hint += f" It was built for {field}={arch[field]} (this model: {mine}); set data.{field} to match."
     if getattr(model, "spectral_skip", None) is not None and not state_has_spectral_skip(sd):
         hint += " The weights were trained without the spectral skip: set model.spectral_skip=false."
+    elif getattr(model, "spectral_skip", None) is not None and model.spectral_skip.lapped != state_is_lapped(sd):
+        hint += (" The weights hold the spectral skip's per-token DCT form of an earlier build, this network"
+                 " its lapped form: predict loads them as trained; training cannot continue them.")
     if getattr(model, "level_head", None) is not None and not state_has_level_head(sd):
         hint += " The weights were trained without the loudness head: set model.level_head=false."
     return hint
@@ -127,7 +130,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         # weights trained with feature normalisation carry its statistics (cond_norm.py)
         model.attach_condition_norm()
     if state_has_spectral_skip(sd) and getattr(model, "spectral_skip", False) is None:
-        model.attach_spectral_skip()  # weights trained with the Wiener skip carry it (spectral_skip.py)
+        # weights trained with the Wiener skip carry it, and say which transform (spectral_skip.py)
+        model.attach_spectral_skip(lapped=state_is_lapped(sd))
     if state_has_level_head(sd) and getattr(model, "level_head", False) is None:
         model.attach_level_head()  # weights trained with the loudness head carry it (level_head.py)
     expected = model.state_dict()

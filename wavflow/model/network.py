@@ -130,11 +130,12 @@ class WavFlowNet(nn.Module):
             self.cond_norm = ConditionNorm(self.clip_dim, self.sync_dim, self.text_dim).to(device)
         return self.cond_norm
 
-    def attach_spectral_skip(self) -> SpectralSkip:
-        """Add the per-frequency Wiener skip (it starts keeping x_t only near t = 1)."""
+    def attach_spectral_skip(self, lapped: bool = True) -> SpectralSkip:
+        """Add the per-frequency Wiener skip (it starts keeping x_t only near t = 1); lapped=False:
+        the per-token DCT form of its first build (spectral_skip.py)."""
         if self.spectral_skip is None:
             device = self.empty_clip_feat.device
-            self.spectral_skip = SpectralSkip(self.hidden_dim, self.latent_dim).to(device)
+            self.spectral_skip = SpectralSkip(self.hidden_dim, self.latent_dim, lapped=lapped).to(device)
         return self.spectral_skip
 
     def attach_level_head(self) -> LevelHead:

@@ -83,6 +83,8 @@ def check_training_config(cfg: DictConfig) -> None:
             raise ConfigError(f"training.{key} must lie in [0, 1), got {tr[key]}")
     for key in ("min_lr", "weight_decay", "clip_grad_norm", "gamma"):
         _float_key(tr, key)
+    if not _float_key(tr, "spectral_skip_lr_scale") > 0:
+        raise ConfigError(f"training.spectral_skip_lr_scale must be > 0, got {tr.spectral_skip_lr_scale}")
     max_failed_fraction(OmegaConf.select(cfg, POLICY_KEY, default=None))
     if tr.lr is None and tr.blr is None:
         raise ConfigError("set training.lr or training.blr")

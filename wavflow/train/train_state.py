@@ -220,6 +220,9 @@ class TrainState:
             self.optimizer.load_state_dict(with_kernel_flags_of(self.optimizer, ckpt["optimizer"]))
         except Exception as exc:
             raise CheckpointError(f"optimizer state in {source} does not fit this model: {exc}") from exc
+        for group in self.optimizer.param_groups:  # the saved groups' settings replace the config's
+            if "lr_scale" in group:
+                group["lr_scale"] = float(self.cfg.training.spectral_skip_lr_scale)
         self._restore_progress(ckpt, source)
         info = self.info
         reseed = self.seed + info.rank + 1_000_003 * self.progress.global_step

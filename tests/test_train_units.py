@@ -198,6 +198,7 @@ def test_optimizer_groups_split_like_reference(tmp_path):
         ("training.max_steps", "-1", "training.max_steps must be null or an integer >= 1"),
         ("training.max_steps", "0", "training.max_steps must be null or an integer >= 1"),
         ("training.batch_size", "0", "training.batch_size must be an integer >= 1"),
+        ("training.spectral_skip_lr_scale", "0", "training.spectral_skip_lr_scale must be > 0"),
         ("training.grad_accum_steps", "0", "training.grad_accum_steps must be an integer >= 1"),
         ("training.repeat_factor", "0", "training.repeat_factor must be an integer >= 1"),
         ("training.label_drop_prob", "1.5", "training.label_drop_prob must lie in [0, 1]"),
